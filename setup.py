@@ -1,0 +1,79 @@
+"""Build and install SHALA.
+
+The extension ``shala._C`` (grouped advantage normalisation) is a CppExtension
+when no CUDA toolkit is found and a CUDAExtension when ``CUDA_HOME`` is set (or
+``FORCE_CUDA=1``); the choice depends on the toolkit, not on whether a GPU is
+present. ``SHALA_NO_EXT=1`` skips it: the package then uses its PyTorch
+reference paths. Install with ``pip install --no-build-isolation -e .`` so the
+build sees the installed torch.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def extensions():
+    if os.environ.get("SHALA_NO_EXT", "0") == "1":
+        return [], {}
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    if not cpp:
+        return [], {}
+    use_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or CUDA_HOME is not None
+    cxx = ["-O3", "-std=c++17"]
+    if use_cuda:
+        cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
+        ext = CUDAExtension(
+            "shala._C",
+            cpp + cu,
+            define_macros=[("SHALA_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+        )
+    else:
+        ext = CppExtension("shala._C", cpp, extra_compile_args={"cxx": cxx})
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="shala",
+    version="0.1.0",
+    description="Fused-kernel RL training core that teaches LMs to reproduce human label distributions",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    if os.path.exists(os.path.join(ROOT, "README.md"))
+    else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["shala", "shala.kernels", "shala.data_files"],
+    package_dir={"shala": "shala", "shala.kernels": "kernels", "shala.data_files": "shala/data_files"},
+    package_data={"shala.data_files": ["*.jsonl", "*.md", "LICENSE*"], "shala": ["configs/*.yaml"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    install_requires=[
+        "torch>=2.13",
+        "triton>=3.3",
+        "transformers>=4.56",
+        "peft>=0.17",
+        "datasets>=3.0",
+        "accelerate>=1.0",
+        "gguf>=0.17",
+        "numpy",
+        "pyyaml",
+        "tqdm",
+        "matplotlib",
+        "packaging",
+        "pybind11",
+        "ninja",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "scipy"],
+        "trl": ["trl"],
+        "smollm2": [],
+    },
+)

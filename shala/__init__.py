@@ -1,0 +1,35 @@
+"""SHALA: train language models to reproduce the distribution of human labels.
+
+Public API:
+
+* :func:`label_reward`, :func:`label_jsd_loss`, :class:`LabelJSDLoss`: the fused
+  label-distribution reward and drop-in JS-divergence loss (Triton on CUDA or
+  under ``TRITON_INTERPRET=1``, the PyTorch reference otherwise).
+* :func:`group_advantages`: GRPO group normalisation with ambiguity weights
+  applied after it (C++/CUDA extension when built, reference otherwise).
+* :func:`ambiguity_weights`: static or dynamic per-item weights.
+"""
+
+__version__ = "0.1.0"
+
+from shala.reference import LabelReward, ambiguity_weights  # noqa: E402
+from shala.reference import label_reward, label_jsd_loss, group_advantages  # noqa: E402,F401
+
+
+def has_extension() -> bool:
+    """True when the compiled extension ``shala._C`` is importable."""
+    try:
+        import shala._C  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+__all__ = [
+    "LabelReward",
+    "ambiguity_weights",
+    "label_reward",
+    "label_jsd_loss",
+    "group_advantages",
+    "has_extension",
+]
