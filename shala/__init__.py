@@ -13,7 +13,10 @@ Public API:
 __version__ = "0.1.0"
 
 from shala.reference import LabelReward, ambiguity_weights  # noqa: E402
-from shala.reference import label_reward, label_jsd_loss, group_advantages  # noqa: E402,F401
+from shala.rewards import *  # noqa: E402,F401,F403
+from shala.rewards import __all__ as _rewards_all  # noqa: E402
+from shala.advantages import *  # noqa: E402,F401,F403
+from shala.advantages import __all__ as _advantages_all  # noqa: E402
 
 
 def has_extension() -> bool:
@@ -25,11 +28,4 @@ def has_extension() -> bool:
     return True
 
 
-__all__ = [
-    "LabelReward",
-    "ambiguity_weights",
-    "label_reward",
-    "label_jsd_loss",
-    "group_advantages",
-    "has_extension",
-]
+__all__ = ["LabelReward", "ambiguity_weights", "has_extension", *_rewards_all, *_advantages_all]

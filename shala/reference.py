@@ -62,6 +62,7 @@ class LabelReward:
     ambiguity: torch.Tensor  # [...] H(q) / ln K
     label_mass: Optional[torch.Tensor]  # [...] sum_k softmax(logits)[ids_k]; None in "labels" mode
     finite: torch.Tensor  # [...] bool
+    weight: torch.Tensor  # [...] static ambiguity weight 1 + alpha * ambiguity
 
     @property
     def reward(self) -> torch.Tensor:
@@ -112,6 +113,7 @@ def label_reward(
     target: torch.Tensor,
     *,
     normalize: str = "labels",
+    alpha: float = 0.0,
     check: bool = True,
 ) -> LabelReward:
     """Label distribution at the answer slot and its JS divergence to ``target``.
@@ -123,6 +125,7 @@ def label_reward(
         normalize: ``"labels"``: softmax over the K label logits only;
             ``"vocab"``: same ``probs`` (the label probabilities renormalised
             within the label mass) plus ``label_mass`` from the full softmax.
+        alpha: static ambiguity weight ``weight = 1 + alpha * ambiguity``.
     """
     _checks.check_choice("normalize", normalize, NORMALIZE_MODES)
     label_ids = _checks.as_label_ids(label_ids, logits)
@@ -151,6 +154,7 @@ def label_reward(
         ambiguity=ent / math.log(k),
         label_mass=None if log_mass is None else torch.where(finite, log_mass.exp(), nan),
         finite=finite,
+        weight=1.0 + alpha * (ent / math.log(k)),
     )
 
 
