@@ -10,6 +10,7 @@ build sees the installed torch.
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -17,25 +18,33 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def extensions():
+    """The ``shala._C`` extension: CPU sources always, the CUDA kernel and its binding in a CUDA build."""
     if os.environ.get("SHALA_NO_EXT", "0") == "1":
         return [], {}
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
-    cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    # *_cuda.cpp include CUDA headers: they belong to the CUDA build only.
+    cpp = [s for s in sources if not s.endswith("_cuda.cpp")]
     if not cpp:
         return [], {}
     use_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or CUDA_HOME is not None
-    cxx = ["-O3", "-std=c++17"]
+    # -fopenmp: at::parallel_for is inline OpenMP code in torch's headers; without
+    # the flag it compiles to a serial loop. No fast-math: the op tests for inf/NaN.
+    openmp = [] if sys.platform == "darwin" else ["-fopenmp"]
+    # torch's headers use C++20; the .cu file is torch-free and builds as C++17.
+    cxx = ["-O3", "-std=c++20", *openmp]
     if use_cuda:
         cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
         ext = CUDAExtension(
             "shala._C",
-            cpp + cu,
+            sources + cu,
             define_macros=[("SHALA_WITH_CUDA", "1")],
             extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            extra_link_args=openmp,
         )
     else:
-        ext = CppExtension("shala._C", cpp, extra_compile_args={"cxx": cxx})
+        ext = CppExtension("shala._C", cpp, extra_compile_args={"cxx": cxx}, extra_link_args=openmp)
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
