@@ -2,7 +2,8 @@
 
 Every loader returns a :class:`datasets.Dataset` with exactly these columns:
 
-* ``id`` (str): unique within the dataset; splits are keyed on it.
+* ``id`` (str): the file's own id, unique within one file (LeWiDi keys repeat
+  across a dataset's train/dev/test files); splits are keyed on it.
 * ``task`` (str): e.g. ``"nli"``, ``"emotion"``; the prompt templates are chosen by it.
 * ``inputs`` (dict str -> str): the input text fields, the same keys on every row.
 * ``label_names`` (list[str]): the label space, the same on every row, in the
@@ -64,7 +65,8 @@ Kinds, their tasks, label orders and options:
     several classes splits one vote evenly. A rater who ticks none (e.g. the
     example was very unclear) casts no vote and is not in ``n_raters``; such
     lines are counted in the load report's ``notes``. An item left with no
-    votes is an invalid row. Option ``delimiter``.
+    votes is an invalid row, and so is an item with a malformed line (the
+    whole item is dropped under ``skip_invalid``). Option ``delimiter``.
 ``rater_table``
     Any per-rater categorical CSV, one line per item and rater (e.g.
     MSP-Podcast's detailed labels). Options: ``item`` and ``label`` (column
@@ -73,6 +75,7 @@ Kinds, their tasks, label orders and options:
     default the distinct labels sorted, numerically when all are numbers),
     ``set_sep`` (splits a rater's cell into a label set; default none),
     ``task`` (default ``emotion``), ``delimiter`` (default ``,``; tab for .tsv).
+    Lines are grouped by item as for ``goemotions``.
 ``generic``
     jsonl or CSV (by extension, or option ``format``): text field(s) and
     either per-rater labels (option ``label``, default column ``labels``: a
@@ -96,6 +99,11 @@ warning gives the count per reason, and the :class:`LoadReport` (see
 :func:`load_report`), stored as JSON in ``ds.info.description``, holds the
 counts and the first messages. Problems with the file itself (unreadable,
 missing columns, unknown dataset) always raise.
+
+Helpers: :func:`label_space` (task, label names, input fields),
+:func:`label_prior` (the label-prior baseline), :func:`split_dataset` and
+:func:`select_split` (deterministic train/eval parts keyed on ``id`` and the
+seed, for CLIs taking ``--split all|train|eval``).
 """
 
 from __future__ import annotations

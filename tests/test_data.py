@@ -219,6 +219,12 @@ def test_rater_table_msp_podcast_style(fixtures):
     assert rows["MSP-PODCAST_0001_0001.wav"]["inputs"]["text"] == "Well, that was the best news I heard all week."
 
 
+def test_rater_table_options_from_the_command_line(fixtures):
+    options = parse_data_options(["item=FileName", "rater=WorkerID", "label=EmoClass", "text=Transcript"])
+    ds = load_labelled(f"rater_table:{fixtures / 'msp_podcast_labels.csv'}", **options)
+    assert ds.to_dict() == load_labelled(f"rater_table:{fixtures / 'msp_podcast_labels.csv'}", **MSP).to_dict()
+
+
 def test_rater_table_label_order_task_and_sets(fixtures, tmp_path):
     ds = load_labelled(f"rater_table:{fixtures / 'msp_podcast_labels.csv'}", **MSP, label_names="N,H,S,A,U,C",
                        task="speech_emotion")
@@ -326,6 +332,8 @@ BAD = [
     ("chaosnli", "c.jsonl", chaos(label_counter={"x": 3}), {}, "line 1", "label_counter", "unknown label",
      "unknown label 'x'; expected one of ['e', 'n', 'c']"),
     ("chaosnli", "c.jsonl", chaos(label_counter={}), {}, "line 1", "label_counter", "empty labels", "empty"),
+    ("chaosnli", "c.jsonl", chaos(label_counter=None), {}, "line 1", "label_counter", "missing field",
+     "missing; expected a {label: count} object"),
     ("chaosnli", "c.jsonl", chaos(example={"premise": "A man walks."}), {}, "line 1", "example.hypothesis",
      "missing field", "missing"),
     ("chaosnli", "c.jsonl", chaos() + "\n" + chaos(), {}, "line 2", "id", "duplicate id", "duplicate id 'u1'"),
