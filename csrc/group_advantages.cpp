@@ -14,10 +14,10 @@
 //
 // CPU: one pass over the groups (at::parallel_reduce) computes each group's
 // mean, its sum of squared deviations (two-pass inside the group, which sits in
-// cache) and the advantages; the per-group (count, mean, M2) triples are merged
-// with Chan's formula, so the batch std needs no second pass over the rewards.
-// Scale "batch" needs that std first, so it writes the advantages in a second
-// pass. Everything is accumulated in double.
+// cache) and, for scales "group" and "none", the advantages. The batch std
+// comes from the group means and M2s (a pass over B values, not over the
+// rewards); scale "batch" then writes the advantages in a second pass.
+// Everything is accumulated in double.
 
 #include <Python.h>
 
@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <string>
 
@@ -122,29 +123,12 @@ AdvantageOutputs empty_advantage_outputs(const AdvantageInputs& in) {
 
 namespace {
 
-// Count, mean and sum of squared deviations of a set of rewards.
-struct Moments {
-  int64_t n = 0;
-  double mean = 0.0;
-  double m2 = 0.0;
-};
-
-// Chan et al.'s pairwise merge: exact in exact arithmetic and stable in floating point.
-Moments merge(const Moments& a, const Moments& b) {
-  if (a.n == 0) return b;
-  if (b.n == 0) return a;
-  const int64_t n = a.n + b.n;
-  const double delta = b.mean - a.mean;
-  const double fb = static_cast<double>(b.n) / static_cast<double>(n);
-  return {n, a.mean + delta * fb, a.m2 + b.m2 + delta * delta * static_cast<double>(a.n) * fb};
-}
-
 // One group's statistics; `weight` is w_g (1 without weights).
 struct GroupStats {
   bool valid;
   bool zero_std;
   double mean;
-  double m2;
+  double m2;  // sum of squared deviations from the mean
   double weight;
 };
 
@@ -157,14 +141,13 @@ GroupStats group_stats(const in_t* r, const w_t* weights, int64_t g, int64_t G) 
   double hi = lo;
   for (int64_t i = 0; i < G; ++i) {
     const double v = static_cast<double>(rg[i]);
-    finite = finite && std::isfinite(v);
+    finite &= std::isfinite(v);
     sum += v;
     lo = std::min(lo, v);
     hi = std::max(hi, v);
   }
   const double w = weights ? static_cast<double>(weights[g]) : 1.0;
-  const bool valid = finite && std::isfinite(w);
-  if (!valid) return {false, false, 0.0, 0.0, 0.0};
+  if (!(finite && std::isfinite(w))) return {false, false, 0.0, 0.0, 0.0};
   const double mean = sum / static_cast<double>(G);
   double m2 = 0.0;
   for (int64_t i = 0; i < G; ++i) {
@@ -174,17 +157,31 @@ GroupStats group_stats(const in_t* r, const w_t* weights, int64_t g, int64_t G) 
   return {true, hi == lo, mean, m2, w};
 }
 
+// A_i = (r_i - mean) * factor with factor = w / denom, or 0 when `keep` is false.
+// One division per group; the product differs from (r_i - mean) / denom * w by
+// an ulp of double, far below float32 output precision.
 template <typename in_t, typename out_t>
-void write_group(const in_t* r, out_t* adv, int64_t g, int64_t G, const GroupStats& s, double denom) {
+void write_group(const in_t* r, out_t* adv, int64_t g, int64_t G, bool keep, double mean, double factor) {
   const in_t* rg = r + g * G;
   out_t* ag = adv + g * G;
-  if (!s.valid || s.zero_std) {
+  if (!keep) {
     std::fill(ag, ag + G, out_t(0));
     return;
   }
   for (int64_t i = 0; i < G; ++i) {
-    ag[i] = static_cast<out_t>((static_cast<double>(rg[i]) - s.mean) / denom * s.weight);
+    ag[i] = static_cast<out_t>((static_cast<double>(rg[i]) - mean) * factor);
   }
+}
+
+// Per-thread sums over valid groups: additions only, so no long dependency chain.
+struct Sums {
+  int64_t groups = 0;
+  double mean_sum = 0.0;  // sum of group means
+  double m2_sum = 0.0;    // sum of within-group squared deviations
+};
+
+Sums add(const Sums& a, const Sums& b) {
+  return {a.groups + b.groups, a.mean_sum + b.mean_sum, a.m2_sum + b.m2_sum};
 }
 
 template <typename in_t, typename out_t>
@@ -199,34 +196,58 @@ void group_advantages_cpu_kernel(const AdvantageInputs& in, const AdvantageOutpu
   out_t* stats = std::get<3>(outs).mutable_data_ptr<out_t>();
   const double eps = in.eps;
   const Scale scale = in.scale;
+  // Group means, kept for the batch moments and for scale "batch".
+  at::Tensor mean_buffer = at::empty({B}, in.rewards.options().dtype(at::kDouble));
+  double* means = mean_buffer.mutable_data_ptr<double>();
   // About 16K rewards per task: enough work to amortise a thread's start.
   const int64_t grain = std::max<int64_t>(1, 16384 / G);
 
-  const Moments batch = at::parallel_reduce(
-      0, B, grain, Moments{},
-      [&](int64_t begin, int64_t end, Moments acc) {
+  const Sums sums = at::parallel_reduce(
+      0, B, grain, Sums{},
+      [&](int64_t begin, int64_t end, Sums acc) {
         for (int64_t g = begin; g < end; ++g) {
           const GroupStats s = group_stats(r, w, g, G);
           valid[g] = s.valid;
           zero_std[g] = s.zero_std;
-          if (s.valid) acc = merge(acc, Moments{G, s.mean, s.m2});
-          if (scale == Scale::kGroup) {
-            write_group(r, adv, g, G, s, std::sqrt(s.m2 / static_cast<double>(G)) + eps);
-          } else if (scale == Scale::kNone) {
-            write_group(r, adv, g, G, s, 1.0);
+          means[g] = s.mean;
+          if (s.valid) {
+            acc.groups += 1;
+            acc.mean_sum += s.mean;
+            acc.m2_sum += s.m2;
+          }
+          if (scale != Scale::kBatch) {
+            const double denom = scale == Scale::kGroup ? std::sqrt(s.m2 / static_cast<double>(G)) + eps : 1.0;
+            write_group(r, adv, g, G, s.valid && !s.zero_std, s.mean, s.weight / denom);
           }
         }
         return acc;
       },
-      merge);
+      add);
 
-  const double batch_std = batch.n > 0 ? std::sqrt(batch.m2 / static_cast<double>(batch.n)) : 0.0;
-  stats[0] = static_cast<out_t>(batch.mean);
+  // Batch moments over the valid groups' rewards, all groups being of size G:
+  // mean = mean of the group means; M2 = sum of within-group M2 + G * sum of
+  // squared deviations of the group means (a second, exact pass over B values).
+  const double batch_mean = sums.groups > 0 ? sums.mean_sum / static_cast<double>(sums.groups) : 0.0;
+  const double between = at::parallel_reduce(
+      0, B, 4 * grain, 0.0,
+      [&](int64_t begin, int64_t end, double acc) {
+        for (int64_t g = begin; g < end; ++g) {
+          const double d = valid[g] ? means[g] - batch_mean : 0.0;
+          acc += d * d;
+        }
+        return acc;
+      },
+      std::plus<double>());
+  const double count = static_cast<double>(sums.groups * G);
+  const double batch_std = sums.groups > 0 ? std::sqrt((sums.m2_sum + static_cast<double>(G) * between) / count) : 0.0;
+  stats[0] = static_cast<out_t>(batch_mean);
   stats[1] = static_cast<out_t>(batch_std);
   if (scale == Scale::kBatch) {
+    const double inv_denom = 1.0 / (batch_std + eps);
     at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {
       for (int64_t g = begin; g < end; ++g) {
-        write_group(r, adv, g, G, group_stats(r, w, g, G), batch_std + eps);
+        const double wg = w ? static_cast<double>(w[g]) : 1.0;
+        write_group(r, adv, g, G, valid[g] && !zero_std[g], means[g], wg * inv_denom);
       }
     });
   }
