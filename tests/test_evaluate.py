@@ -1,0 +1,71 @@
+"""python -m shala.evaluate on a tiny local model and the bundled data."""
+
+import json
+
+import pytest
+from scipy.spatial.distance import jensenshannon
+from scipy.stats import entropy
+
+from shala import evaluate
+from shala.data_files import BUNDLED, resolve_dataset
+from tests.tiny import save_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def test_evaluate_cli_writes_metrics_that_agree_with_scipy(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    result = evaluate.main(["--model", tiny_dir, "--limit", "12", "--batch-size", "5", "--output", str(out),
+                            "--no-progress"])
+    printed = capsys.readouterr().out
+    assert "jsd" in printed and "label prior" in printed
+    saved = json.loads(out.read_text())
+    for key in ("n", "jsd", "kl", "accuracy", "macro_f1"):
+        assert saved[key] == result[key]
+    assert saved["n"] == 12
+    for key in ("uniform", "label_prior"):
+        assert set(saved["baselines"][key]) >= {"n", "jsd", "kl", "accuracy", "macro_f1"}
+    preds = saved["predictions"]
+    jsd = sum(jensenshannon(p["q"], p["p"]) for p in preds) / len(preds)
+    kl = sum(entropy(p["q"], p["p"]) for p in preds) / len(preds)
+    assert saved["jsd"] == pytest.approx(jsd, rel=1e-6)
+    assert saved["kl"] == pytest.approx(kl, rel=1e-6)
+    assert 0 < saved["label_mass"] <= 1
+
+
+def test_batching_and_padding_do_not_change_p(tiny_dir):
+    a = evaluate.main(["--model", tiny_dir, "--limit", "6", "--batch-size", "1", "--no-progress"])
+    b = evaluate.main(["--model", tiny_dir, "--limit", "6", "--batch-size", "6", "--no-progress"])
+    for x, y in zip(a["predictions"], b["predictions"]):
+        assert x["id"] == y["id"]
+        assert x["p"] == pytest.approx(y["p"], abs=1e-5)
+
+
+def test_bundled_spec_resolves():
+    assert resolve_dataset("bundled") == BUNDLED["chaosnli-snli"]
+    assert resolve_dataset("chaosnli:x.jsonl") == "chaosnli:x.jsonl"
+    with pytest.raises(ValueError, match="unknown bundled dataset"):
+        resolve_dataset("bundled:nope")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--model", "no/such/dir"], "neither 'smollm2-135m', a .gguf file, nor a local model directory"),
+        (["--dataset", "chaosnli:/no/such.jsonl"], "no such file"),
+        (["--dataset", "mystery:x"], "KIND:PATH with KIND one of"),
+        (["--limit", "0"], "--limit must be >= 1"),
+    ],
+)
+def test_evaluate_errors(tiny_dir, argv, message):
+    argv = ["--model", tiny_dir, *argv] if "--model" not in argv else argv
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        evaluate.main(argv + ["--no-progress"])
+
+
+def test_adapter_dir_must_hold_an_adapter(tiny_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        evaluate.main(["--model", tiny_dir, "--adapter", str(tmp_path), "--limit", "2", "--no-progress"])

@@ -1,0 +1,108 @@
+"""Prompt templates, verbalizer checks and answer-slot location."""
+
+import pytest
+
+from shala.data import GOEMOTIONS_LABELS, NLI_LABELS
+from shala.prompts import TEMPLATES, PromptBuilder, VerbalizerError
+from tests.tiny import tiny_tokenizer
+
+ITEM = {"premise": "A man plays a guitar on stage.", "hypothesis": "A person makes music."}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def test_nli_prompt_ends_at_slot_and_labels_are_distinct(tok):
+    pb = PromptBuilder(tok, "nli", NLI_LABELS)
+    ids = pb.prompt_ids(ITEM)
+    text = tok.decode(ids)
+    assert text.startswith("<|im_start|>user\nPremise: A man plays")
+    assert text.endswith("<|im_start|>assistant\nAnswer:")
+    assert "entailment, neutral or contradiction" in text
+    assert len(set(pb.label_ids)) == 3
+    for k, name in enumerate(NLI_LABELS):
+        assert tok.decode([pb.label_ids[k]]).strip() == name[: len(tok.decode([pb.label_ids[k]]).strip())]
+    assert pb.prompt_ids(ITEM, cue=False) == ids[: len(ids) - len(pb.cue_ids)]
+
+
+def test_locate_answer_only_and_rationale(tok):
+    pb = PromptBuilder(tok, "nli", NLI_LABELS)
+    prompt = pb.prompt_ids(ITEM)
+    r = pb.locate(prompt, [pb.label_ids[1]])
+    assert (r.slot, r.label) == (len(prompt) - 1, 1)
+    r = pb.locate(prompt, tok.encode(" banana", add_special_tokens=False))
+    assert r.label == -1 and r.slot == len(prompt) - 1
+
+    bare = pb.prompt_ids(ITEM, cue=False)
+    completion = tok.encode("Because the man is on stage.\nAnswer: contradiction", add_special_tokens=False)
+    r = pb.locate(bare, completion)
+    assert r.label == 2 and r.tokens[r.slot + 1] == pb.label_ids[2]
+    assert r.tokens == bare + completion
+    mid = tok.encode("He performs. Answer: entailment", add_special_tokens=False)
+    assert pb.locate(bare, mid).label == 0
+    # no cue in the completion: the cue is appended and read there, label -1
+    r = pb.locate(bare, tok.encode("The woman sleeps.", add_special_tokens=False))
+    assert r.label == -1 and r.tokens[-len(pb.cue_ids):] == list(pb.cue_ids) and r.slot == len(r.tokens) - 1
+    # the last cue wins
+    two = tok.encode("Answer: neutral\nAnswer: entailment", add_special_tokens=False)
+    assert pb.locate(bare, two).label == 0
+
+
+def test_every_template_renders_and_checks(tok):
+    inputs = {
+        "abductive_nli": {"obs1": "a", "obs2": "b", "hyp1": "c", "hyp2": "d"},
+        "irony": {"post": "a", "reply": "b"},
+        "sarcasm": {"context": "a", "response": "b"},
+        "paraphrase": {"Question1": "a", "Question2": "b"},
+    }
+    labels = {
+        "nli": NLI_LABELS,
+        "abductive_nli": ["1", "2"],
+        "sarcasm": [str(i) for i in range(1, 7)],
+        "paraphrase": [str(i) for i in range(-5, 6)],
+        "emotion": GOEMOTIONS_LABELS,
+    }
+    for task in TEMPLATES:
+        try:
+            pb = PromptBuilder(tok, task, labels.get(task, ["0", "1"]))
+        except VerbalizerError:
+            continue  # the tiny tokenizer may not separate every verbalizer; SmolLM2's is checked below
+        text = pb.user_message(inputs.get(task, ITEM | {"text": "t"}))
+        assert "{" not in text
+
+
+def test_verbalizer_collision_names_labels(tok):
+    with pytest.raises(VerbalizerError, match=r"'yes' \('yes'\) and 'yes indeed'"):
+        PromptBuilder(tok, "other", ["yes", "yes indeed", "no"])
+
+
+def test_generic_template_lists_fields(tok):
+    pb = PromptBuilder(tok, "stance", ["yes", "no"])
+    assert pb.user_message({"claim_text": "x"}).startswith("Claim text: x")
+
+
+def test_missing_field_is_named(tok):
+    pb = PromptBuilder(tok, "nli", NLI_LABELS)
+    with pytest.raises(KeyError, match="needs input field 'hypothesis'"):
+        pb.user_message({"premise": "p"})
+
+
+def test_smollm2_tokenizer_separates_every_template():
+    from shala.models import load_tokenizer
+
+    try:
+        tok = load_tokenizer("smollm2-135m")
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    labels = {
+        "nli": NLI_LABELS,
+        "abductive_nli": ["1", "2"],
+        "sarcasm": [str(i) for i in range(1, 7)],
+        "paraphrase": [str(i) for i in range(-5, 6)],
+        "emotion": GOEMOTIONS_LABELS,
+    }
+    for task in TEMPLATES:
+        pb = PromptBuilder(tok, task, labels.get(task, ["0", "1"]))
+        assert len(set(pb.label_ids)) == len(pb.label_names)
