@@ -56,7 +56,10 @@ from triton.runtime.interpreter import InterpretedFunction
 JS_DIV, JS_DIST, ENTROPY, AMBIGUITY, WEIGHT, LABEL_MASS, LOSS, FINITE = range(8)
 NSTAT = 8
 
-LN2 = 0.6931471805599453
+# The kernel reads globals only as constexpr.
+_JS_DIV, _JS_DIST, _ENTROPY, _AMBIGUITY = (tl.constexpr(i) for i in (JS_DIV, JS_DIST, ENTROPY, AMBIGUITY))
+_WEIGHT, _LABEL_MASS, _LOSS, _FINITE = (tl.constexpr(i) for i in (WEIGHT, LABEL_MASS, LOSS, FINITE))
+_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -123,8 +126,8 @@ def _label_jsd_fwd_kernel(
     q_pos = q > 0
     log_q = tl.log(tl.where(q_pos, q, 1.0))
     delta_near = tl.where(near, delta, 0.0)  # keeps log1p's argument in range on the other branch
-    lp = tl.where(near, _log1p(delta_near), LN2 + log_p - log_s)
-    lq = tl.where(near, _log1p(-delta_near), LN2 + log_q - log_s)
+    lp = tl.where(near, _log1p(delta_near), _LN2 + log_p - log_s)
+    lq = tl.where(near, _log1p(-delta_near), _LN2 + log_q - log_s)
     p_lp = p * tl.where(p > 0, lp, 0.0)  # 0 log 0 = 0 (lp is -inf where a label logit is -inf)
     kl_pm = tl.sum(p_lp, axis=0)
     kl_qm = tl.sum(q * tl.where(q_pos, lq, 0.0), axis=0)
@@ -158,15 +161,15 @@ def _label_jsd_fwd_kernel(
 
     nan = float("nan")
     tl.store(probs_ptr + row * K + k, tl.where(ok, p, nan), mask=kmask)
-    tl.store(stats_ptr + JS_DIV * N + row, tl.where(ok, js, nan))
-    tl.store(stats_ptr + JS_DIST * N + row, tl.where(ok, tl.sqrt(js), nan))
-    tl.store(stats_ptr + ENTROPY * N + row, entropy)
-    tl.store(stats_ptr + AMBIGUITY * N + row, ambiguity)
-    tl.store(stats_ptr + WEIGHT * N + row, w)
-    tl.store(stats_ptr + LOSS * N + row, tl.where(ok, loss, nan))
-    tl.store(stats_ptr + FINITE * N + row, tl.where(ok, 1.0, 0.0))
+    tl.store(stats_ptr + _JS_DIV * N + row, tl.where(ok, js, nan))
+    tl.store(stats_ptr + _JS_DIST * N + row, tl.where(ok, tl.sqrt(js), nan))
+    tl.store(stats_ptr + _ENTROPY * N + row, entropy)
+    tl.store(stats_ptr + _AMBIGUITY * N + row, ambiguity)
+    tl.store(stats_ptr + _WEIGHT * N + row, w)
+    tl.store(stats_ptr + _LOSS * N + row, tl.where(ok, loss, nan))
+    tl.store(stats_ptr + _FINITE * N + row, tl.where(ok, 1.0, 0.0))
     if VOCAB:
-        tl.store(stats_ptr + LABEL_MASS * N + row, tl.where(ok, tl.exp(log_mass), nan))
+        tl.store(stats_ptr + _LABEL_MASS * N + row, tl.where(ok, tl.exp(log_mass), nan))
 
     if NEED_GRAD:
         grad_row = grad_ptr + row * stride_g

@@ -6,6 +6,13 @@ from shala.data import GOEMOTIONS_LABELS, NLI_LABELS
 from shala.prompts import TEMPLATES, PromptBuilder, VerbalizerError
 from tests.tiny import tiny_tokenizer
 
+LABELS = {
+    "nli": NLI_LABELS,
+    "abductive_nli": ["1", "2"],
+    "sarcasm": [str(i) for i in range(1, 7)],
+    "paraphrase": [str(i) for i in range(-5, 6)],
+    "emotion": GOEMOTIONS_LABELS,
+}
 ITEM = {"premise": "A man plays a guitar on stage.", "hypothesis": "A person makes music."}
 
 
@@ -57,16 +64,9 @@ def test_every_template_renders_and_checks(tok):
         "sarcasm": {"context": "a", "response": "b"},
         "paraphrase": {"Question1": "a", "Question2": "b"},
     }
-    labels = {
-        "nli": NLI_LABELS,
-        "abductive_nli": ["1", "2"],
-        "sarcasm": [str(i) for i in range(1, 7)],
-        "paraphrase": [str(i) for i in range(-5, 6)],
-        "emotion": GOEMOTIONS_LABELS,
-    }
     for task in TEMPLATES:
         try:
-            pb = PromptBuilder(tok, task, labels.get(task, ["0", "1"]))
+            pb = PromptBuilder(tok, task, LABELS.get(task, ["0", "1"]))
         except VerbalizerError:
             continue  # the tiny tokenizer may not separate every verbalizer; SmolLM2's is checked below
         text = pb.user_message(inputs.get(task, ITEM | {"text": "t"}))
@@ -96,13 +96,6 @@ def test_smollm2_tokenizer_separates_every_template():
         tok = load_tokenizer("smollm2-135m")
     except FileNotFoundError as e:
         pytest.skip(str(e))
-    labels = {
-        "nli": NLI_LABELS,
-        "abductive_nli": ["1", "2"],
-        "sarcasm": [str(i) for i in range(1, 7)],
-        "paraphrase": [str(i) for i in range(-5, 6)],
-        "emotion": GOEMOTIONS_LABELS,
-    }
     for task in TEMPLATES:
-        pb = PromptBuilder(tok, task, labels.get(task, ["0", "1"]))
+        pb = PromptBuilder(tok, task, LABELS.get(task, ["0", "1"]))
         assert len(set(pb.label_ids)) == len(pb.label_names)
