@@ -1,6 +1,6 @@
 """Label reward and JS-divergence loss: the fused Triton path against the PyTorch reference.
 
-Run: ``python -m benchmarks.bench_rewards [--quick] [--out DIR] [--budget SECONDS]``.
+Run: ``python -m benchmarks.bench_rewards [--quick] [--out DIR] [--budget SECONDS] [--threads N]``.
 
 Three operations, each in "labels" and "vocab" normalisation:
 
@@ -303,7 +303,10 @@ def main(argv=None):
     parser.add_argument(
         "--budget", type=float, default=None, help="seconds after which no new shape is started (the rest are listed)"
     )
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: its own choice)")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)

@@ -165,7 +165,10 @@ class LabelJSDLoss(torch.nn.Module):
     ``label_ids`` are the K class tokens (kept as a non-persistent buffer, so
     ``.to(device)`` moves them); ``normalize``, ``mass_weight`` and ``reduction``
     are as in :func:`label_jsd_loss`. Train on the divergence, not the distance:
-    the distance has an infinite gradient at ``p = q``.
+    the distance has an infinite gradient at ``p = q``. On the Triton path the
+    backward scales the gradient saved by the forward in place, so a second
+    backward through the same graph (``retain_graph=True``) raises instead of
+    reusing it.
     """
 
     def __init__(

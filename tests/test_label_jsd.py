@@ -467,3 +467,5 @@ def test_device_mismatch_cuda(force_triton):
     logits = torch.randn(N, V, device="cuda")
     with pytest.raises(ValueError, match="target is on cpu but logits are on cuda"):
         shala.label_reward(logits, [1, 2, 3], torch.full((N, K), 1.0 / K))
+    with pytest.raises(ValueError, match="weights are on cpu but logits are on cuda"):
+        shala.label_jsd_loss(logits, [1, 2, 3], torch.full((N, K), 1.0 / K, device="cuda"), weights=torch.ones(N))
