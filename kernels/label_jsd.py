@@ -206,11 +206,14 @@ class LaunchConfig(NamedTuple):
 
 
 def launch_config(vocab: int, k: int, block_v: Optional[int] = None) -> LaunchConfig:
-    """Block sizes for a row of ``vocab`` logits and ``k`` labels (no autotuning).
+    """Block sizes for a row of ``vocab`` logits and ``k`` labels.
 
-    BLOCK_V = 4096 elements per step keeps 16 fp32 values per thread at 8 warps;
-    a row shorter than that is one block. ``block_v`` overrides it (tests use a
-    small one so that the online log-sum-exp runs over many blocks).
+    One heuristic configuration, no autotuning (on the GPU or under the
+    interpreter): BLOCK_V = 4096 elements per step keeps 16 fp32 values per
+    thread at 8 warps (56 registers, no spills when compiled for sm_90); a row
+    shorter than that is one block. Not yet tuned by measurement on a GPU.
+    ``block_v`` overrides it (tests use a small one so that the online
+    log-sum-exp runs over many blocks).
     """
     block_k = max(2, triton.next_power_of_2(k))
     if block_v is None:
