@@ -81,13 +81,21 @@ def js_divergence(p: torch.Tensor, q: torch.Tensor, log_p: Optional[torch.Tensor
     ``log_p`` may be passed when it is known more precisely than ``log(p)``
     (e.g. from ``log_softmax``), which keeps peaked rows exact.
     """
-    if log_p is None:
-        log_p = torch.log(p)
+    # Every log is taken of a value made safe (1 where the true value is 0), so
+    # that 0 * log 0 terms are 0 in the value *and* in the gradient (autograd
+    # would otherwise give 0 * inf = NaN through the unselected branch).
+    one = torch.ones_like(p)
+    p_pos, q_pos = p > 0, q > 0
     m = 0.5 * (p + q)
-    log_m = torch.log(m)
-    # p * (log p - log m) with 0 where p == 0 (log p may be -inf there).
-    kl_pm = torch.where(p > 0, p * (log_p - log_m), torch.zeros_like(p)).sum(-1)
-    kl_qm = torch.where(q > 0, q * (torch.log(q) - log_m), torch.zeros_like(q)).sum(-1)
+    log_m = torch.log(torch.where(p_pos | q_pos, m, one))
+    if log_p is None:
+        log_p = torch.log(torch.where(p_pos, p, one))
+    else:
+        log_p = torch.where(p_pos, log_p, torch.zeros_like(log_p))
+    log_q = torch.log(torch.where(q_pos, q, one))
+    zero = torch.zeros_like(p)
+    kl_pm = torch.where(p_pos, p * (log_p - log_m), zero).sum(-1)
+    kl_qm = torch.where(q_pos, q * (log_q - log_m), zero).sum(-1)
     return (0.5 * (kl_pm + kl_qm)).clamp_min(0.0)
 
 
