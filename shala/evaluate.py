@@ -83,10 +83,16 @@ def predict(model, builder: PromptBuilder, rows, *, batch_size: int = 16, progre
 
 
 def evaluate_dataset(model, builder: PromptBuilder, rows, *, prior: Sequence[float], batch_size: int = 16,
-                     progress: bool = True, desc: str = "eval") -> dict:
-    """Metrics of the model and of the baselines on ``rows`` (a dataset in the SHALA schema)."""
+                     progress: bool = True, desc: str = "eval", precomputed=None) -> dict:
+    """Metrics of the model and of the baselines on ``rows`` (a dataset in the SHALA schema).
+
+    ``precomputed``: ``(p, label_mass)`` already predicted (e.g. gathered from several processes).
+    """
     t0 = time.perf_counter()
-    p, mass = predict(model, builder, rows, batch_size=batch_size, progress=progress, desc=desc)
+    if precomputed is None:
+        p, mass = predict(model, builder, rows, batch_size=batch_size, progress=progress, desc=desc)
+    else:
+        p, mass = precomputed
     q = torch.tensor(list(rows["probs"]), dtype=torch.float64)
     result = metrics.distribution_metrics(q, p)
     result["label_mass"] = float(mass.mean())

@@ -116,12 +116,12 @@ class PromptBuilder:
         self.cue_ids, self.label_ids = self._slot_tokens()
         self._label_of = {t: k for k, t in enumerate(self.label_ids)}
         # the cue as written mid-text (" Answer:") tokenizes differently from the cue at a line start
-        self._cue_variants = [list(self.cue_ids)]
+        self.cue_variants = [list(self.cue_ids)]
         for text in (f" {CUE} {self.words[0]}",):
             ids = self._encode(text)
             label_at = [j for j, t in enumerate(ids) if t == self.label_ids[0]]
-            if label_at and ids[: label_at[0]] not in self._cue_variants:
-                self._cue_variants.append(ids[: label_at[0]])
+            if label_at and ids[: label_at[0]] not in self.cue_variants:
+                self.cue_variants.append(ids[: label_at[0]])
 
     # -- tokens -----------------------------------------------------------------------------
     def _encode(self, text: str) -> list:
@@ -146,21 +146,30 @@ class PromptBuilder:
         return seqs[0][:n], firsts
 
     # -- text -------------------------------------------------------------------------------
-    def user_message(self, inputs: Mapping[str, str]) -> str:
+    def user_message(self, inputs: Mapping[str, str], *, rationale: bool = False) -> str:
         options = _join_options(self.words)
         if self.template is None:
             fields = "\n".join(f"{k.replace('_', ' ').capitalize()}: {v}" for k, v in inputs.items())
-            return _GENERIC.format(fields=fields, options=options)
-        try:
-            return self.template.instruction.format(options=options, **inputs)
-        except KeyError as e:
-            raise KeyError(
-                f"task {self.task!r}: the template needs input field {e.args[0]!r}, the item has {sorted(inputs)}"
-            ) from None
+            text = _GENERIC.format(fields=fields, options=options)
+        else:
+            try:
+                text = self.template.instruction.format(options=options, **inputs)
+            except KeyError as e:
+                raise KeyError(
+                    f"task {self.task!r}: the template needs input field {e.args[0]!r}, the item has {sorted(inputs)}"
+                ) from None
+        if rationale:
+            text += f" First explain briefly, then end with a line '{CUE} <answer>'."
+        return text
 
-    def prompt_ids(self, inputs: Mapping[str, str], *, cue: bool = True) -> list:
-        """Token ids up to where the assistant writes; with ``cue`` up to the answer slot."""
-        messages = [{"role": "user", "content": self.user_message(inputs)}]
+    def prompt_ids(self, inputs: Mapping[str, str], *, cue: bool = True, rationale: bool = False) -> list:
+        """Token ids up to where the assistant writes; with ``cue`` up to the answer slot.
+
+        ``rationale=True`` asks for a short explanation before the cue (and implies ``cue=False``).
+        """
+        if rationale:
+            cue = False
+        messages = [{"role": "user", "content": self.user_message(inputs, rationale=rationale)}]
         if self.system:
             messages.insert(0, {"role": "system", "content": self.system})
         if getattr(self.tokenizer, "chat_template", None):
@@ -186,7 +195,7 @@ class PromptBuilder:
         start = len(prompt)
         # i: index of the label token, right after a cue; the label token lies in the completion
         for i in range(len(tokens), start - 1, -1):
-            for cue in self._cue_variants:
+            for cue in self.cue_variants:
                 if i >= len(cue) and tokens[i - len(cue) : i] == cue:
                     label = self._label_of.get(tokens[i], -1) if i < len(tokens) else -1
                     return Rollout(tokens, i - 1, label, len(prompt), len(completion))
