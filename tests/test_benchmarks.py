@@ -1,0 +1,138 @@
+"""The benchmark harnesses on CPU: bench_train_step --quick end to end, and benchmarks.render.
+
+Timings here are of a tiny random model on a shared CPU: the tests check what the
+scripts write, never how fast anything is.
+"""
+
+import functools
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from benchmarks import bench_advantage, bench_rewards, bench_train_step, render
+from benchmarks._common import environment, write_results
+from shala import advantages as A
+
+HAS_TRL = importlib.util.find_spec("trl") is not None
+SIDE_FIELDS = ("timed_steps", "step_s", "step_s_min", "step_s_max", "generation_s", "scoring_s", "update_s",
+               "rollouts_per_s", "tokens_per_s", "peak_rss_MB", "threads", "per_step")
+
+
+@pytest.fixture(scope="module")
+def train_step_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train_step")
+    bench_train_step.main(["--quick", "--threads", "1", "--out", str(out)])
+    return out / "bench_train_step.json"
+
+
+def test_train_step_quick_writes_both_sides(train_step_result):
+    data = json.loads(train_step_result.read_text())
+    env, rows = data["environment"], {r["side"]: r for r in data["rows"]}
+    assert data["benchmark"] == "bench_train_step"
+    for key in ("device", "commit", "date", "torch", "transformers", "peft", "model", "batch_size", "group_size",
+                "completion_length", "timed_steps", "threads"):
+        assert key in env, key
+    assert (env["batch_size"], env["group_size"], env["completion_length"], env["timed_steps"]) == (2, 4, 1, 2)
+    assert "quick" in env["benchmark_mode"]
+    assert (train_step_result.with_suffix(".md")).read_text().startswith("# bench_train_step")
+
+    shala = rows["shala"]
+    assert shala["status"] == "measured"
+    for key in SIDE_FIELDS:
+        assert key in shala, key
+    assert shala["timed_steps"] == 2 and len(shala["per_step"]) == 3  # warm-up + timed
+    assert shala["threads"] == 1
+    assert all(s["ok"] for s in shala["per_step"])
+    assert shala["step_s"] > 0 and shala["peak_rss_MB"] > 0 and shala["step_time_vs_shala"] == 1.0
+    parts = shala["generation_s"] + shala["scoring_s"] + shala["update_s"]
+    assert parts <= shala["step_s"] * 1.01  # the trainer's split lies within the step timed around it
+
+    trl = rows["trl"]
+    if not HAS_TRL:
+        assert trl["status"] == "skipped" and "trl is not installed" in trl["note"]
+        return
+    assert trl["status"] == "measured", trl.get("note")
+    for key in SIDE_FIELDS:
+        assert key in trl, key
+    assert trl["timed_steps"] == shala["timed_steps"] and trl["threads"] == shala["threads"]
+    assert env["same_prompts"] is True and env["trl_prompt_tokens_match"] is True
+    assert math.isclose(trl["step_time_vs_shala"], trl["step_s"] / shala["step_s"])
+    assert math.isclose(trl["peak_rss_vs_shala"], trl["peak_rss_MB"] / shala["peak_rss_MB"])
+    # the same rollouts on both sides: B*G prompts of identical tokens, one answer token each
+    assert [s["tokens"] for s in trl["per_step"]] == [s["tokens"] for s in shala["per_step"]]
+
+
+def test_train_step_skips_trl_when_missing(monkeypatch, tmp_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
+    row = bench_train_step.run_side(bench_train_step.parse_args(["--quick"]), "trl", "unused", tmp_path)
+    assert row == {"side": "trl", "status": "skipped", "note": "skipped: trl is not installed (pip install trl)"}
+
+
+def _rewards_rows(monkeypatch):
+    """Real bench_rewards rows (its bench_shape) for a few tiny shapes, eager reference only, one timing round."""
+    monkeypatch.setattr(bench_rewards, "time_cpu_interleaved",
+                        functools.partial(bench_rewards.time_cpu_interleaved, min_seconds=0.0))
+    device = torch.device("cpu")
+    ref = bench_rewards.reference_fns(compiled=False)
+    rows = []
+    for n, v, normalize in [(n, v, m) for n in (8, 32) for v in (50, 200) for m in bench_rewards.MODES]:
+        fns = {(op, "reference"): bench_rewards.make_fn(op, normalize, "reference", ref) for op in bench_rewards.OPS}
+        rows += bench_rewards.bench_shape(n, v, 3, torch.float32, normalize, device, ("reference",), fns, None,
+                                          2**20, 2**30)
+    return rows
+
+
+@pytest.fixture
+def results_dir(tmp_path, monkeypatch, train_step_result):
+    """A results folder as the benchmarks write it: a CPU device with all three benchmarks, and a
+    second device whose bench_rewards rows are marked as a format test (fused rows copied from the
+    reference ones, so that the fused branch of the plot is drawn)."""
+    cpu = tmp_path / "results" / "cpu-device"
+    cpu.mkdir(parents=True)
+    (cpu / "bench_train_step.json").write_text(train_step_result.read_text())
+    if A.backend("cpu") == "extension":
+        bench_advantage.main(["--quick", "--device", "cpu", "--threads", "1", "--out-dir", str(cpu)])
+    rows = _rewards_rows(monkeypatch)
+    env = dict(environment("cpu"), fused="unmeasured on CPU", grid="format test (tiny shapes)")
+    write_results("bench_rewards", env, [dict(op="all", impl="fused", note=env["fused"])] + rows,
+                  bench_rewards.COLUMNS, out_dir=cpu)
+    fake = [dict(r, impl="fused", median_ms=r["median_ms"] / 4) for r in rows if r.get("median_ms")]
+    env_gpu = dict(env, device="format-test GPU (synthetic rows, not a measurement)")
+    write_results("bench_rewards", env_gpu, rows + fake, bench_rewards.COLUMNS, out_dir=tmp_path / "results" / "gpu")
+    return tmp_path / "results"
+
+
+def test_render_writes_results_and_plot(results_dir, tmp_path):
+    md, png = tmp_path / "RESULTS.md", results_dir / "plot.png"
+    render.main(["--results", str(results_dir), "--out", str(md)])
+    text = md.read_text()
+    sections = [line.split(" · ")[0] for line in text.splitlines() if line.startswith("## ")]
+    expected = ["## bench_rewards", "## bench_rewards", "## bench_train_step"]
+    if A.backend("cpu") == "extension":
+        expected.insert(0, "## bench_advantage")
+    assert sections == expected
+    # every table is preceded by its device, commit and date
+    for block in text.split("\n## ")[1:]:
+        assert "device: " in block and "commit: " in block and "date: " in block, block[:200]
+        assert "\n| " in block
+    assert "| shala | measured |" in text
+    assert "![" in text and "results/plot.png" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+    assert "fused vs reference" in text  # the synthetic device has fused rows
+
+
+def test_plot_title_says_when_fused_is_unmeasured(results_dir, tmp_path):
+    (results_dir / "gpu" / "bench_rewards.json").unlink()
+    md = render.render(results_dir, tmp_path / "R.md", tmp_path / "p.png")
+    assert "fused Triton path is unmeasured" in md.read_text()
+    assert render.plot_title(False).endswith("(CPU-only results: the fused Triton path is unmeasured)")
+    assert (tmp_path / "p.png").stat().st_size > 5000
+
+
+def test_render_without_results(tmp_path):
+    md = render.render(tmp_path / "none", tmp_path / "R.md", tmp_path / "p.png")
+    assert "No results yet." in md.read_text() and not (tmp_path / "p.png").exists()
