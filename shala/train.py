@@ -601,6 +601,7 @@ class Trainer:
     def evaluate(self, name: str) -> Optional[dict]:
         """Evaluate on the held-out rows, sharded across processes; rank 0 returns the result."""
         rows = self.eval_rows
+        t0 = time.perf_counter()
         shard = rows.select(range(self.dist.rank, len(rows), self.dist.world))
         probs, mass = predict(self.core, self.builder, shard, batch_size=self.cfg.eval_batch_size,
                               progress=self.cfg.progress and self.dist.is_main, desc=name)
@@ -615,7 +616,7 @@ class Trainer:
         p = torch.cat(p_all)[torch.argsort(torch.tensor(order))]
         m = torch.cat(m_all)[torch.argsort(torch.tensor(order))]
         result = evaluate_dataset(None, self.builder, rows, prior=self.prior, precomputed=(p, m))
-        result["name"] = name
+        result.update(name=name, seconds=time.perf_counter() - t0)
         write_json(self.out / f"{name}.json", result)
         return result
 
