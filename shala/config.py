@@ -47,7 +47,8 @@ class TrainConfig:
     seed: int = _f(0, "seed of the split, data order, sampling and LoRA init")
 
     # rollouts
-    group_size: int = _f(16, "G: completions sampled per prompt")
+    group_size: int = _f(64, "G: completions sampled per prompt (with --max-new-tokens 1 they cost a draw each, "
+                              "not a forward)")
     batch_size: int = _f(8, "prompts per step (per process under torchrun)")
     max_new_tokens: int = _f(1, "completion length; 1 = the answer token only, more = a rationale then 'Answer: <label>'")
     temperature: float = _f(1.0, "sampling temperature of the rollouts")
@@ -58,7 +59,9 @@ class TrainConfig:
     reward: list = _f(None, "reward terms as MODE=WEIGHT (repeatable; modes: slot, histogram, sampled, accuracy); "
                             "default slot=1", action="append", metavar="MODE=WEIGHT")
     format_penalty: float = _f(1.0, "subtracted from the reward of a completion with no parsable label")
-    normalize: str = _f("labels", "label distribution for the slot reward: 'labels' or 'vocab'", choices=NORMALIZE)
+    normalize: str = _f("labels", "the drop-in JSD loss (sft-soft, --aux-jsd): 'labels' (JS divergence of the label "
+                                  "distribution) or 'vocab' (plus --mass-weight * -log label mass)", choices=NORMALIZE)
+    mass_weight: float = _f(0.1, "weight of -log(label mass) in the drop-in loss with --normalize vocab")
     weighting: str = _f("static", "ambiguity weights applied after group normalisation: none | static | dynamic",
                         choices=WEIGHTINGS)
     weight_alpha: float = _f(1.0, "strength of the ambiguity weight (static: 1 + alpha*a; dynamic: blend in [0, 1])")
@@ -68,7 +71,7 @@ class TrainConfig:
     adv_eps: float = _f(1e-4, "epsilon added to the std in advantage normalisation")
 
     # policy update
-    steps: int = _f(100, "optimisation steps (each: sample, score, update)")
+    steps: int = _f(160, "optimisation steps (each: sample, score, update)")
     ppo_epochs: int = _f(1, "optimisation passes over each batch of rollouts")
     micro_batch_size: int = _f(8, "prompts per forward/backward (gradient accumulation)")
     lr: float = _f(2e-4, "peak learning rate (AdamW)")
@@ -139,7 +142,7 @@ class TrainConfig:
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a number > 0, got {v!r}")
         for name in ["weight_decay", "clip_low", "clip_high", "kl_coef", "aux_jsd", "max_grad_norm", "format_penalty",
-                     "adv_eps", "weight_alpha", "lora_dropout"]:
+                     "mass_weight", "adv_eps", "weight_alpha", "lora_dropout"]:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a number >= 0, got {v!r}")

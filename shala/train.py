@@ -161,7 +161,8 @@ class Trainer:
         self.step = 0
         self.bad_in_a_row = 0
         self.skipped = 0
-        self.jsd_loss = LabelJSDLoss(self.builder.label_ids, normalize="vocab", reduction="sum")
+        self.jsd_loss = LabelJSDLoss(self.builder.label_ids, normalize=cfg.normalize, mass_weight=cfg.mass_weight,
+                                     reduction="sum")
 
     # -- set-up ------------------------------------------------------------------------------
     def _load_data(self):
