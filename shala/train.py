@@ -335,21 +335,22 @@ class Trainer:
         t0 = time.perf_counter()
         prompts = [self.builder.prompt_ids(r["inputs"]) for r in rows]
         w = self._weights(q) if self.cfg.method == "sft-soft" else None
-        total, n, mbs = 0.0, len(rows), self._microbatches(len(rows))
+        total, n, mbs, seen = 0.0, len(rows), self._microbatches(len(rows)), []
         for j, mb in enumerate(mbs):
-            ids, mask = pad_left([prompts[i] for i in mb], self.tokenizer.pad_token_id, self.device)
-            logits = self.policy(input_ids=ids, attention_mask=mask, position_ids=_positions(mask),
-                                 logits_to_keep=1).logits[:, -1].float()  # [b, V]
+            logits = self._slot_forward(self.policy, [prompts[i] for i in mb])  # [b, V]
             if self.cfg.method == "sft-soft":
                 loss = self.jsd_loss(logits, q[mb], None if w is None else w[mb]) / n
             else:
                 gold = self.label_ids[q[mb].argmax(-1)]  # majority label token, first class on ties
                 loss = F.cross_entropy(logits, gold, reduction="sum") / n
-            self._backward(loss * self.dist.world / self.dist.world, j == len(mbs) - 1)
+            self._backward(loss, j == len(mbs) - 1)  # mean over this process's rows; DDP averages processes
             total += float(loss.detach())
+            seen.append(logits.detach())
         norm, ok = self._optimizer_step()
         self.scheduler.step()
-        return {"loss": total, "grad_norm": norm, "ok": ok, "time_update": time.perf_counter() - t0}
+        slot = label_reward(torch.cat(seen), self.label_ids, q, normalize="vocab")
+        return {"loss": total, "grad_norm": norm, "ok": ok, "time_update": time.perf_counter() - t0,
+                "slot_jsd": float(slot.js_dist.nanmean()), "label_mass_slot": float(slot.label_mass.nanmean())}
 
     def _slot_forward(self, model, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Next-token logits after each prompt (which ends at the answer slot): [n, V] float32."""
@@ -658,7 +659,9 @@ class Trainer:
                 metrics.update(skipped_total=self.skipped, lr=self.scheduler.get_last_lr()[0])
                 self._log_metrics(metrics)
                 bar.update(1)
-                bar.set_postfix({k: f"{self._last[k]:.3f}" for k in ("reward", "slot_jsd", "loss") if k in self._last})
+                # RL: the policy loss is ~0 by construction (advantages are centred); show reward and JSD
+                shown = ("reward", "slot_jsd") if self.rl else ("loss", "slot_jsd")
+                bar.set_postfix({k: f"{self._last[k]:.3f}" for k in shown})
                 if self.bad_in_a_row >= cfg.max_bad_steps:
                     raise TrainingError(
                         f"{self.bad_in_a_row} steps in a row had non-finite rewards, losses or gradients "
