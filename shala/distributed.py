@@ -99,4 +99,5 @@ class Dist:
 
     def close(self) -> None:
         if self.active and tdist.is_initialized():
+            tdist.barrier()  # no process tears down its connections while another still writes or reduces
             tdist.destroy_process_group()
