@@ -56,6 +56,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
     dist = Dist.from_env(None)
     columns, seconds, base = {}, {}, None
+    clean = False
     try:
         for i, method in enumerate(methods):
             cfg = load_config([*rest, "--method", method, "--output-dir", str(out / method)]
@@ -68,8 +69,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     columns["base model"] = base
                 columns[method] = summary["after"]
                 seconds[method] = summary.get("train_seconds", time.perf_counter() - t0)
+        clean = True
     finally:
-        dist.close()
+        dist.close(clean)
     if not dist.is_main:
         return {}
     ref = columns[methods[-1]]

@@ -97,7 +97,10 @@ class Dist:
         if self.active:
             tdist.barrier()
 
-    def close(self) -> None:
+    def close(self, clean: bool = True) -> None:
+        """Leave the process group; after a clean run first wait for every process to get here
+        (after an error, do not wait: the others may never arrive)."""
         if self.active and tdist.is_initialized():
-            tdist.barrier()  # no process tears down its connections while another still writes or reduces
+            if clean:
+                tdist.barrier()
             tdist.destroy_process_group()

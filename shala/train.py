@@ -766,10 +766,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     default_threads()
     dist = Dist.from_env(cfg.device)
     try:
-        trainer = Trainer(cfg, dist)
-        return trainer.fit()
-    finally:
-        dist.close()
+        result = Trainer(cfg, dist).fit()
+    except BaseException:
+        dist.close(clean=False)
+        raise
+    dist.close()
+    return result
 
 
 if __name__ == "__main__":
