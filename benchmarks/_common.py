@@ -37,6 +37,9 @@ def slug(name: str) -> str:
 
 
 def git_commit() -> str:
+    """The checkout's commit; ``SHALA_COMMIT`` names it where the tree travels without ``.git``."""
+    if os.environ.get("SHALA_COMMIT"):
+        return os.environ["SHALA_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, check=True

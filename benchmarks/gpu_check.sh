@@ -2,14 +2,17 @@
 # GPU check, one command on a machine with a CUDA GPU (about 8 minutes at most):
 #   1. the correctness tests on CUDA: the Triton label-JSD kernel compiled for the GPU
 #      (TRITON_INTERPRET=0) against the float64 reference in fp32, fp16 and bf16
-#      (bf16 gradients at 1e-2 relative), torch.compile with Triton, and the
-#      advantage op's tests where they exist;
-#   2. python -m benchmarks.bench_rewards (full grid, a time budget keeps it near 4 min);
-#   3. python -m benchmarks.bench_advantage, if that benchmark exists.
+#      (bf16 gradients at 1e-2 relative), torch.compile with Triton; meanwhile the
+#      C++/CUDA extension builds in the background;
+#   2. python -m benchmarks.bench_rewards (full grid, the target shapes first; a time
+#      budget, REWARDS_BUDGET seconds, default 240, stops starting new shapes);
+#   3. the advantage op's tests (CUDA op included) and python -m benchmarks.bench_advantage
+#      on the GPU.
 # Results: benchmarks/results/<device>/*.{json,md}; the log: benchmarks/results/gpu_check-<time>.log.
 # When $OUT is set (a folder that is collected afterwards), the log and results are copied there.
 # Assumes a fresh machine with the repository copied and python3 with pip; torch with CUDA
 # is expected preinstalled and is never reinstalled (the package installs with --no-deps).
+# SHALA_COMMIT names the commit in the results where the tree has no .git.
 # Exits non-zero if the tests or a benchmark failed; later steps still run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,49 +35,54 @@ run_step() {  # run_step NAME TIMEOUT_SECONDS COMMAND...: time it, record a fail
   if [ "$rc" -ne 0 ]; then FAILED+=("$name (exit $rc)"); fi
 }
 
+collect() {  # copy the log and this run's results to $OUT, named <device>__<file>
+  if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
+    cp "$LOG" "$OUT/" || true
+    find benchmarks/results -mindepth 2 -maxdepth 2 -newer "$STAMP" \( -name '*.md' -o -name '*.json' \) -print |
+      while read -r f; do cp "$f" "$OUT/$(basename "$(dirname "$f")")__$(basename "$f")" || true; done
+  fi
+}
+trap collect EXIT
+
 step "environment"
-"$PY" - <<'EOF'
+"$PY" - <<'PYEOF'
 import sys
 import torch
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| CUDA", torch.version.cuda)
 if not torch.cuda.is_available():
     sys.exit("gpu_check: torch sees no CUDA GPU; this script is for a machine with one")
 print("device:", torch.cuda.get_device_name(0))
-EOF
+PYEOF
 nvidia-smi --query-gpu=name,memory.total,memory.used,clocks.sm,clocks.mem --format=csv || true
 
-step "install (only what is missing)"
+step "install the Python package (the extension builds next, in the background)"
 if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('shala.kernels') is None)" 2>/dev/null; then
-  if ! "$PY" -m pip install --no-build-isolation --no-deps -e .; then
-    echo "the build with the C++/CUDA extension failed: installing without it (SHALA_NO_EXT=1)"
-    SHALA_NO_EXT=1 "$PY" -m pip install --no-build-isolation --no-deps -e .
-  fi
+  SHALA_NO_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
 fi
 for mod in triton pytest numpy scipy packaging; do
   if ! "$PY" -c "import $mod" 2>/dev/null; then
     "$PY" -m pip install "$mod" || echo "could not install $mod"
   fi
 done
-"$PY" -c "import shala, triton; print('shala', shala.__version__, '| triton', triton.__version__, '| extension', shala.has_extension())"
+BUILD_LOG=$(mktemp)
+(FORCE_CUDA=1 MAX_JOBS=${MAX_JOBS:-8} "$PY" setup.py -q build_ext --inplace >"$BUILD_LOG" 2>&1; echo "build exit $?" >>"$BUILD_LOG") &
+BUILD_PID=$!
 
 # Compiled Triton on the GPU; CPU-only parametrisations skip themselves without the interpreter.
 export TRITON_INTERPRET=0
 unset SHALA_BACKEND || true
-TESTS=(tests/test_label_jsd.py tests/test_compile_label_jsd.py tests/test_reference.py)
-for f in tests/test_advantage*.py; do [ -e "$f" ] && TESTS+=("$f"); done
-run_step "tests on CUDA" 150 "$PY" -m pytest -q -rs --durations=10 "${TESTS[@]}"
+run_step "kernel tests on CUDA" 150 "$PY" -m pytest -q -rs --durations=10 \
+  tests/test_label_jsd.py tests/test_compile_label_jsd.py tests/test_reference.py
 
-run_step "bench_rewards" 330 "$PY" -m benchmarks.bench_rewards --budget 210
-if [ -f benchmarks/bench_advantage.py ]; then
-  run_step "bench_advantage" 90 "$PY" -m benchmarks.bench_advantage
-fi
+step "extension build (waiting for it)"
+wait "$BUILD_PID" || true
+tail -n 30 "$BUILD_LOG"
+"$PY" -c "import shala, triton; print('shala', shala.__version__, '| triton', triton.__version__, '| extension', shala.has_extension())"
 
-if [ -n "${OUT:-}" ] && [ -d "${OUT}" ]; then
-  cp "$LOG" "$OUT/" || true
-  # Only what this run wrote, named <device>__<file>.
-  find benchmarks/results -mindepth 2 -maxdepth 2 -newer "$STAMP" \( -name '*.md' -o -name '*.json' \) -print |
-    while read -r f; do cp "$f" "$OUT/$(basename "$(dirname "$f")")__$(basename "$f")" || true; done
-fi
+budget=${REWARDS_BUDGET:-240}
+run_step "bench_rewards" $((budget + 120)) "$PY" -m benchmarks.bench_rewards --budget "$budget"
+run_step "advantage op tests on CUDA" 90 "$PY" -m pytest -q -rs tests/test_advantages_op.py
+run_step "bench_advantage" 90 "$PY" -m benchmarks.bench_advantage --device cuda
 
 step "done in $((SECONDS - T0)) s; log: $LOG"
 if [ "${#FAILED[@]}" -ne 0 ]; then
