@@ -26,6 +26,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdio>
 #include <functional>
 #include <limits>
 #include <string>
@@ -48,6 +49,28 @@ PyObject* PyInit__C(void) {
 }
 
 namespace shala {
+namespace {
+
+// Error messages are built from strings only: streaming numbers through c10::str
+// goes through the ostream locale facets, which crashed (SIGSEGV) in a build whose
+// compiler's libstdc++ was newer than the one loaded at run time.
+std::string num(int64_t v) { return std::to_string(v); }
+
+std::string num(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof(buf), "%g", v);
+  return buf;
+}
+
+std::string shape(at::IntArrayRef sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    out += (i ? ", " : "") + std::to_string(sizes[i]);
+  }
+  return out + "]";
+}
+
+}  // namespace
 
 AdvantageInputs check_advantage_inputs(
     const at::Tensor& rewards,
@@ -59,23 +82,23 @@ AdvantageInputs check_advantage_inputs(
   TORCH_CHECK(
       dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
       "group_advantages: rewards must be a floating tensor (float16, bfloat16, float32, float64), got ",
-      dtype);
-  TORCH_CHECK(group_size >= 1, "group_advantages: group_size must be >= 1, got ", group_size);
+      std::string(c10::toString(dtype)));
+  TORCH_CHECK(group_size >= 1, "group_advantages: group_size must be >= 1, got ", num(group_size));
   int64_t num_groups = 0;
   if (rewards.dim() == 1) {
     const int64_t n = rewards.size(0);
     TORCH_CHECK(
-        n % group_size == 0, "group_advantages: rewards has ", n,
-        " entries, not divisible by group_size=", group_size,
+        n % group_size == 0, "group_advantages: rewards has ", num(n),
+        " entries, not divisible by group_size=", num(group_size),
         ": expected B*G rewards, G consecutive per prompt");
     num_groups = n / group_size;
   } else if (rewards.dim() == 2) {
     TORCH_CHECK(
-        rewards.size(1) == group_size, "group_advantages: rewards has shape ", rewards.sizes(),
-        " but group_size=", group_size, ": a [B, G] tensor needs G == group_size");
+        rewards.size(1) == group_size, "group_advantages: rewards has shape ", shape(rewards.sizes()),
+        " but group_size=", num(group_size), ": a [B, G] tensor needs G == group_size");
     num_groups = rewards.size(0);
   } else {
-    TORCH_CHECK(false, "group_advantages: rewards must be 1-D [B*G] or 2-D [B, G], got shape ", rewards.sizes());
+    TORCH_CHECK(false, "group_advantages: rewards must be 1-D [B*G] or 2-D [B, G], got shape ", shape(rewards.sizes()));
   }
   Scale mode;
   if (scale == "group") {
@@ -87,7 +110,7 @@ AdvantageInputs check_advantage_inputs(
   } else {
     TORCH_CHECK(false, "group_advantages: scale must be one of ['group', 'batch', 'none'], got '", std::string(scale), "'");
   }
-  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "group_advantages: eps must be a finite number >= 0, got ", eps);
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0, "group_advantages: eps must be a finite number >= 0, got ", num(eps));
 
   const auto out_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
   std::optional<at::Tensor> w;
@@ -95,13 +118,13 @@ AdvantageInputs check_advantage_inputs(
     const auto& wt = *weights;
     TORCH_CHECK(
         at::isFloatingType(wt.scalar_type()), "group_advantages: weights must be a floating tensor, got ",
-        wt.scalar_type());
+        std::string(c10::toString(wt.scalar_type())));
     TORCH_CHECK(
-        wt.dim() == 1 && wt.size(0) == num_groups, "group_advantages: weights must have shape [", num_groups,
-        "] (one per group of ", group_size, "), got ", wt.sizes());
+        wt.dim() == 1 && wt.size(0) == num_groups, "group_advantages: weights must have shape [", num(num_groups),
+        "] (one per group of ", num(group_size), "), got ", shape(wt.sizes()));
     TORCH_CHECK(
-        wt.device() == rewards.device(), "group_advantages: weights are on ", wt.device(), " but rewards are on ",
-        rewards.device());
+        wt.device() == rewards.device(), "group_advantages: weights are on ", wt.device().str(), " but rewards are on ",
+        rewards.device().str());
     // Cast before the finiteness test, as the reference does: a float64 weight
     // too large for float32 makes its group invalid in a float32 computation.
     w = wt.to(out_dtype).contiguous();

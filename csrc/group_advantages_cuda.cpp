@@ -20,7 +20,7 @@ RewardType reward_type(at::ScalarType dtype) {
     case at::kDouble: return RewardType::kFloat64;
     case at::kHalf: return RewardType::kFloat16;
     case at::kBFloat16: return RewardType::kBFloat16;
-    default: TORCH_CHECK(false, "group_advantages: unsupported rewards dtype ", dtype);
+    default: TORCH_CHECK(false, "group_advantages: unsupported rewards dtype ", std::string(c10::toString(dtype)));
   }
 }
 
