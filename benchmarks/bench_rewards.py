@@ -229,7 +229,7 @@ def _free_cuda():
 # ---- one shape, every op and implementation ----
 
 
-def bench_shape(n, v, k, dtype, normalize, device, impls, fns, copy_bw, cache_bytes, memory_bytes):
+def bench_shape(n, v, k, dtype, normalize, device, impls, fns, copy_bw, cache_bytes, memory_bytes, ops=OPS):
     elt = torch.empty((), dtype=dtype).element_size()
     base = dict(normalize=normalize, dtype=DTYPE_NAMES[dtype], N=n, V=v, K=k)
     logits_bytes = n * v * elt
@@ -248,7 +248,7 @@ def bench_shape(n, v, k, dtype, normalize, device, impls, fns, copy_bw, cache_by
         _free_cuda()
         return [dict(base, op="all", impl="all", note="skipped: inputs do not fit in memory")]
     rows = []
-    for op in OPS:
+    for op in ops:
         for s in inputs:
             s.logits.requires_grad_(op != "reward")
         op_rows, values, runnable = {}, {}, {}
@@ -304,6 +304,13 @@ def main(argv=None):
         "--budget", type=float, default=None, help="seconds after which no new shape is started (the rest are listed)"
     )
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for PyTorch (default: its own choice)")
+    parser.add_argument("--rows", type=int, nargs="+", help="row counts N instead of the grid's")
+    parser.add_argument("--vocab", type=int, nargs="+", help="vocabulary sizes V instead of the grid's")
+    parser.add_argument("--labels", type=int, nargs="+", help="label counts K instead of the grid's")
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPE_NAMES.values()), help="logit dtypes")
+    parser.add_argument("--modes", nargs="+", choices=MODES, help="normalize modes")
+    parser.add_argument("--ops", nargs="+", choices=OPS, help="operations")
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, help="implementations (reference always runs)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -335,7 +342,19 @@ def main(argv=None):
         copy_bw = None
         env["fused"] = "unmeasured on CPU: Triton runs there only under its interpreter, whose timings mean nothing"
         print(f"{env['device']}: fused path unmeasured on CPU; reference vs compiled reference only")
-    env["grid"] = "quick" if args.quick else "full"
+    by_name = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+    grid = Grid(
+        tuple(args.rows or grid.rows),
+        tuple(args.vocab or grid.vocab),
+        tuple(args.labels or grid.labels),
+        tuple(by_name[d] for d in args.dtypes) if args.dtypes else grid.dtypes,
+    )
+    modes = tuple(args.modes or MODES)
+    ops = tuple(args.ops or OPS)
+    if args.impls:
+        impls = tuple(i for i in impls if i in args.impls or i == "reference")
+    custom = any(getattr(args, name) for name in ("rows", "vocab", "labels", "dtypes", "modes", "ops", "impls"))
+    env["grid"] = ("quick" if args.quick else "full") + (" (filtered)" if custom else "")
     env["threads"] = torch.get_num_threads()
     env["load_average_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
 
@@ -354,7 +373,7 @@ def main(argv=None):
         target = device.type == "cuda" and dtype == torch.bfloat16 and normalize == "vocab" and n >= 8192 and v >= 128256
         return (not target, n * v, k)
 
-    configs = sorted(itertools.product(itertools.product(grid.rows, grid.vocab, grid.labels), grid.dtypes, MODES), key=order)
+    configs = sorted(itertools.product(itertools.product(grid.rows, grid.vocab, grid.labels), grid.dtypes, modes), key=order)
     for (n, v, k), dtype, normalize in configs:
         base = dict(normalize=normalize, dtype=DTYPE_NAMES[dtype], N=n, V=v, K=k)
         if args.budget is not None and time.monotonic() - t_start > args.budget:
@@ -364,8 +383,10 @@ def main(argv=None):
             rows.append(dict(base, op="all", impl="all", note="not run: --budget spent"))
             continue
         t0 = time.monotonic()
-        mode_fns = {(op, impl): fns[op, impl, normalize] for op in OPS for impl in impls}
-        shape_rows = bench_shape(n, v, k, dtype, normalize, device, impls, mode_fns, copy_bw, cache_bytes, memory_bytes)
+        mode_fns = {(op, impl): fns[op, impl, normalize] for op in ops for impl in impls}
+        shape_rows = bench_shape(
+            n, v, k, dtype, normalize, device, impls, mode_fns, copy_bw, cache_bytes, memory_bytes, ops
+        )
         rows.extend(shape_rows)
         summary = ", ".join(
             f"{r['op']}/{r['impl']} {r['median_ms']:.3f} ms" for r in shape_rows if r.get("median_ms") is not None

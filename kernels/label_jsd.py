@@ -26,14 +26,18 @@ Gradient w.r.t. the logits (written in the same launch when asked for):
     d(-log_mass)/dl_j = softmax(l)_j - [j in ids] p_j        ("vocab": touches every column)
     dloss/dl_j     = w * (dD/dz_k [j = ids_k] + mass_weight * d(-log_mass)/dl_j)
 
-so "labels" mode writes zeros outside the label columns. One program per row: the
-K label logits are gathered first; "vocab" mode then streams the row once in
+so the "labels" gradient is zero outside the label columns. One program per row:
+the K label logits are gathered first; "vocab" mode then streams the row once in
 BLOCK_V blocks for an online log-sum-exp (running max and rescaled sum), which
 gives ``label_mass`` from the same pass; with a gradient it streams the row a
-second time to write ``w * mass_weight * softmax(l)``, then (after a barrier, so
-the two stores to a label column are ordered) the label columns. The gradient is
-stored in the logits' dtype; backward only multiplies it by the incoming
-gradient of each row, so no (rows x vocab) fp32 buffer ever exists.
+second time to write ``w * mass_weight * softmax(l)`` in the logits' dtype, then
+(after a barrier, so the two stores to a label column are ordered) the label
+columns; backward only multiplies that [N, V] buffer by each row's incoming
+gradient. "labels" mode stores just the [N, K] label columns in fp32; backward
+writes the [N, V] gradient once (a broadcast fill of zeros, NaN on non-finite rows,
+then the K scaled columns), as a gather's backward would. Either way no
+(rows x vocab) fp32 buffer ever exists, and "labels" mode holds nothing of
+size rows x vocab between forward and backward.
 
 Finiteness follows ``shala.reference.label_reward``: NaN or +inf at a label logit,
 or every label logit -inf, makes a row non-finite; in "vocab" mode so does NaN or
@@ -80,7 +84,7 @@ def _label_jsd_fwd_kernel(
     weights_ptr,  # [N] (read only if HAS_WEIGHTS)
     probs_ptr,  # [N, K] float32
     stats_ptr,  # [NSTAT, N] float32
-    grad_ptr,  # [N, V] logits' dtype (written only if NEED_GRAD)
+    grad_ptr,  # NEED_GRAD: [N, V] logits' dtype ("vocab"), [N, K] float32 ("labels")
     stride_g,
     N,
     V,
@@ -173,27 +177,23 @@ def _label_jsd_fwd_kernel(
 
     if NEED_GRAD:
         grad_row = grad_ptr + row * stride_g
-        g_dtype = grad_ptr.dtype.element_ty
+        g_label = 0.5 * (p_lp - p * kl_pm)
         if VOCAB:
+            g_dtype = grad_ptr.dtype.element_ty
             scale = w * mass_weight
             for start in range(0, V, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
                 x = tl.load(logits_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
                 g = tl.where(ok, scale * tl.exp(x - lse_v), nan)
                 tl.store(grad_row + cols, g.to(g_dtype), mask=cols < V)
-        else:
-            fill = tl.where(ok, 0.0, nan)
-            for start in range(0, V, BLOCK_V):
-                cols = start + tl.arange(0, BLOCK_V)
-                g = tl.zeros((BLOCK_V,), dtype=tl.float32) + fill
-                tl.store(grad_row + cols, g.to(g_dtype), mask=cols < V)
-        # The label columns were just written by other threads of this program.
-        tl.debug_barrier()
-        g_label = 0.5 * (p_lp - p * kl_pm)
-        if VOCAB:
+            # The label columns were just written by other threads of this program.
+            tl.debug_barrier()
             g_label += mass_weight * (tl.exp(z - lse_v) - p)
-        g_label = tl.where(ok, w * g_label, nan)
-        tl.store(grad_row + ids, g_label.to(g_dtype), mask=kmask)
+            g_label = tl.where(ok, w * g_label, nan)
+            tl.store(grad_row + ids, g_label.to(g_dtype), mask=kmask)
+        else:
+            # Only the K label columns are non-zero: they are all that is stored.
+            tl.store(grad_row + k, tl.where(ok, w * g_label, nan), mask=kmask)
 
 
 INTERPRETED = isinstance(_label_jsd_fwd_kernel, InterpretedFunction)
@@ -227,16 +227,55 @@ def launch_config(vocab: int, k: int, block_v: Optional[int] = None) -> LaunchCo
 class LabelJSDOutputs(NamedTuple):
     probs: torch.Tensor  # [N, K] float32
     stats: torch.Tensor  # [NSTAT, N] float32, rows indexed by JS_DIV, ..., FINITE
-    grad: torch.Tensor  # [N, V] logits' dtype, or [0] without gradient
+    grad: torch.Tensor  # [N, V] logits' dtype ("vocab"), [N, K] float32 ("labels"), or [0] without gradient
 
 
-def empty_outputs(logits: torch.Tensor, k: int, need_grad: bool) -> LabelJSDOutputs:
+def empty_outputs(logits: torch.Tensor, k: int, need_grad: bool, vocab: bool) -> LabelJSDOutputs:
     n, v = logits.shape
+    if not need_grad:
+        grad = logits.new_empty((0,))
+    elif vocab:
+        grad = logits.new_empty((n, v))
+    else:
+        grad = logits.new_empty((n, k), dtype=torch.float32)
     return LabelJSDOutputs(
         probs=logits.new_empty((n, k), dtype=torch.float32),
         stats=logits.new_empty((NSTAT, n), dtype=torch.float32),
-        grad=logits.new_empty((n, v) if need_grad else (0,)),
+        grad=grad,
     )
+
+
+def logits_grad(
+    grad: torch.Tensor,
+    label_ids: torch.Tensor,
+    vocab_size: int,
+    dtype: torch.dtype,
+    *,
+    vocab: bool,
+    scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """The [N, V] gradient w.r.t. the logits from the kernel's ``grad`` output, times ``scale`` [N] if given.
+
+    "vocab" mode's output already is [N, V] (scaled in place). "labels" mode's is the
+    [N, K] label columns: the rest of the row is 0, or NaN on a non-finite row, whose
+    K entries the kernel set to NaN. The fill is one broadcast write, as cheap as
+    the ``zeros`` of a gather's backward.
+    """
+    scale = None if scale is None else scale.unsqueeze(-1)
+    if vocab:
+        if scale is None:
+            return grad
+        # Cast the [N] scale, not the [N, V] buffer: the product stays in the logits' dtype.
+        scale = scale.to(dtype)
+        # Out of place under torch.compile (functional graphs); in place otherwise, so that
+        # a second backward through the same graph raises instead of reading a scaled buffer.
+        return grad * scale if torch.compiler.is_compiling() else grad.mul_(scale)
+    n, k = grad.shape
+    bad = torch.isnan(grad).any(-1, keepdim=True)  # [N, 1]
+    fill = torch.where(bad, float("nan"), 0.0).to(dtype)
+    out = fill.expand(n, vocab_size).contiguous()
+    g = grad if scale is None else grad * scale.to(grad.dtype)
+    return out.scatter_(1, label_ids.view(1, k).expand(n, k), g.to(dtype))
 
 
 def label_jsd_forward(
@@ -272,7 +311,7 @@ def label_jsd_forward(
     if weights is not None:
         weights = weights.contiguous()
     if out is None:
-        out = empty_outputs(logits, k, need_grad)
+        out = empty_outputs(logits, k, need_grad, vocab)
     cfg = launch_config(v, k, block_v)
     if n > 0:
         _label_jsd_fwd_kernel[(n,)](
@@ -332,7 +371,7 @@ def label_jsd_op(
 
 @label_jsd_op.register_fake
 def _label_jsd_fake(logits, label_ids, target, weights, alpha, mass_weight, vocab, need_grad):
-    return tuple(empty_outputs(logits, label_ids.shape[0], need_grad))
+    return tuple(empty_outputs(logits, label_ids.shape[0], need_grad, vocab))
 
 
 class LabelJSDFunction(torch.autograd.Function):
@@ -343,18 +382,12 @@ class LabelJSDFunction(torch.autograd.Function):
         _, stats, grad = torch.ops.shala.label_jsd_fwd(
             logits, label_ids, target, weights, 0.0, mass_weight, vocab, need_grad
         )
-        ctx.save_for_backward(grad)
+        ctx.save_for_backward(grad, label_ids)
+        ctx.vocab, ctx.vocab_size, ctx.dtype = vocab, logits.shape[-1], logits.dtype
         return stats[LOSS]
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        # Cast the [N] incoming gradient, not the [N, V] buffer: the product stays in the logits' dtype.
-        scale = grad_loss.unsqueeze(-1).to(grad.dtype)
-        if torch.compiler.is_compiling():
-            grad_logits = grad * scale
-        else:
-            # In place: a second backward through the same graph then raises
-            # (the saved tensor's version changed) instead of reading a scaled buffer.
-            grad_logits = grad.mul_(scale)
+        grad, label_ids = ctx.saved_tensors
+        grad_logits = logits_grad(grad, label_ids, ctx.vocab_size, ctx.dtype, vocab=ctx.vocab, scale=grad_loss)
         return grad_logits, None, None, None, None, None, None

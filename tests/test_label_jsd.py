@@ -88,11 +88,16 @@ def make_case(n, k, v, *, dtype=torch.float32, device="cpu", scale=3.0):
     return logits, ids, target
 
 
-def poisoned(logits, k, need_grad):
-    out = LJ.empty_outputs(logits, k, need_grad)
+def poisoned(logits, k, need_grad, normalize):
+    out = LJ.empty_outputs(logits, k, need_grad, normalize == "vocab")
     for t in out:
         t.fill_(float("nan"))
     return out
+
+
+def dense_grad(out, logits, ids, normalize):
+    """The [N, V] gradient w.r.t. the logits that backward hands on, from the kernel's output."""
+    return LJ.logits_grad(out.grad.clone(), ids, logits.shape[-1], logits.dtype, vocab=normalize == "vocab")
 
 
 def reference_rows(logits, ids, target, weights, normalize, mass_weight, alpha=0.0):
@@ -112,7 +117,7 @@ def assert_kernel_matches(
 ):
     """Launch the kernel on poisoned buffers and compare every output with the reference
     (evaluated on ``ref_logits`` when given, else on ``logits``)."""
-    out = poisoned(logits, ids.numel(), True)
+    out = poisoned(logits, ids.numel(), True, normalize)
     res = LJ.label_jsd_forward(
         logits,
         ids,
@@ -135,7 +140,9 @@ def assert_kernel_matches(
         errs["label_mass"] = rel(out.stats[LJ.LABEL_MASS], reward.label_mass)
     assert torch.equal((out.stats[LJ.FINITE] == 1).cpu(), reward.finite.cpu())
     assert max(errs.values()) < VALUE_TOL, errs
-    g_err = rel(out.grad, grad)
+    if normalize == "labels":
+        assert out.grad.shape == (logits.shape[0], ids.numel()) and out.grad.dtype == torch.float32
+    g_err = rel(dense_grad(out, logits, ids, normalize), grad)
     assert g_err < GRAD_TOL[logits.dtype], g_err
     return out, reward
 
@@ -186,12 +193,13 @@ def test_special_rows(device, normalize):
     ref_logits = logits.clone()
     ref_logits[8, ids[0]] = -1e30
     out, reward = assert_kernel_matches(logits, ids, target, None, normalize, block_v=64, ref_logits=ref_logits)
-    assert out.grad[8, ids[0]] == 0
+    dense = dense_grad(out, logits, ids, normalize)
+    assert dense[8, ids[0]] == 0
     assert reward.finite.all()
     # p = q: the distance (where sqrt amplifies any error of D near 0) is exactly tiny.
     assert out.stats[LJ.JS_DIST, :2].abs().max() < 1e-6
     if normalize == "labels":  # "vocab" adds the label-mass term
-        assert out.grad[:2].abs().max() < 1e-6
+        assert dense[:2].abs().max() < 1e-6
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN/inf
@@ -206,7 +214,7 @@ def test_non_finite_rows(device, normalize):
     logits[3, 10] = float("nan")  # NaN off the labels: non-finite in "vocab" only
     logits[4, 63] = float("inf")  # +inf off the labels: likewise
     logits[5, 11] = float("-inf")  # -inf off the labels: fine
-    out = poisoned(logits, k, True)
+    out = poisoned(logits, k, True, normalize)
     LJ.label_jsd_forward(logits, ids, target, None, vocab=normalize == "vocab", need_grad=True, out=out)
     ref = R.label_reward(logits.double(), ids, target.double(), normalize=normalize)
     finite = (out.stats[LJ.FINITE] == 1).cpu()
@@ -220,8 +228,9 @@ def test_non_finite_rows(device, normalize):
     for row in (LJ.JS_DIV, LJ.JS_DIST, LJ.LOSS):
         assert torch.isnan(stats[row][bad]).all() and torch.isfinite(stats[row][~bad]).all()
     assert torch.isnan(out.probs.cpu()[bad]).all()
-    assert torch.isnan(out.grad.cpu()[bad]).all(), "a non-finite row must not give a silent gradient"
-    assert torch.isfinite(out.grad.cpu()[~bad]).all()
+    dense = dense_grad(out, logits, ids, normalize).cpu()
+    assert torch.isnan(dense[bad]).all(), "a non-finite row must not give a silent gradient"
+    assert torch.isfinite(dense[~bad]).all()
     assert rel(stats[LJ.JS_DIV], ref.js_div) < VALUE_TOL
     # The public API reports the same rows.
     res = shala.label_reward(logits, ids, target, normalize=normalize)
@@ -325,14 +334,24 @@ def test_no_gradient_buffer_without_grad(device):
     assert out.grad.numel() == 0
 
 
-def test_second_backward_through_same_graph_raises(device, force_triton):
-    """backward scales the saved gradient in place, so reusing the graph must fail loudly."""
+def test_second_backward_through_same_graph(device, force_triton):
+    """"vocab" backward scales the saved [N, V] gradient in place, so reusing the graph
+    fails loudly; "labels" backward leaves its [N, K] buffer alone and gives the same
+    gradient twice."""
     logits, ids, target = make_case(3, 3, 40, device=device)
     x = logits.requires_grad_(True)
-    loss = shala.label_jsd_loss(x, ids, target)
+    loss = shala.label_jsd_loss(x, ids, target, normalize="vocab")
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+    x.grad = None
+    loss = shala.label_jsd_loss(x, ids, target, normalize="labels")
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x)
+    assert torch.equal(g1, g2)
+    xr = x.detach().double().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(R.label_jsd_loss(xr, ids, target.double()), xr)
+    assert rel(g1, g_ref) < GRAD_TOL[torch.float32]
 
 
 def test_float64_logits_use_the_reference(force_triton, monkeypatch):
