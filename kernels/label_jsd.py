@@ -34,16 +34,16 @@ second time to write ``w * mass_weight * softmax(l)`` in the logits' dtype, then
 (after a barrier, so the two stores to a label column are ordered) the label
 columns; backward only multiplies that [N, V] buffer by each row's incoming
 gradient. "labels" mode stores just the [N, K] label columns in fp32; backward
-writes the [N, V] gradient once (a broadcast fill of zeros, NaN on non-finite rows,
-then the K scaled columns), as a gather's backward would. Either way no
-(rows x vocab) fp32 buffer ever exists, and "labels" mode holds nothing of
-size rows x vocab between forward and backward.
+writes the [N, V] gradient once (zeros, then the K scaled columns), as a gather's
+backward does, and as fast. Beyond the gradient itself no (rows x vocab) buffer
+ever exists, and "labels" mode holds nothing of that size between the passes.
 
 Finiteness follows ``shala.reference.label_reward``: NaN or +inf at a label logit,
 or every label logit -inf, makes a row non-finite; in "vocab" mode so does NaN or
 +inf anywhere in the row (-inf elsewhere is fine). Such rows get NaN in every
-statistic that depends on the logits, NaN loss and an all-NaN gradient row, and
-``finite = 0``: no caller can mistake them for a score.
+statistic that depends on the logits, NaN loss, NaN gradients (the whole row in
+"vocab" mode, the label columns in "labels" mode; either poisons every weight
+gradient downstream) and ``finite = 0``: no caller can mistake them for a score.
 """
 
 from __future__ import annotations
@@ -257,9 +257,7 @@ def logits_grad(
     """The [N, V] gradient w.r.t. the logits from the kernel's ``grad`` output, times ``scale`` [N] if given.
 
     "vocab" mode's output already is [N, V] (scaled in place). "labels" mode's is the
-    [N, K] label columns: the rest of the row is 0, or NaN on a non-finite row, whose
-    K entries the kernel set to NaN. The fill is one broadcast write, as cheap as
-    the ``zeros`` of a gather's backward.
+    [N, K] label columns (NaN on a non-finite row): they are scattered into zeros.
     """
     scale = None if scale is None else scale.unsqueeze(-1)
     if vocab:
@@ -271,9 +269,7 @@ def logits_grad(
         # a second backward through the same graph raises instead of reading a scaled buffer.
         return grad * scale if torch.compiler.is_compiling() else grad.mul_(scale)
     n, k = grad.shape
-    bad = torch.isnan(grad).any(-1, keepdim=True)  # [N, 1]
-    fill = torch.where(bad, float("nan"), 0.0).to(dtype)
-    out = fill.expand(n, vocab_size).contiguous()
+    out = torch.zeros((n, vocab_size), dtype=dtype, device=grad.device)
     g = grad if scale is None else grad * scale.to(grad.dtype)
     return out.scatter_(1, label_ids.view(1, k).expand(n, k), g.to(dtype))
 

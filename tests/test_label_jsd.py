@@ -229,7 +229,13 @@ def test_non_finite_rows(device, normalize):
         assert torch.isnan(stats[row][bad]).all() and torch.isfinite(stats[row][~bad]).all()
     assert torch.isnan(out.probs.cpu()[bad]).all()
     dense = dense_grad(out, logits, ids, normalize).cpu()
-    assert torch.isnan(dense[bad]).all(), "a non-finite row must not give a silent gradient"
+    # NaN over the whole row ("vocab") or its label columns ("labels"): never a silent gradient.
+    at = dense[bad] if normalize == "vocab" else dense[bad][:, ids.cpu()]
+    assert torch.isnan(at).all(), "a non-finite row must not give a silent gradient"
+    if normalize == "labels":
+        others = torch.ones(v, dtype=torch.bool)
+        others[ids.cpu()] = False
+        assert torch.equal(dense[bad][:, others], torch.zeros(int(bad.sum()), v - k))
     assert torch.isfinite(dense[~bad]).all()
     assert rel(stats[LJ.JS_DIV], ref.js_div) < VALUE_TOL
     # The public API reports the same rows.
