@@ -7,7 +7,7 @@ Reads every ``<results>/*/*.json`` written by ``benchmarks._common.write_results
 device, commit and date of the run above its table, then the rest of the run's
 environment, then the rows. The plot is the label reward and loss time against the
 number of rows N, one line per vocabulary size V and implementation, from the
-``bench_rewards`` results (fp32 and the largest K measured; one row of panels per
+``bench_rewards.json`` results (fp32 and the largest K measured; one row of panels per
 device and normalisation). Where a device's results have no fused timings (CPU:
 Triton runs there only under its interpreter) the panels show the reference against
 the compiled reference, and the titles say so.
@@ -82,7 +82,12 @@ def plot_title(fused_measured: bool) -> str:
 
 def plot_rewards(results: list, out_png: Path):
     """Time vs N per V for each ``bench_rewards`` result; returns the PNG path, or None without such results."""
-    runs = [r for r in results if r["benchmark"] == "bench_rewards" and any(x.get("median_ms") for x in r["rows"])]
+    # Whole-grid runs only (a device's bench_rewards.json): filtered re-runs stay in the tables.
+    runs = [
+        r for r in results
+        if r["benchmark"] == "bench_rewards" and r["path"].name == "bench_rewards.json"
+        and any(x.get("median_ms") for x in r["rows"])
+    ]
     if not runs:
         return None
     import matplotlib

@@ -1,6 +1,6 @@
 """Rollouts and their rewards: sample G completions per prompt, find answer slots, score.
 
-Reward terms (DESIGN section 3), each per rollout, composed with weights:
+Reward terms (README, "The math", step 5), each per rollout, composed with weights:
 
 * ``slot``: the reward of the label-token distribution ``p`` at the rollout's
   answer slot (fused kernel), ``R(p) = 1 - d(p, q) / sqrt(ln 2)``, made
