@@ -47,12 +47,16 @@ def pad_left(seqs: Sequence[Sequence[int]], pad_id: int, device="cpu"):
     return ids.to(device), mask.to(device)
 
 
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions that count only attended tokens, so left padding does not shift them."""
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
 def slot_logits(model, prompts: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
     """Next-token logits after each (left-padded) prompt: ``[B, V]``."""
     device = next(model.parameters()).device
     ids, mask = pad_left(prompts, pad_id, device)
-    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)  # left padding must not shift positions
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1)
     return out.logits[:, -1]  # [B, V]
 
 

@@ -42,7 +42,8 @@ from shala.advantages import group_advantages
 from shala.config import TrainConfig, load_config
 from shala.data_files import resolve_dataset
 from shala.distributed import Dist
-from shala.evaluate import evaluate_dataset, format_table, pad_left, predict, write_json
+from shala.evaluate import evaluate_dataset, format_table, pad_left, position_ids, predict, write_json
+from shala.evaluate import slot_logits as prompt_slot_logits  # 'slot_logits' names tensors here
 from shala.models import default_threads, load_model, load_tokenizer
 from shala.prompts import PromptBuilder
 from shala.reference import ambiguity_weights
@@ -95,10 +96,6 @@ def _sampleable(probs: torch.Tensor) -> torch.Tensor:
     return torch.where(bad, torch.full_like(probs, 1.0 / probs.shape[-1]), probs)
 
 
-def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.cumsum(-1) - 1).clamp_min(0)
-
-
 def completion_logits(model, rb: RolloutBatch, idx: Sequence[int], width_prompt: int, width_comp: int):
     """Logits from the last prompt position to the end, for rollouts ``idx``: ``[n, width_comp + 1, V]``.
 
@@ -116,7 +113,7 @@ def completion_logits(model, rb: RolloutBatch, idx: Sequence[int], width_prompt:
         ids[row, width_prompt - p : width_prompt - p + len(seq)] = torch.as_tensor(seq)
         mask[row, width_prompt - p : width_prompt - p + len(seq)] = 1
     ids, mask = ids.to(device), mask.to(device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=width_comp + 1)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=width_comp + 1)
     return out.logits
 
 
@@ -354,9 +351,7 @@ class Trainer:
 
     def _slot_forward(self, model, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
         """Next-token logits after each prompt (which ends at the answer slot): [n, V] float32."""
-        ids, mask = pad_left(prompts, self.tokenizer.pad_token_id, self.device)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask), logits_to_keep=1)
-        return out.logits[:, -1].float()
+        return prompt_slot_logits(model, prompts, self.tokenizer.pad_token_id).float()
 
     @torch.no_grad()
     def sample(self, rows, slot_logits: Optional[torch.Tensor] = None) -> RolloutBatch:
