@@ -21,6 +21,7 @@ the same loop on the same data, model and budget.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
@@ -117,6 +118,16 @@ def completion_logits(model, rb: RolloutBatch, idx: Sequence[int], width_prompt:
     return out.logits
 
 
+def _ends_with_cue(input_ids: torch.Tensor, cues: Sequence[torch.Tensor], start: int = 0) -> torch.Tensor:
+    """[n] bool: the row's tokens end with one of ``cues``, which begins at column ``start`` or later."""
+    hit = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for cue in cues:
+        n = cue.numel()
+        if input_ids.shape[1] - n >= start:
+            hit |= (input_ids[:, -n:] == cue).all(-1)
+    return hit
+
+
 class AnswerConstraint:
     """Logits processor for ``generate``: right after an answer cue, only label tokens may follow."""
 
@@ -125,15 +136,37 @@ class AnswerConstraint:
         self.label_ids, self.prompt_width = label_ids, prompt_width
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        at_slot = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for cue in self.cues:
-            n = cue.numel()
-            if input_ids.shape[1] - n >= self.prompt_width:  # the cue lies in the completion
-                at_slot |= (input_ids[:, -n:] == cue).all(-1)
+        at_slot = _ends_with_cue(input_ids, self.cues, self.prompt_width)  # the cue lies in the completion
         if bool(at_slot.any()):
             allowed = torch.full_like(scores, float("-inf"))
             allowed[:, self.label_ids] = 0.0
             scores = torch.where(at_slot.unsqueeze(-1), scores + allowed, scores)
+        return scores
+
+
+class SlotRecorder:
+    """Logits processor for ``generate`` that changes nothing: it keeps, for each row, the logits of
+    the latest step that follows an answer cue, and that step's index (-1: none).
+
+    It must come first among the processors, so that what it keeps is the model's output, NaN
+    included (invalid values are removed after it); the answer slot's logits then need no second
+    forward over the rollouts.
+    """
+
+    def __init__(self, cues: Sequence[Sequence[int]], prompt_width: int, device):
+        self.cues = [torch.as_tensor(c, device=device) for c in cues]
+        self.prompt_width = prompt_width
+        self.logits: Optional[torch.Tensor] = None  # [n, V] float32
+        self.step: Optional[torch.Tensor] = None  # [n] long
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.logits is None:
+            self.logits = torch.zeros_like(scores, dtype=torch.float32)
+            self.step = torch.full((scores.shape[0],), -1, dtype=torch.long, device=scores.device)
+        at_slot = _ends_with_cue(input_ids, self.cues)
+        if bool(at_slot.any()):
+            self.logits[at_slot] = scores[at_slot].float()
+            self.step[at_slot] = input_ids.shape[1] - self.prompt_width
         return scores
 
 
@@ -388,17 +421,23 @@ class Trainer:
         self.core.eval()
         prompts = [self.builder.prompt_ids(r["inputs"], rationale=True) for r in rows]
         ids, mask = pad_left(prompts, self.tokenizer.pad_token_id, self.device)
-        from transformers import LogitsProcessorList
+        from transformers import InfNanRemoveLogitsProcessor, LogitsProcessorList
 
-        processors = LogitsProcessorList(
-            [AnswerConstraint(self.builder.cue_variants, self.label_ids, ids.shape[1])] if cfg.constrain_answer else [])
+        # With one pass per batch the loss's own forward gives the sampling log-probs (ratio 1, as
+        # on-policy GRPO has it): the slot logits are all that is needed here, and generation has them.
+        recorder = SlotRecorder(self.builder.cue_variants, ids.shape[1], self.device) if cfg.ppo_epochs == 1 else None
+        processors = LogitsProcessorList([recorder] if recorder else [])
+        # non-finite logits are scored (and flagged) from the raw values, not sampled from
+        processors.append(InfNanRemoveLogitsProcessor())
+        if cfg.constrain_answer:
+            processors.append(AnswerConstraint(self.builder.cue_variants, self.label_ids, ids.shape[1]))
         out = self.core.generate(
             input_ids=ids, attention_mask=mask, do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
             max_new_tokens=cfg.max_new_tokens, num_return_sequences=G, use_cache=True, logits_processor=processors,
-            remove_invalid_values=True,  # non-finite logits are scored (and flagged) below, not sampled from
+            remove_invalid_values=False, return_dict_in_generate=True,
             pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
-        )  # [B*G, P + T]
-        gen = out[:, ids.shape[1]:].tolist()
+        )  # sequences [B*G, P + T]
+        gen = out.sequences[:, ids.shape[1]:].tolist()
         eos = self.tokenizer.eos_token_id
         located = []
         for i, seq in enumerate(gen):
@@ -411,6 +450,11 @@ class Trainer:
             slots=torch.tensor([r.slot for r in located]),
             labels=torch.tensor([r.label for r in located]),
         )
+        if recorder is not None:
+            cache = out.get("cache", out.get("past_key_values"))  # the field's name before transformers 5.x
+            rb.slot_logits = self._generated_slot_logits(rb, recorder, cache, mask, len(gen[0]))
+            if rb.slot_logits is not None:
+                return rb
         # one no-grad pass of the policy: sampling log-probs and the slot logits
         olds, slots = [], []
         for mb in self._microbatches(rb.size):
@@ -419,6 +463,44 @@ class Trainer:
             slots.append(sl)
         rb.old_logp, rb.slot_logits = torch.cat(olds), torch.cat(slots)  # [B*G, T], [B*G, V]
         return rb
+
+    def _generated_slot_logits(self, rb: RolloutBatch, recorder: SlotRecorder, cache, prompt_mask: torch.Tensor,
+                               steps: int) -> Optional[torch.Tensor]:
+        """Slot logits [B*G, V] of a ``generate`` call that took ``steps`` steps.
+
+        Where the label was generated, ``recorder`` holds them. Elsewhere (no cue: one is appended;
+        or a cue as the last token) the tokens the KV cache lacks (the last sampled one, the appended
+        cue) are fed on that cache, with the positions and mask of one unpadded sequence. None when the
+        cache does not hold the ``P + steps - 1`` columns this assumes: the caller then makes a full pass.
+        """
+        G, width = self.cfg.group_size, prompt_mask.shape[1]
+        if recorder.logits is None or cache is None or cache.get_seq_length() != width + steps - 1:
+            return None
+        logits = recorder.logits.clone()
+        need = (recorder.step.cpu() != rb.slots - rb.prompt_lens + 1).nonzero().flatten()
+        if need.numel() == 0:
+            return logits
+        in_cache = rb.completion_lens[need].clamp_max(steps - 1)  # sampled tokens whose keys the cache holds
+        start = rb.prompt_lens[need] + in_cache  # first token to feed
+        tails = [rb.tokens[int(i)][int(s):] for i, s in zip(need, start)]
+        col = rb.slots[need] - start  # the slot's column among the fed tokens
+        if (col < 0).any() or min(len(t) for t in tails) == 0:
+            return None
+        n, w = len(tails), max(len(t) for t in tails)
+        ids = torch.full((n, w), self.tokenizer.pad_token_id, dtype=torch.long)
+        fed = torch.zeros((n, w), dtype=torch.long)
+        for r, t in enumerate(tails):
+            ids[r, : len(t)], fed[r, : len(t)] = torch.as_tensor(t), 1
+        sampled = (torch.arange(steps - 1) < in_cache.unsqueeze(1)).long()  # padding after EOS is not attended
+        attn = torch.cat([prompt_mask.cpu().repeat_interleave(G, 0)[need], sampled, fed], 1)
+        pos = start.unsqueeze(1) + torch.arange(w)
+        cache.batch_select_indices(need.to(self.device))
+        base = self.core.get_base_model() if hasattr(self.core, "get_base_model") else self.core
+        name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        out = self.core(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+                        position_ids=pos.to(self.device), use_cache=True, **{name: cache})
+        logits[need.to(self.device)] = out.logits[torch.arange(n, device=self.device), col.to(self.device)].float()
+        return logits
 
     def _rollout_forward(self, model, rb: RolloutBatch, mb: Sequence[int]):
         """Per-token log-probs of the sampled tokens [n, T] (+ mask) and slot logits [n, V] for rollouts ``mb``."""
@@ -555,7 +637,8 @@ class Trainer:
                    slot_logits, q_slot, w_slot):
         """Clipped-ratio policy loss, token-level mean over the global batch, + KL and drop-in JSD terms."""
         cfg = self.cfg
-        old = rb.old_logp[roll][:, : logp.shape[1]].to(self.device)  # [n, T]
+        # no old log-probs: one pass per batch, the sampling policy is this forward's (ratio 1)
+        old = logp.detach() if rb.old_logp is None else rb.old_logp[roll][:, : logp.shape[1]].to(self.device)
         a = advantages[roll].unsqueeze(-1)  # [n, 1]
         keep = cmask & valid[roll].unsqueeze(-1)
         ratio = torch.exp(logp - old)

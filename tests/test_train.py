@@ -93,6 +93,82 @@ def test_rationale_mode_generates_and_locates_slots(tiny_dir, tmp_path):
     assert trainer.step == 1
 
 
+class _Force:
+    """Logits processor that makes chosen rows write chosen tokens at chosen steps."""
+
+    def __init__(self, width, plan):
+        self.width, self.plan = width, plan
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.width
+        for row in range(scores.shape[0]):
+            tok = self.plan(row, step)
+            if tok is not None:
+                scores[row] = float("-inf")
+                scores[row, tok] = 0.0
+        return scores
+
+
+@pytest.mark.parametrize("arch, constrain", [("llama", True), ("llama", False), ("qwen2", True)])
+def test_rationale_slot_logits_from_generation_match_a_full_pass(tiny_dir, tmp_path, monkeypatch, arch, constrain):
+    T = 6
+    model = tiny_dir if arch == "llama" else save_tiny(tmp_path / "tiny", arch=arch)
+    cfg = load_config(["--model", model, "--output-dir", str(tmp_path), *FAST, "--max-new-tokens", str(T),
+                       "--steps", "1", "--no-eval-before", "--no-eval-after"]
+                      + ([] if constrain else ["--no-constrain-answer"]))
+    trainer = train.Trainer(cfg)
+    cue, eos = list(trainer.builder.cue_ids), trainer.tokenizer.eos_token_id
+    label0 = int(trainer.label_ids[0])
+
+    def plan(row, step):
+        kind = row % 4
+        if kind == 0 and 1 <= step <= len(cue):  # cue, then the label token: read during generation
+            return cue[step - 1]
+        if kind == 0 and step == len(cue) + 1 and not constrain:
+            return label0
+        if kind == 1 and step >= T - len(cue):  # cue as the last tokens: the label is never sampled
+            return cue[step - (T - len(cue))]
+        if kind == 2 and step == 2:  # early end of sequence: the cue is appended after padding
+            return eos
+        return None  # kind 3: free text, the cue is appended
+
+    generate = trainer.core.generate
+
+    def forced_generate(**kw):
+        kw["logits_processor"].append(_Force(kw["input_ids"].shape[1], plan))
+        return generate(**kw)
+
+    recorders = []
+
+    class Recorder(train.SlotRecorder):
+        def __init__(self, *a):
+            super().__init__(*a)
+            recorders.append(self)
+
+    monkeypatch.setattr(trainer.core, "generate", forced_generate)
+    monkeypatch.setattr(train, "SlotRecorder", Recorder)
+    rows, q = trainer._batch()
+    rb = trainer.sample(rows)
+    assert rb.old_logp is None
+    kinds = [i % 4 for i in range(rb.size)]
+    first = [int(rb.labels[i]) for i in range(rb.size) if kinds[i] == 0]
+    assert all(y >= 0 for y in first) if constrain else all(y == 0 for y in first)
+    (recorder,) = recorders  # rows of kind 0 are read during generation, the others on the cache
+    assert [int(s) == len(cue) + 1 for s in recorder.step] == [k == 0 for k in kinds]
+    assert all(rb.tokens[i][-len(cue):] == cue and int(rb.completion_lens[i]) == T
+               for i in range(rb.size) if kinds[i] == 1)
+    assert all(int(rb.completion_lens[i]) == 3 and rb.tokens[i][-len(cue):] == cue
+               for i in range(rb.size) if kinds[i] == 2)
+    full = torch.cat([trainer._rollout_forward(trainer.core, rb, mb)[2] for mb in trainer._microbatches(rb.size)])
+    assert rb.slot_logits.shape == full.shape
+    torch.testing.assert_close(rb.slot_logits, full, rtol=1e-5, atol=1e-5)
+    # several passes per batch keep the full no-grad pass (old log-probs of the same forward as the loss's)
+    trainer.cfg.ppo_epochs = 2
+    rb2 = trainer.sample(rows)
+    assert len(recorders) == 1
+    assert rb2.old_logp is not None and rb2.old_logp.shape == (rb2.size, int(rb2.completion_lens.max()))
+
+
 def test_resume_gives_identical_weights(tiny_dir, tmp_path):
     args = ["--steps", "4", "--no-eval-before", "--no-eval-after", "--lr", "5e-3", "--save-every", "0",
             "--keep-checkpoints", "3"]
@@ -139,9 +215,10 @@ def test_resume_refuses_other_options(tiny_dir, tmp_path):
         run(tiny_dir, tmp_path, "--steps", "1", "--resume", "auto", "--group-size", "2")
 
 
-def test_non_finite_steps_are_skipped_then_stop(tiny_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("new_tokens", ["1", "4"])
+def test_non_finite_steps_are_skipped_then_stop(tiny_dir, tmp_path, monkeypatch, new_tokens):
     cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--steps", "5",
-                       "--no-eval-before", "--no-eval-after", "--max-bad-steps", "3"])
+                       "--no-eval-before", "--no-eval-after", "--max-bad-steps", "3", "--max-new-tokens", new_tokens])
     trainer = train.Trainer(cfg)
     base = trainer.core.get_base_model()
     before = _trainable(trainer.core)
