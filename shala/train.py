@@ -6,7 +6,10 @@ One step, top to bottom (``Trainer.rl_step``):
    the answer token itself, drawn from the next-token distribution after the
    prompt and the answer cue (one batched forward: what ``generate`` computes
    for one new token). Longer completions come from one batched
-   ``model.generate`` with KV cache, then the answer slot is located in each.
+   ``model.generate`` with KV cache, then the answer slot is located in each;
+   its logits are kept during generation (or, where no label was written, read
+   after the cue on the same cache), so with one pass per batch no second
+   forward over the rollouts is needed.
 2. score: the label-token distribution at each answer slot (fused kernel),
    reward terms composed with their weights, and grouped advantages with the
    ambiguity weight applied after normalisation (extension op).
