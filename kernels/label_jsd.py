@@ -28,8 +28,9 @@ Gradient w.r.t. the logits (written in the same launch when asked for):
 
 so the "labels" gradient is zero outside the label columns. One program per row:
 the K label logits are gathered first; "vocab" mode then streams the row once in
-BLOCK_V blocks for an online log-sum-exp (running max and rescaled sum), which
-gives ``label_mass`` from the same pass; with a gradient it streams the row a
+BLOCK_V blocks for an online log-sum-exp (running max and rescaled sum, in base
+2, with one cross-thread reduction per block), which gives ``label_mass`` from the
+same pass; with a gradient it streams the row a
 second time to write ``w * mass_weight * softmax(l)`` in the logits' dtype, then
 (after a barrier, so the two stores to a label column are ordered) the label
 columns; backward only multiplies that [N, V] buffer by each row's incoming
@@ -64,6 +65,7 @@ NSTAT = 8
 _JS_DIV, _JS_DIST, _ENTROPY, _AMBIGUITY = (tl.constexpr(i) for i in (JS_DIV, JS_DIST, ENTROPY, AMBIGUITY))
 _WEIGHT, _LABEL_MASS, _LOSS, _FINITE = (tl.constexpr(i) for i in (WEIGHT, LABEL_MASS, LOSS, FINITE))
 _LN2 = tl.constexpr(0.6931471805599453)
+_LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
@@ -144,20 +146,22 @@ def _label_jsd_fwd_kernel(
         w = w * tl.load(weights_ptr + row).to(tl.float32)
 
     if VOCAB:
-        # Online log-sum-exp over the whole row. Starting from the label max keeps the
-        # running max finite, so blocks of -inf never produce -inf - (-inf).
-        m = z_max
-        acc = tl.zeros((), dtype=tl.float32)
-        n_row_bad = tl.zeros((), dtype=tl.int32)
+        # Online log-sum-exp over the whole row, in base 2 (one FMA and one ex2 per
+        # element) with a per-lane running sum: each block costs one cross-thread
+        # reduction (its max), and the lanes are summed once at the end. Starting from
+        # the label max keeps the running max finite, so blocks of -inf never give
+        # -inf - (-inf). NaN or +inf anywhere makes the sum NaN: that is the check.
+        m2 = z_max * _LOG2E
+        acc = tl.zeros((BLOCK_V,), dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
             x = tl.load(logits_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-            n_row_bad += tl.sum(((x != x) | (x == float("inf"))).to(tl.int32), axis=0)
-            m_new = tl.maximum(m, tl.max(x, axis=0))
-            acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
-            m = m_new
-        ok = ok & (n_row_bad == 0)
-        lse_v = m + tl.log(acc)
+            m2_new = tl.maximum(m2, tl.max(x, axis=0) * _LOG2E)
+            acc = acc * tl.exp2(m2 - m2_new) + tl.exp2(x * _LOG2E - m2_new)
+            m2 = m2_new
+        lse2_v = m2 + tl.log2(tl.sum(acc, axis=0))
+        ok = ok & (lse2_v == lse2_v) & (lse2_v < float("inf"))
+        lse_v = lse2_v * _LN2
         log_mass = lse_z - lse_v
         loss = w * (js - mass_weight * log_mass)
     else:
@@ -184,7 +188,7 @@ def _label_jsd_fwd_kernel(
             for start in range(0, V, BLOCK_V):
                 cols = start + tl.arange(0, BLOCK_V)
                 x = tl.load(logits_row + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-                g = tl.where(ok, scale * tl.exp(x - lse_v), nan)
+                g = tl.where(ok, scale * tl.exp2(x * _LOG2E - lse2_v), nan)
                 tl.store(grad_row + cols, g.to(g_dtype), mask=cols < V)
             # The label columns were just written by other threads of this program.
             tl.debug_barrier()
@@ -210,8 +214,9 @@ def launch_config(vocab: int, k: int, block_v: Optional[int] = None) -> LaunchCo
 
     One heuristic configuration, no autotuning (on the GPU or under the
     interpreter): BLOCK_V = 4096 elements per step keeps 16 fp32 values per
-    thread at 8 warps (56 registers, no spills when compiled for sm_90); a row
-    shorter than that is one block. Not yet tuned by measurement on a GPU.
+    thread at 8 warps (56-64 registers, no spills when compiled for sm_90: see
+    ``python -m benchmarks.kernel_isa``); a row shorter than that is one block.
+    Not yet tuned by measurement on a GPU.
     ``block_v`` overrides it (tests use a small one so that the online
     log-sum-exp runs over many blocks).
     """

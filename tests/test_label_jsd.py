@@ -204,7 +204,8 @@ def test_special_rows(device, normalize):
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's numpy on NaN/inf
 @pytest.mark.parametrize("normalize", MODES)
-def test_non_finite_rows(device, normalize):
+@pytest.mark.parametrize("block_v", [None, 16], ids=["one-block", "four-blocks"])
+def test_non_finite_rows(device, normalize, block_v):
     n, k, v = 8, 3, 64
     logits, _, target = make_case(n, k, v, device=device)
     ids = torch.tensor([5, 40, 2], device=device)
@@ -213,9 +214,13 @@ def test_non_finite_rows(device, normalize):
     logits[2, ids] = float("-inf")  # every label -inf
     logits[3, 10] = float("nan")  # NaN off the labels: non-finite in "vocab" only
     logits[4, 63] = float("inf")  # +inf off the labels: likewise
+    logits[4, 20] = float("inf")  # ... also in a middle block, ahead of larger finite values
+    logits[4, 33] = 50.0
+    logits[3, 17] = 60.0  # NaN ahead of a larger running max
     logits[5, 11] = float("-inf")  # -inf off the labels: fine
     out = poisoned(logits, k, True, normalize)
-    LJ.label_jsd_forward(logits, ids, target, None, vocab=normalize == "vocab", need_grad=True, out=out)
+    LJ.label_jsd_forward(logits, ids, target, None, vocab=normalize == "vocab", need_grad=True, out=out,
+                         block_v=block_v)
     ref = R.label_reward(logits.double(), ids, target.double(), normalize=normalize)
     finite = (out.stats[LJ.FINITE] == 1).cpu()
     expect = torch.tensor([False, False, False, True, True, True, True, True])

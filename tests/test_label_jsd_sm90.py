@@ -11,44 +11,25 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent(
     """
     import itertools, json, os
     os.environ.pop("TRITON_INTERPRET", None)
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from shala.kernels import label_jsd as LJ
+    from benchmarks.kernel_isa import compile_variant, load_kernel_module
 
-    assert not LJ.INTERPRETED
-    fn = LJ._label_jsd_fwd_kernel
-    names = fn.arg_names
-    aligned = ["logits_ptr", "stride_l", "grad_ptr", "stride_g", "V"]
+    LJ = load_kernel_module()
     report = {}
     for dt, vocab, weights, grad in itertools.product(["fp32", "fp16", "bf16"], [False, True], [False, True], [False, True]):
-        sig = {
-            "logits_ptr": "*" + dt, "stride_l": "i64", "ids_ptr": "*i64", "target_ptr": "*fp32",
-            "weights_ptr": "*fp32", "probs_ptr": "*fp32", "stats_ptr": "*fp32", "grad_ptr": "*" + (dt if vocab else "fp32"),
-            "stride_g": "i32", "N": "i32", "V": "i32", "K": "i32", "alpha": "fp32", "mass_weight": "fp32",
-            "inv_log_k": "fp32", "VOCAB": "constexpr", "HAS_WEIGHTS": "constexpr", "NEED_GRAD": "constexpr",
-            "BLOCK_K": "constexpr", "BLOCK_V": "constexpr",
-        }
-        cfg = LJ.launch_config(151936, 28)
-        const = {"VOCAB": vocab, "HAS_WEIGHTS": weights, "NEED_GRAD": grad, "BLOCK_K": cfg.block_k, "BLOCK_V": cfg.block_v}
-        src = ASTSource(
-            fn=fn,
-            signature=sig,
-            constexprs={(names.index(k),): v for k, v in const.items()},
-            attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned},
-        )
-        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg.num_warps})
-        ptx = k.asm["ptx"]
+        k, _ = compile_variant(LJ, dt, vocab, weights, grad, vocab_size=151936, k=28)
         report[f"{dt}-{vocab}-{weights}-{grad}"] = {
             "cubin_bytes": len(k.asm["cubin"]),
-            "vector_store": "st.global.v4" in ptx,
+            "vector_store": "st.global.v4" in k.asm["ptx"],
         }
     print("REPORT=" + json.dumps(report))
     """
@@ -68,7 +49,7 @@ def _have_nvidia_backend() -> bool:
 def test_kernel_compiles_for_sm90():
     env = dict(os.environ, TRITON_DEFAULT_FP_FUSION="1")
     env.pop("TRITON_INTERPRET", None)
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("REPORT="))[7:])
     assert len(report) == 24
@@ -77,3 +58,20 @@ def test_kernel_compiles_for_sm90():
         _, vocab, _, grad = name.split("-")
         if vocab == grad == "True":  # "vocab" with a gradient: the [N, V] row is written in 16-byte stores
             assert r["vector_store"], f"{name}: the gradient stores are not 16-byte vectorised"
+
+
+@pytest.mark.skipif(not _have_nvidia_backend(), reason="this triton build has no NVIDIA backend (ptxas) to compile with")
+def test_streaming_loop_issues_few_instructions_per_logit(tmp_path):
+    """The "vocab" pass over a row: one cross-thread reduction (two barriers) per block and a
+    handful of instructions per logit, so that the loop is not what limits the bandwidth."""
+    env = dict(os.environ, TRITON_DEFAULT_FP_FUSION="1")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "benchmarks.kernel_isa", "--dtypes", "bf16", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = json.loads((tmp_path / "kernel_isa.json").read_text())["rows"]
+    stream = [r for r in rows if r["loop"] == "stream"]
+    assert len(stream) == 2 and len([r for r in rows if r["loop"] == "gradient"]) == 1
+    for r in stream:
+        assert r["barriers"] <= 2 and r["per_logit"] < 12 and r["spill_bytes"] == 0, r
+    assert (tmp_path / "kernel_isa.md").read_text().startswith("# kernel_isa")
