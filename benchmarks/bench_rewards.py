@@ -28,6 +28,9 @@ On CPU (no GPU) a small grid runs the reference eagerly and compiled only: Trito
 runs on CPU only under its interpreter, whose timings mean nothing, so the fused path
 is unmeasured there and the table says so.
 
+``--launch 2048x8 8192x16 ...`` also times the fused path with those kernel launch
+configurations (BLOCK_V x warps; impl ``fused[2048x8]``), to tune the default on a GPU.
+
 Results go to ``benchmarks/results/<device>/bench_rewards.{json,md}`` (or ``--out``).
 """
 
@@ -44,6 +47,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import triton
 
 import shala
 from benchmarks._common import environment, write_results
@@ -156,6 +160,37 @@ def make_fn(op: str, normalize: str, impl: str, ref: dict) -> Callable[[Inputs],
     if op == "loss_fwd":
         return loss
     return lambda s: torch.autograd.grad(loss(s), s.logits)
+
+
+def parse_launch(text: str) -> tuple:
+    """``"4096x8"`` -> (block_v 4096, num_warps 8): a launch configuration to time beside the default."""
+    try:
+        block_v, warps = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--launch: expected BLOCK_VxWARPS such as 4096x8, got {text!r}") from None
+    if block_v < 16 or block_v & (block_v - 1) or warps not in (1, 2, 4, 8, 16, 32):
+        raise argparse.ArgumentTypeError(
+            f"--launch {text}: BLOCK_V must be a power of two >= 16 and WARPS one of 1, 2, 4, 8, 16, 32")
+    return block_v, warps
+
+
+def with_launch(fn: Callable[[Inputs], object], block_v: int, warps: int) -> Callable[[Inputs], object]:
+    """``fn`` with the label-JSD kernel launched with ``block_v`` (at most the row's width) and ``warps``."""
+    from shala.kernels import label_jsd as LJ
+
+    default = LJ.launch_config
+
+    def config(vocab, k, _block_v=None):
+        return default(vocab, k, min(block_v, triton.next_power_of_2(vocab)))._replace(num_warps=warps)
+
+    def run(s: Inputs):
+        LJ.launch_config = config
+        try:
+            return fn(s)
+        finally:
+            LJ.launch_config = default
+
+    return run
 
 
 def _first_value(op: str, result) -> torch.Tensor:
@@ -311,6 +346,10 @@ def main(argv=None):
     parser.add_argument("--modes", nargs="+", choices=MODES, help="normalize modes")
     parser.add_argument("--ops", nargs="+", choices=OPS, help="operations")
     parser.add_argument("--impls", nargs="+", choices=IMPLS, help="implementations (reference always runs)")
+    parser.add_argument(
+        "--launch", nargs="+", type=parse_launch, default=[], metavar="BLOCK_VxWARPS",
+        help="GPU only: also time the fused path with these kernel launch configurations, as impl fused[BLOCK_VxWARPS]",
+    )
     args = parser.parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -353,7 +392,7 @@ def main(argv=None):
     ops = tuple(args.ops or OPS)
     if args.impls:
         impls = tuple(i for i in impls if i in args.impls or i == "reference")
-    custom = any(getattr(args, name) for name in ("rows", "vocab", "labels", "dtypes", "modes", "ops", "impls"))
+    custom = any(getattr(args, name) for name in ("rows", "vocab", "labels", "dtypes", "modes", "ops", "impls", "launch"))
     env["grid"] = ("quick" if args.quick else "full") + (" (filtered)" if custom else "")
     env["threads"] = torch.get_num_threads()
     env["load_average_1min"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
@@ -362,6 +401,15 @@ def main(argv=None):
     fns = {
         (op, impl, normalize): make_fn(op, normalize, impl, refs[impl]) for op in OPS for impl in impls for normalize in MODES
     }
+    if args.launch and "fused" in impls:
+        for block_v, warps in args.launch:
+            impl = f"fused[{block_v}x{warps}]"
+            for op, normalize in itertools.product(OPS, MODES):
+                fns[op, impl, normalize] = with_launch(fns[op, "fused", normalize], block_v, warps)
+            impls += (impl,)
+        env["launch_configs"] = [f"{b}x{w}" for b, w in args.launch]
+    elif args.launch:
+        print("--launch: the fused path does not run on this device; ignored")
     rows = []
     if device.type == "cpu":
         rows.append(dict(op="all", impl="fused", note=env["fused"]))

@@ -136,3 +136,36 @@ def test_plot_title_says_when_fused_is_unmeasured(results_dir, tmp_path):
 def test_render_without_results(tmp_path):
     md = render.render(tmp_path / "none", tmp_path / "R.md", tmp_path / "p.png")
     assert "No results yet." in md.read_text() and not (tmp_path / "p.png").exists()
+
+
+def test_launch_sweep_runs_the_kernel_with_the_given_configuration(monkeypatch):
+    """The fused path under the interpreter, with a patched launch configuration, against float64."""
+    import shala
+    from shala import reference as R
+    from shala.kernels import label_jsd as LJ
+
+    monkeypatch.setenv("SHALA_BACKEND", "triton")
+
+    default = LJ.launch_config
+    seen = []
+    logits = torch.randn(3, 100)
+    ids, target = torch.tensor([4, 50, 97]), torch.softmax(torch.randn(3, 3), -1)
+    expect = R.label_reward(logits.double(), ids, target.double(), normalize="vocab")
+
+    def call(s):
+        seen.append(LJ.launch_config(100, 3))
+        return shala.label_reward(s, ids, target, normalize="vocab")
+
+    got = bench_rewards.with_launch(call, 32, 2)(logits)
+    assert seen == [LJ.LaunchConfig(block_k=4, block_v=32, num_warps=2)] and LJ.launch_config is default
+    torch.testing.assert_close(got.js_div.double(), expect.js_div, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(got.label_mass.double(), expect.label_mass, rtol=1e-5, atol=1e-7)
+    assert bench_rewards.with_launch(call, 4096, 8)(logits) is not None
+    assert seen[-1].block_v == 128  # at most the row's width, as the default
+
+
+@pytest.mark.parametrize("text, message", [("4096", "expected BLOCK_VxWARPS"), ("1000x8", "power of two"),
+                                           ("4096x3", "WARPS one of")])
+def test_launch_option_errors(text, message):
+    with pytest.raises(Exception, match=message):
+        bench_rewards.parse_launch(text)
