@@ -60,7 +60,15 @@ def test_kernel_compiles_for_sm90():
             assert r["vector_store"], f"{name}: the gradient stores are not 16-byte vectorised"
 
 
-@pytest.mark.skipif(not _have_nvidia_backend(), reason="this triton build has no NVIDIA backend (ptxas) to compile with")
+def _have_disassembler() -> bool:
+    if not _have_nvidia_backend():
+        return False
+    import triton.backends.nvidia as nv
+
+    return all((Path(nv.__file__).parent / "bin" / tool).is_file() for tool in ("nvdisasm", "cuobjdump"))
+
+
+@pytest.mark.skipif(not _have_disassembler(), reason="this triton build bundles no nvdisasm/cuobjdump to read SASS with")
 def test_streaming_loop_issues_few_instructions_per_logit(tmp_path):
     """The "vocab" pass over a row: one cross-thread reduction (two barriers) per block and a
     handful of instructions per logit, so that the loop is not what limits the bandwidth."""
