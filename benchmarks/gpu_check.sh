@@ -5,7 +5,8 @@
 #      (bf16 gradients at 1e-2 relative), torch.compile with Triton; meanwhile the
 #      C++/CUDA extension builds in the background;
 #   2. python -m benchmarks.bench_rewards (full grid, the target shapes first; a time
-#      budget, REWARDS_BUDGET seconds, default 240, stops starting new shapes);
+#      budget stops starting new shapes: what is left of GPU_CHECK_SECONDS, default 470,
+#      or REWARDS_BUDGET seconds);
 #   3. the advantage op's tests (CUDA op included) and python -m benchmarks.bench_advantage
 #      on the GPU.
 # Results: benchmarks/results/<device>/*.{json,md}; the log: benchmarks/results/gpu_check-<time>.log.
@@ -79,7 +80,10 @@ wait "$BUILD_PID" || true
 tail -n 30 "$BUILD_LOG"
 "$PY" -c "import shala, triton; print('shala', shala.__version__, '| triton', triton.__version__, '| extension', shala.has_extension())"
 
-budget=${REWARDS_BUDGET:-240}
+# The benchmark gets what is left of GPU_CHECK_SECONDS (default 470: the whole check under 8
+# minutes) after the steps so far, less 40 s for the advantage op; REWARDS_BUDGET overrides it.
+left=$(( ${GPU_CHECK_SECONDS:-470} - (SECONDS - T0) - 40 ))
+budget=${REWARDS_BUDGET:-$(( left > 60 ? left : 60 ))}
 run_step "bench_rewards" $((budget + 120)) "$PY" -m benchmarks.bench_rewards --budget "$budget"
 run_step "advantage op tests on CUDA" 90 "$PY" -m pytest -q -rs tests/test_advantages_op.py
 run_step "bench_advantage" 90 "$PY" -m benchmarks.bench_advantage --device cuda
