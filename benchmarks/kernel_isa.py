@@ -100,35 +100,37 @@ def sass_loops(sass: str) -> list[dict]:
     """Loops of a SASS listing, in order: instructions from a label to the last branch back to it."""
     lines = sass.splitlines()
     labels = {}
-    loops = []
+    loops = {}  # label line -> instructions up to its latest back-branch
     for i, line in enumerate(lines):
         m = _LABEL.match(line)
         if m:
             labels[m.group(1)] = i
         b = _BACK.search(line)
         if b and b.group(1) in labels:
-            ops = [x.group(1) for x in map(_INSTR.match, lines[labels[b.group(1)] : i + 1]) if x]
-            if len(ops) > 2:  # not the one-instruction trap loop at the end of every kernel
-                loops.append({"start": labels[b.group(1)], "ops": ops})
-    return [{"instructions": len(lp["ops"]), "mufu": lp["ops"].count("MUFU"), "barriers": lp["ops"].count("BAR")}
-            for lp in sorted(loops, key=lambda lp: lp["start"])]
+            start = labels[b.group(1)]
+            loops[start] = [x.group(1) for x in map(_INSTR.match, lines[start : i + 1]) if x]
+    return [{"instructions": len(ops), "mufu": ops.count("MUFU"), "barriers": ops.count("BAR")}
+            for _, ops in sorted(loops.items())
+            if len(ops) > 2]  # not the one-instruction trap loop at the end of every kernel
 
 
-def resource_usage(cubin: bytes) -> dict:
+def _read_cubin(tool: str, *flags: str, cubin: bytes) -> str:
+    """Standard output of a bundled CUDA binary tool run on ``cubin``."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True)
-    regs = re.search(r"REG:(\d+)", out.stdout)
-    local = re.search(r"LOCAL:(\d+)", out.stdout)
+        return subprocess.run([_tool(tool), *flags, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def resource_usage(cubin: bytes) -> dict:
+    out = _read_cubin("cuobjdump", "-res-usage", cubin=cubin)
+    regs = re.search(r"REG:(\d+)", out)
+    local = re.search(r"LOCAL:(\d+)", out)
     return {"regs": int(regs.group(1)) if regs else None, "spill_bytes": int(local.group(1)) if local else None}
 
 
 def disassemble(cubin: bytes) -> str:
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        return subprocess.run([_tool("nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    return _read_cubin("nvdisasm", "-c", cubin=cubin)
 
 
 def analyse(LJ, name: str, dtypes=("bf16", "fp32")) -> list[dict]:
