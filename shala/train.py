@@ -479,7 +479,7 @@ class Trainer:
         G, width = self.cfg.group_size, prompt_mask.shape[1]
         if recorder.logits is None or cache is None or cache.get_seq_length() != width + steps - 1:
             return None
-        logits = recorder.logits.clone()
+        logits = recorder.logits  # the recorder is not used again
         need = (recorder.step.cpu() != rb.slots - rb.prompt_lens + 1).nonzero().flatten()
         if need.numel() == 0:
             return logits
