@@ -7,8 +7,8 @@ Reads every ``<results>/*/*.json`` written by ``benchmarks._common.write_results
 device, commit and date of the run above its table, then the rest of the run's
 environment, then the rows. The plot is the label reward and loss time against the
 number of rows N, one line per vocabulary size V and implementation, from the
-``bench_rewards.json`` results (fp32 and the largest K measured; one row of panels per
-device and normalisation). Where a device's results have no fused timings (CPU:
+``bench_rewards.json`` results (the largest K measured, bf16 where the fused kernel
+was timed and fp32 elsewhere; one row of panels per device and normalisation). Where a device's results have no fused timings (CPU:
 Triton runs there only under its interpreter) the panels show the reference against
 the compiled reference, and the titles say so.
 """
@@ -73,6 +73,14 @@ def _fused_measured(rows: list) -> bool:
     return any(r.get("impl") == "fused" and r.get("median_ms") is not None for r in rows)
 
 
+def plot_dtype(rows: list) -> str:
+    """The dtype a device's panels show: bf16 where the fused kernel was timed (what LLM
+    training feeds it, and the dtype of the targets), else fp32 (every CPU op has it)."""
+    timed = sorted({x["dtype"] for x in rows if x.get("median_ms") is not None})
+    preferred = "bf16" if _fused_measured(rows) else "fp32"
+    return preferred if preferred in timed else timed[0]
+
+
 def plot_title(fused_measured: bool) -> str:
     if fused_measured:
         return "Label reward and JSD loss: time vs N per V, fused vs reference"
@@ -99,8 +107,7 @@ def plot_rewards(results: list, out_png: Path):
     panels = []  # (device, fused measured, normalize, dtype, K, timed rows)
     for run in runs:
         timed = [x for x in run["rows"] if x.get("median_ms") is not None]
-        dtypes = sorted({x["dtype"] for x in timed})
-        dtype = "fp32" if "fp32" in dtypes else dtypes[0]
+        dtype = plot_dtype(run["rows"])
         k = max(x["K"] for x in timed if x["dtype"] == dtype)
         for normalize in sorted({x["normalize"] for x in timed}):
             rows = [x for x in timed if x["dtype"] == dtype and x["K"] == k and x["normalize"] == normalize]

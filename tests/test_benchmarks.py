@@ -133,6 +133,17 @@ def test_plot_title_says_when_fused_is_unmeasured(results_dir, tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 5000
 
 
+def test_plot_shows_bf16_where_fused_was_timed():
+    def row(impl, dtype, ms=1.0):
+        return dict(op="reward", impl=impl, dtype=dtype, median_ms=ms)
+
+    reference_only = [row("reference", "fp32"), row("reference", "bf16"), row("fused", "bf16", None)]
+    assert render.plot_dtype(reference_only) == "fp32"
+    assert render.plot_dtype(reference_only + [row("fused", "fp32"), row("fused", "bf16")]) == "bf16"
+    assert render.plot_dtype([row("reference", "fp32"), row("fused", "fp32")]) == "fp32"  # no bf16 timed
+    assert render.plot_dtype([row("reference", "bf16")]) == "bf16"  # no fp32 timed
+
+
 def test_render_without_results(tmp_path):
     md = render.render(tmp_path / "none", tmp_path / "R.md", tmp_path / "p.png")
     assert "No results yet." in md.read_text() and not (tmp_path / "p.png").exists()
