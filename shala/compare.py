@@ -54,10 +54,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     out = Path(known.output_dir)
     from shala.train import Dist, Trainer
 
-    dist = Dist.from_env(None)
     columns, seconds, base = {}, {}, None
-    clean = False
-    try:
+    with Dist.from_env(None) as dist:
         for i, method in enumerate(methods):
             cfg = load_config([*rest, "--method", method, "--output-dir", str(out / method)]
                               + ([] if i == 0 else ["--no-eval-before"]))
@@ -69,9 +67,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                     columns["base model"] = base
                 columns[method] = summary["after"]
                 seconds[method] = summary.get("train_seconds", time.perf_counter() - t0)
-        clean = True
-    finally:
-        dist.close(clean)
     if not dist.is_main:
         return {}
     ref = columns[methods[-1]]

@@ -97,6 +97,12 @@ class Dist:
         if self.active:
             tdist.barrier()
 
+    def __enter__(self) -> "Dist":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(clean=exc_type is None)
+
     def close(self, clean: bool = True) -> None:
         """Leave the process group; after a clean run first wait for every process to get here
         (after an error, do not wait: the others may never arrive)."""

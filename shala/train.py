@@ -845,14 +845,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_config(argv)
     default_threads()
-    dist = Dist.from_env(cfg.device)
-    try:
-        result = Trainer(cfg, dist).fit()
-    except BaseException:
-        dist.close(clean=False)
-        raise
-    dist.close()
-    return result
+    with Dist.from_env(cfg.device) as dist:
+        return Trainer(cfg, dist).fit()
 
 
 if __name__ == "__main__":

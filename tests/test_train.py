@@ -1,5 +1,6 @@
 """shala.train on a tiny model: one step, baselines, rationale mode, resume, errors, torchrun."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -292,3 +293,20 @@ def test_torchrun_two_processes_stay_in_sync(tiny_dir, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and rows[-1]["grad_norm"] > 0
     assert json.loads((tmp_path / "eval_after.json").read_text())["n"] == 6
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_dist_context_waits_for_the_others_only_after_a_clean_run(monkeypatch, fail):
+    from shala import distributed
+
+    calls = []
+    monkeypatch.setattr(distributed.tdist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.tdist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.tdist, "destroy_process_group", lambda: calls.append("destroy"))
+    dist = distributed.Dist(0, 2, 0, torch.device("cpu"), active=True)
+    with pytest.raises(RuntimeError) if fail else contextlib.nullcontext():
+        with dist:
+            if fail:
+                raise RuntimeError("a step failed")
+    # after an error the other process may never reach a barrier: leave without one
+    assert calls == (["destroy"] if fail else ["barrier", "destroy"])
