@@ -8,9 +8,10 @@ device, commit and date of the run above its table, then the rest of the run's
 environment, then the rows. The plot is the label reward and loss time against the
 number of rows N, one line per vocabulary size V and implementation, from the
 ``bench_rewards.json`` results (the largest K measured, bf16 where the fused kernel
-was timed and fp32 elsewhere; one row of panels per device and normalisation). Where a device's results have no fused timings (CPU:
-Triton runs there only under its interpreter) the panels show the reference against
-the compiled reference, and the titles say so.
+was timed and fp32 elsewhere; one row of panels per device and normalisation).
+Where a device's results have no fused timings (CPU: Triton runs there only under
+its interpreter) the panels show the reference against the compiled reference, and
+the titles say so.
 """
 
 from __future__ import annotations

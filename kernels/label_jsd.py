@@ -32,11 +32,12 @@ BLOCK_V blocks for an online log-sum-exp (running max and rescaled sum, in base
 2, with one cross-thread reduction per block), which gives ``label_mass`` from the
 same pass; with a gradient it streams the row a second time to write
 ``w * mass_weight * softmax(l)`` in the logits' dtype, then (after a barrier, so
-the two stores to a label column are ordered) the label columns; backward only multiplies that [N, V] buffer by each row's incoming
-gradient. "labels" mode stores just the [N, K] label columns in fp32; backward
-writes the [N, V] gradient once (zeros, then the K scaled columns), as a gather's
-backward does, and as fast. Beyond the gradient itself no (rows x vocab) buffer
-ever exists, and "labels" mode holds nothing of that size between the passes.
+the two stores to a label column are ordered) the label columns; backward only
+multiplies that [N, V] buffer by each row's incoming gradient. "labels" mode
+stores just the [N, K] label columns in fp32; backward writes the [N, V] gradient
+once (zeros, then the K scaled columns), as a gather's backward does, and as fast.
+Beyond the gradient itself no (rows x vocab) buffer ever exists, and "labels" mode
+holds nothing of that size between the passes.
 
 Finiteness follows ``shala.reference.label_reward``: NaN or +inf at a label logit,
 or every label logit -inf, makes a row non-finite; in "vocab" mode so does NaN or

@@ -63,9 +63,14 @@ def test_kernel_compiles_for_sm90():
 def _have_disassembler() -> bool:
     if not _have_nvidia_backend():
         return False
-    import triton.backends.nvidia as nv
+    from benchmarks.kernel_isa import _tool
 
-    return all((Path(nv.__file__).parent / "bin" / tool).is_file() for tool in ("nvdisasm", "cuobjdump"))
+    try:
+        for tool in ("nvdisasm", "cuobjdump"):
+            _tool(tool)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 @pytest.mark.skipif(not _have_disassembler(), reason="this triton build bundles no nvdisasm/cuobjdump to read SASS with")
