@@ -18,11 +18,11 @@ from shala.data import (
     GOEMOTIONS_LABELS,
     NLI_LABELS,
     DataError,
+    FileError,
     label_prior,
     label_space,
     list_kinds,
     load_labelled,
-    load_report,
     parse_data_options,
     select_split,
     split_dataset,
@@ -191,7 +191,7 @@ def test_ambient_linguists(fixtures):
 
 def test_goemotions_groups_raters_and_notes_empty_ones(fixtures, caplog):
     with caplog.at_level(logging.INFO, logger="shala.data"):
-        ds = load_labelled(f"goemotions:{fixtures / 'goemotions_raw.csv'}")
+        ds, report = load_labelled(f"goemotions:{fixtures / 'goemotions_raw.csv'}", with_report=True)
     check_schema(ds)
     assert label_space(ds) == ("emotion", list(GOEMOTIONS_LABELS), ["text"])
     assert len(GOEMOTIONS_LABELS) == 28
@@ -204,7 +204,6 @@ def test_goemotions_groups_raters_and_notes_empty_ones(fixtures, caplog):
     assert eea1["counts"][idx["gratitude"]] == 1.5 and eea1["counts"][idx["joy"]] == 0.5
     assert rows["eeb2"]["inputs"]["text"] == "Wait, what?\nI did not see that coming."
     assert rows["eeb2"]["counts"][idx["surprise"]] == 1.5 and rows["eeb2"]["counts"][idx["confusion"]] == 0.5
-    report = load_report(ds)
     assert report.notes == {"rater lines with no label (no vote cast)": 1} and report.n_skipped == 0
     assert "1 rater lines with no label" in caplog.text
 
@@ -427,10 +426,10 @@ def test_malformed_row_names_file_row_field(tmp_path, kind, name, content, optio
 
 def test_file_level_errors_always_raise(tmp_path):
     path = write(tmp_path, "broken.json", '{"1": {"text": "a",}')
-    with pytest.raises(DataError, match=r"broken\.json: invalid JSON at line 1"):
+    with pytest.raises(FileError, match=r"broken\.json: invalid JSON at line 1"):
         load_labelled(f"lewidi2023:{path}", skip_invalid=True)
     path = write(tmp_path, "g.csv", "text,id,rater_id\nhi,e1,1\n")
-    with pytest.raises(DataError, match=r"g\.csv, field 'admiration': missing columns \['admiration', "):
+    with pytest.raises(FileError, match=r"g\.csv, field 'admiration': missing columns \['admiration', "):
         load_labelled(f"goemotions:{path}", skip_invalid=True)
 
 
@@ -441,9 +440,8 @@ def test_skip_invalid_counts_and_reports(tmp_path, caplog):
     with pytest.raises(DataError, match="line 2"):
         load_labelled(f"chaosnli:{path}")
     with caplog.at_level(logging.WARNING, logger="shala.data"):
-        ds = load_labelled(f"chaosnli:{path}", skip_invalid=True)
+        ds, report = load_labelled(f"chaosnli:{path}", skip_invalid=True, with_report=True)
     assert ds["id"] == ["u1", "u5"]
-    report = load_report(ds)
     assert report.skipped == {"invalid JSON": 1, "zero total": 1, "unknown label": 1, "negative count": 1}
     assert report.n_skipped == 4 and report.n_rows == 2
     assert len(report.examples) == 4 and report.examples[0].startswith(f"{path}, line 2")
@@ -456,18 +454,17 @@ def test_skip_invalid_drops_whole_items_of_rater_tables(tmp_path):
     path = write(tmp_path, "g.csv", "\n".join([
         GOE_HEAD, goe_line("hi", "e1", "1", ["joy"]), goe_line("yo", "e2", "1", ["joy"], value="x"),
         goe_line("yo", "e2", "2", ["anger"]), goe_line("ok", "e3", "1", [], unclear="True")]))
-    ds = load_labelled(f"goemotions:{path}", skip_invalid=True)
+    ds, report = load_labelled(f"goemotions:{path}", skip_invalid=True, with_report=True)
     assert ds["id"] == ["e1"]
-    report = load_report(ds)
     assert report.skipped == {"non-numeric": 1, "zero total": 1}
     assert report.notes == {"rater lines with no label (no vote cast)": 1}
 
 
 def test_skip_invalid_lewidi_items(tmp_path):
     path = write(tmp_path, "x.json", {"1": lewidi23(), "2": lewidi23(annotations="0,5,1"), "3": lewidi23(text=7)})
-    ds = load_labelled(f"lewidi2023:{path}", skip_invalid=True)
+    ds, report = load_labelled(f"lewidi2023:{path}", skip_invalid=True, with_report=True)
     assert ds["id"] == ["1"]
-    assert load_report(ds).skipped == {"unknown label": 1, "wrong type": 1}
+    assert report.skipped == {"unknown label": 1, "wrong type": 1}
 
 
 def test_skip_invalid_with_nothing_left_raises(tmp_path):
@@ -522,15 +519,17 @@ def test_split_errors_and_select_split(tmp_path):
         select_split(ds, "test")
 
 
-def test_report_and_label_space_survive_splits(fixtures):
-    ds = load_labelled(f"chaosnli:{fixtures / 'chaosnli_mnli.jsonl'}")
+def test_report_is_returned_and_label_space_survives_splits(fixtures):
+    ds, report = load_labelled(f"chaosnli:{fixtures / 'chaosnli_mnli.jsonl'}", with_report=True)
+    assert report.n_rows == len(ds) == 3 and report.label_names == list(NLI_LABELS)
     train = split_dataset(ds, eval_size=1)["train"]
-    assert load_report(train).n_rows == 3
-    assert label_space(train).label_names == list(NLI_LABELS)
+    assert label_space(train) == ("nli", list(NLI_LABELS), ["premise", "hypothesis"])
     bare = datasets.Dataset.from_dict({c: ds[c] for c in ds.column_names})
     assert label_space(bare).task == "nli"
-    with pytest.raises(ValueError, match="no load report"):
-        load_report(bare)
+    with pytest.raises(ValueError, match="columns \\['counts'"):
+        label_space(bare.remove_columns(["counts"]))
+    with pytest.raises(ValueError, match="empty dataset"):
+        label_space(ds.select([]))
 
 
 def test_label_prior(fixtures):
@@ -587,16 +586,16 @@ def soft_key(key):
 @functools.lru_cache(maxsize=None)
 def load_real(root, rel):
     """Each real file is loaded once per session; tests only read the result."""
-    return load_labelled(f"{real_kind(rel)}:{root / rel}")
+    return load_labelled(f"{real_kind(rel)}:{root / rel}", with_report=True)[0]
 
 
 @pytest.mark.parametrize("rel", sorted(REAL_ROWS))
 def test_real_file_loads(shared_data, rel):
     path = shared_data / rel
-    ds = load_real(shared_data, rel)
+    ds, report = load_labelled(f"{real_kind(rel)}:{path}", with_report=True)
     assert len(ds) == REAL_ROWS[rel]
     check_schema(ds)
-    assert load_report(ds).n_skipped == 0
+    assert report.n_skipped == 0 and report.n_rows == len(ds)
     if rel.startswith("lewidi"):
         assert label_space(ds).task == REAL_TASKS[path.parent.name.removesuffix("_dataset")]
 
