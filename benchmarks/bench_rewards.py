@@ -53,9 +53,10 @@ import shala
 from benchmarks._common import environment, write_results
 from shala import backend
 from shala import reference as R
+from shala.choices import NORMALIZE_MODES
 
 OPS = ("reward", "loss_fwd", "loss_fwd_bwd")
-MODES = ("labels", "vocab")
+MODES = NORMALIZE_MODES
 IMPLS = ("fused", "reference", "compiled")
 COLUMNS = [
     "op",

@@ -141,27 +141,26 @@ def _sync(device: torch.device) -> None:
 
 def train_argv(args, out_dir: str) -> list:
     """``shala.train`` options of this benchmark: the step under test, nothing written, nothing evaluated."""
+    form = ["--form", "rationale", "--max-new-tokens", str(args.max_new_tokens)] if args.max_new_tokens > 1 else []
     return [
         "--model", args.model, "--batch-size", str(args.batch_size), "--group-size", str(args.group_size),
-        "--max-new-tokens", str(args.max_new_tokens), "--steps", str(1 + args.steps),
+        *form, "--steps", str(1 + args.steps),
         "--lr-schedule", "constant", "--warmup-steps", "0", "--output-dir", out_dir,
         "--no-eval-before", "--no-eval-after", "--no-plot", "--save-every", "0", "--no-progress",
     ]  # fmt: skip
 
 
 def shala_batches(cfg, n_steps: int):
-    """The data part of ``shala.train.Trainer`` and the rows of its first ``n_steps`` batches (one process).
+    """The training data of ``shala.train.Trainer`` and the rows of its first ``n_steps`` batches (one process).
 
-    Runs the trainer's own data loading without building its model, so that the
+    Loads the data as the trainer does, without building its model, so that the
     TRL side trains on exactly the rows, in the order, that shala's sampler draws.
     """
-    from shala.train import PromptSampler, Trainer
+    from shala.batches import PromptSampler, TrainData
 
-    view = Trainer.__new__(Trainer)
-    view.cfg = cfg
-    view._load_data()
-    sampler = PromptSampler(len(view.train_rows), cfg.batch_size, 1, 0, cfg.seed)
-    return view, [[view.train_rows[i] for i in sampler.next()] for _ in range(n_steps)]
+    data = TrainData.from_config(cfg)
+    sampler = PromptSampler(len(data), cfg.batch_size, 1, 0, cfg.seed)
+    return data, [data.batch(sampler.next()).rows for _ in range(n_steps)]
 
 
 def _summary(steps: list, device: torch.device, peak_reset: bool, batch_rollouts: int) -> dict:
@@ -198,23 +197,24 @@ def run_shala(args) -> dict:
         trainer = Trainer(cfg)
         device = trainer.device
         rollouts = {}
-        sample = trainer.sample
+        sample = trainer.form.sample
 
-        def counted_sample(rows, slot_logits=None):  # the step's token count, from its rollouts
-            rb = sample(rows, slot_logits)
+        def counted_sample(policy, rows):  # the step's token count, from its rollouts
+            rb = sample(policy, rows)
             rollouts["tokens"] = int(rb.prompt_lens.sum() + rb.completion_lens.sum())
             return rb
 
-        trainer.sample = counted_sample
+        trainer.form.sample = counted_sample
         peak_reset = _start_steps(device)
         steps = []
         for _ in range(1 + args.steps):
-            rows, q = trainer._batch()
+            batch = trainer.next_batch()
+            rows = batch.rows
             t0 = time.perf_counter()
-            m = trainer.rl_step(rows, q)
+            m = trainer.rl_step(batch)
             _sync(device)
             dt = time.perf_counter() - t0
-            trainer.step += 1
+            trainer.state.record(bool(m["ok"]))
             steps.append({"step_s": dt, "generation_s": m["time_generation"], "scoring_s": m["time_scoring"],
                           "update_s": m["time_update"], "trainer_tokens_per_s": m.get("tokens_per_s"),
                           "tokens": rollouts["tokens"], "ok": bool(m["ok"]), "reward": m.get("reward"),
@@ -248,10 +248,10 @@ def run_trl(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_train_step_trl_") as out:
         cfg = load_config(train_argv(args, out))
         device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        view, batches = shala_batches(cfg, n_steps)
+        data, batches = shala_batches(cfg, n_steps)
         tokenizer = load_tokenizer(cfg.model)
-        builder = PromptBuilder(tokenizer, view.task, view.label_names)
-        answer_only = cfg.max_new_tokens == 1
+        builder = PromptBuilder(tokenizer, data.task, data.label_names)
+        answer_only = cfg.form == "answer"
         rows = [r for batch in batches for r in batch]
         ids = [builder.prompt_ids(r["inputs"], rationale=not answer_only) for r in rows]
         texts = [tokenizer.decode(x, skip_special_tokens=False, clean_up_tokenization_spaces=False) for x in ids]
@@ -284,7 +284,7 @@ def run_trl(args) -> dict:
             output_dir=out, report_to="none", save_strategy="no", log_level="error", disable_tqdm=True,
             logging_steps=1, max_steps=n_steps, seed=cfg.seed, use_cpu=device.type == "cpu",
             per_device_train_batch_size=cfg.batch_size * cfg.group_size, gradient_accumulation_steps=1,
-            num_generations=cfg.group_size, max_completion_length=cfg.max_new_tokens, num_iterations=cfg.ppo_epochs,
+            num_generations=cfg.group_size, max_completion_length=args.max_new_tokens, num_iterations=cfg.ppo_epochs,
             shuffle_dataset=False, remove_unused_columns=False, dataloader_num_workers=0,
             temperature=cfg.temperature, top_k=0, top_p=1.0, generation_kwargs=gen_kwargs,
             beta=0.0, epsilon=cfg.clip_low, epsilon_high=cfg.clip_high, loss_type="dapo", scale_rewards=cfg.scale,

@@ -296,7 +296,7 @@ def label_jsd_forward(
 
     ``out`` lets a caller pass the output buffers (tests pass poisoned ones);
     every element of them is written. Inputs are validated by the public API
-    (``shala.rewards``); here only the memory layout is fixed up.
+    (``shala.label_jsd``); here only the memory layout is fixed up.
     """
     if logits.device.type == "cpu" and not INTERPRETED:
         raise RuntimeError(

@@ -12,9 +12,9 @@ Public API:
 
 __version__ = "0.1.0"
 
-from shala.reference import LabelReward, ambiguity_weights  # noqa: E402
-from shala.rewards import *  # noqa: E402,F401,F403
-from shala.rewards import __all__ as _rewards_all  # noqa: E402
+from shala.weighting import ambiguity_weights  # noqa: E402
+from shala.label_jsd import *  # noqa: E402,F401,F403
+from shala.label_jsd import __all__ as _label_jsd_all  # noqa: E402
 from shala.advantages import *  # noqa: E402,F401,F403
 from shala.advantages import __all__ as _advantages_all  # noqa: E402
 
@@ -28,4 +28,4 @@ def has_extension() -> bool:
     return True
 
 
-__all__ = ["LabelReward", "ambiguity_weights", "has_extension", *_rewards_all, *_advantages_all]
+__all__ = ["ambiguity_weights", "has_extension", *_label_jsd_all, *_advantages_all]

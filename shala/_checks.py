@@ -13,6 +13,8 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from shala.choices import ADVANTAGE_SCALES
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 #: Tolerance on ``|sum(q) - 1|`` and on negative entries of a target row, by target dtype.
@@ -146,8 +148,6 @@ def check_simplex(target: torch.Tensor) -> None:
 
 def check_advantage_inputs(rewards, group_size, weights, scale, eps):
     """Validate the arguments of ``group_advantages``; return rewards as [B, G] and weights."""
-    from shala.reference import ADVANTAGE_SCALES
-
     check_choice("scale", scale, ADVANTAGE_SCALES)
     if not isinstance(rewards, torch.Tensor):
         raise TypeError(f"rewards must be a torch.Tensor, got {type(rewards).__name__}")

@@ -18,7 +18,9 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from shala.config import METHODS, load_config
+from shala.choices import METHODS
+from shala.config import load_config
+from shala.distributed import Dist
 from shala.evaluate import write_json
 
 METRICS = ("jsd", "kl", "accuracy", "macro_f1")
@@ -52,7 +54,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if "--method" in rest:
         raise ValueError("use --methods (plural) with shala.compare")
     out = Path(known.output_dir)
-    from shala.train import Dist, Trainer
+    from shala.train import Trainer
 
     columns, seconds, base = {}, {}, None
     with Dist.from_env(None) as dist:

@@ -16,15 +16,12 @@ from typing import Optional, Sequence
 
 import yaml
 
+from shala.choices import (ADVANTAGE_SCALES, DTYPES, LR_SCHEDULES, METHODS, NORMALIZE_MODES, WEIGHTED_METHODS,
+                           WEIGHTINGS)
 from shala.data_files import DEFAULT_DATASET
 from shala.models import DEFAULT_MODEL
-
-METHODS = ("shala", "grpo-accuracy", "sft-majority", "sft-soft")
-REWARD_MODES = ("slot", "histogram", "sampled", "accuracy")
-SCALES = ("group", "batch", "none")
-WEIGHTINGS = ("none", "static", "dynamic")
-SCHEDULES = ("constant", "linear", "cosine")
-NORMALIZE = ("labels", "vocab")
+from shala.rewards import parse_reward_terms
+from shala.rollout import FORMS, check_form_options
 
 
 def _f(default, help, **kw):
@@ -47,10 +44,14 @@ class TrainConfig:
     seed: int = _f(0, "seed of the split, data order, sampling and LoRA init")
 
     # rollouts
-    group_size: int = _f(64, "G: completions sampled per prompt (with --max-new-tokens 1 they cost a draw each, "
+    form: str = _f("answer", "rollout form: 'answer' (the answer token alone, drawn G times from one forward per "
+                             "prompt) or 'rationale' (a generated rationale, then 'Answer: <label>')",
+                   choices=tuple(FORMS))
+    group_size: int = _f(64, "G: completions sampled per prompt (in the answer form they cost a draw each, "
                               "not a forward)")
     batch_size: int = _f(8, "prompts per step (per process under torchrun)")
-    max_new_tokens: int = _f(1, "completion length; 1 = the answer token only, more = a rationale then 'Answer: <label>'")
+    max_new_tokens: Optional[int] = _f(None, "most tokens a generated completion may have (rationale: default 48); "
+                                             "the answer form writes one")
     temperature: float = _f(1.0, "sampling temperature of the rollouts")
     constrain_answer: bool = _f(True, "sample the token after the answer cue from the label tokens only (guided "
                                       "decoding); its log-prob is the label-renormalised one")
@@ -60,14 +61,15 @@ class TrainConfig:
                             "default slot=1", action="append", metavar="MODE=WEIGHT")
     format_penalty: float = _f(1.0, "subtracted from the reward of a completion with no parsable label")
     normalize: str = _f("labels", "the drop-in JSD loss (sft-soft, --aux-jsd): 'labels' (JS divergence of the label "
-                                  "distribution) or 'vocab' (plus --mass-weight * -log label mass)", choices=NORMALIZE)
+                                  "distribution) or 'vocab' (plus --mass-weight * -log label mass)",
+                    choices=NORMALIZE_MODES)
     mass_weight: float = _f(0.1, "weight of -log(label mass) in the drop-in loss with --normalize vocab")
     weighting: str = _f("static", "ambiguity weights applied after group normalisation: none | static | dynamic",
                         choices=WEIGHTINGS)
     weight_alpha: float = _f(1.0, "strength of the ambiguity weight (static: 1 + alpha*a; dynamic: blend in [0, 1])")
     weight_temperature: float = _f(0.5, "temperature of the dynamic weights")
     weight_warmup: int = _f(0, "steps over which alpha ramps up linearly from 0 (the weight schedule)")
-    scale: str = _f("group", "advantage scaling: group (GRPO), batch, none (Dr. GRPO)", choices=SCALES)
+    scale: str = _f("group", "advantage scaling: group (GRPO), batch, none (Dr. GRPO)", choices=ADVANTAGE_SCALES)
     adv_eps: float = _f(1e-4, "epsilon added to the std in advantage normalisation")
 
     # policy update
@@ -76,7 +78,7 @@ class TrainConfig:
     micro_batch_size: int = _f(8, "prompts per forward/backward (gradient accumulation)")
     lr: float = _f(2e-4, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
-    lr_schedule: str = _f("cosine", "constant | linear | cosine (after warm-up)", choices=SCHEDULES)
+    lr_schedule: str = _f("cosine", "constant | linear | cosine (after warm-up)", choices=LR_SCHEDULES)
     warmup_steps: int = _f(5, "linear learning-rate warm-up steps")
     clip_low: float = _f(0.2, "lower clip of the importance ratio (1 - clip_low)")
     clip_high: float = _f(0.28, "upper clip of the importance ratio (1 + clip_high)")
@@ -90,7 +92,7 @@ class TrainConfig:
     lora_alpha: int = _f(32, "LoRA alpha")
     lora_dropout: float = _f(0.0, "LoRA dropout")
     lora_targets: str = _f("all-linear", "LoRA target modules: 'all-linear' or comma-separated names")
-    dtype: str = _f("float32", "model dtype: float32 | bfloat16 | float16", choices=("float32", "bfloat16", "float16"))
+    dtype: str = _f("float32", "model dtype: float32 | bfloat16 | float16", choices=DTYPES)
     device: Optional[str] = _f(None, "cpu or cuda (default: cuda when available); under torchrun the local GPU")
 
     # bookkeeping
@@ -105,34 +107,34 @@ class TrainConfig:
     progress: bool = _f(True, "show a progress bar")
 
     def reward_weights(self) -> dict:
-        """``{mode: weight}`` from ``reward`` (``["histogram=1", "slot=0.5"]``)."""
+        """``{mode: weight}`` of the reward terms (``grpo-accuracy``: accuracy alone)."""
         if self.method == "grpo-accuracy":
             return {"accuracy": 1.0}
-        items = self.reward or ["slot=1"]
-        out = {}
-        for item in items:
-            mode, sep, value = str(item).partition("=")
-            mode = mode.strip()
-            if mode not in REWARD_MODES:
-                raise ValueError(f"--reward {item!r}: mode must be one of {list(REWARD_MODES)}")
-            try:
-                weight = float(value) if sep else 1.0
-            except ValueError:
-                raise ValueError(f"--reward {item!r}: weight must be a number") from None
-            if not math.isfinite(weight):
-                raise ValueError(f"--reward {item!r}: weight must be finite")
-            out[mode] = out.get(mode, 0.0) + weight
-        return out
+        return parse_reward_terms(self.reward)
+
+    @property
+    def weighting_used(self) -> str:
+        """The weighting the method applies: the GRPO baseline and majority-label SFT weigh no item up."""
+        return self.weighting if self.method in WEIGHTED_METHODS else "none"
+
+    #: Options that define what a run computes: a resume must not change them.
+    RUN_DEFINING = ("model", "dataset", "method", "seed", "batch_size", "group_size", "form", "max_new_tokens",
+                    "lora_r", "lora_targets", "steps", "eval_fraction", "train_limit")
+
+    def resume_conflicts(self, saved: dict) -> list:
+        """``--option saved (now ...)`` for every run-defining option that differs from ``saved``."""
+        return [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(self, k)!r})"
+                for k in self.RUN_DEFINING if saved.get(k) != getattr(self, k)]
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the first bad option and what it expects."""
-        choices = {"method": METHODS, "scale": SCALES, "weighting": WEIGHTINGS, "lr_schedule": SCHEDULES,
-                   "normalize": NORMALIZE}
+        choices = {"method": METHODS, "form": tuple(FORMS), "scale": ADVANTAGE_SCALES, "weighting": WEIGHTINGS,
+                   "lr_schedule": LR_SCHEDULES, "normalize": NORMALIZE_MODES, "dtype": DTYPES}
         for name, valid in choices.items():
             if getattr(self, name) not in valid:
                 raise ValueError(f"--{name.replace('_', '-')} must be one of {list(valid)}, got {getattr(self, name)!r}")
-        positive = ["group_size", "batch_size", "max_new_tokens", "steps", "ppo_epochs", "micro_batch_size",
-                    "eval_batch_size", "max_bad_steps", "log_every"]
+        positive = ["group_size", "batch_size", "steps", "ppo_epochs", "micro_batch_size", "eval_batch_size",
+                    "max_bad_steps", "log_every"]
         for name in positive:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -163,6 +165,7 @@ class TrainConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        check_form_options(self.form, max_new_tokens=self.max_new_tokens)
         self.reward_weights()
         return self
 

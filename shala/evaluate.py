@@ -25,39 +25,16 @@ from tqdm.auto import tqdm
 
 from shala import data as shala_data
 from shala import metrics
+from shala.choices import DTYPES
 from shala.data_files import DEFAULT_DATASET, resolve_dataset
+from shala.label_jsd import label_reward
+from shala.lm import next_token_logits
 from shala.models import DEFAULT_MODEL, default_threads, load_model, load_tokenizer
 from shala.prompts import PromptBuilder
-from shala.rewards import label_reward
 
 log = logging.getLogger("shala.evaluate")
 
-__all__ = ["slot_logits", "predict", "evaluate_dataset", "format_table", "main"]
-
-
-def pad_left(seqs: Sequence[Sequence[int]], pad_id: int, device="cpu"):
-    """Left-pad token lists: ``(input_ids [B, T], attention_mask [B, T])``."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if len(s):
-            ids[i, width - len(s) :] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-def position_ids(mask: torch.Tensor) -> torch.Tensor:
-    """Positions that count only attended tokens, so left padding does not shift them."""
-    return (mask.cumsum(-1) - 1).clamp_min(0)
-
-
-def slot_logits(model, prompts: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-    """Next-token logits after each (left-padded) prompt: ``[B, V]``."""
-    device = next(model.parameters()).device
-    ids, mask = pad_left(prompts, pad_id, device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1)
-    return out.logits[:, -1]  # [B, V]
+__all__ = ["predict", "evaluate_dataset", "evaluate_sharded", "format_table", "write_json", "main"]
 
 
 @torch.no_grad()
@@ -73,7 +50,7 @@ def predict(model, builder: PromptBuilder, rows, *, batch_size: int = 16, progre
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
             idx = order[start : start + batch_size]
-            logits = slot_logits(model, [prompts[i] for i in idx], pad_id)
+            logits = next_token_logits(model, [prompts[i] for i in idx], pad_id)
             q = torch.full((len(idx), len(builder.label_ids)), 1.0 / len(builder.label_ids), device=logits.device)
             out = label_reward(logits.float(), builder.label_ids, q, normalize="vocab")
             if not bool(out.finite.all()):
@@ -107,6 +84,24 @@ def evaluate_dataset(model, builder: PromptBuilder, rows, *, prior: Sequence[flo
     result["predictions"] = [
         {"id": i, "q": qi, "p": pi} for i, qi, pi in zip(rows["id"], q.tolist(), p.tolist())
     ]
+    return result
+
+
+def evaluate_sharded(model, builder: PromptBuilder, rows, *, prior: Sequence[float], dist, batch_size: int = 16,
+                     progress: bool = True, desc: str = "eval") -> Optional[dict]:
+    """:func:`evaluate_dataset` with the rows sharded across processes; the main process returns the result."""
+    t0 = time.perf_counter()
+    mine = list(range(dist.rank, len(rows), dist.world))
+    probs, mass = predict(model, builder, rows.select(mine), batch_size=batch_size,
+                          progress=progress and dist.is_main, desc=desc)
+    gathered = dist.gather_object((mine, probs, mass))
+    if not dist.is_main:
+        return None
+    order = torch.argsort(torch.tensor([i for idx, _, _ in gathered for i in idx]))
+    p = torch.cat([p for _, p, _ in gathered])[order]
+    m = torch.cat([m for _, _, m in gathered])[order]
+    result = evaluate_dataset(None, builder, rows, prior=prior, precomputed=(p, m))
+    result.update(name=desc, seconds=time.perf_counter() - t0)
     return result
 
 
@@ -161,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the train/eval split")
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N rows")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--output", default=None, help="write the metrics (and per-item p) to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

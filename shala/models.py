@@ -22,11 +22,13 @@ from typing import Optional, Tuple
 
 import torch
 
+from shala.choices import DTYPES
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
 def resolve_model(name: str) -> Tuple[Path, Optional[str]]:
@@ -73,12 +75,12 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", adapter: Op
     """Load the causal LM (and optionally a peft adapter directory on top)."""
     from transformers import AutoModelForCausalLM
 
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    if dtype not in TORCH_DTYPES:
+        raise ValueError(f"dtype must be one of {list(TORCH_DTYPES)}, got {dtype!r}")
     directory, gguf = resolve_model(name)
     kwargs = {"gguf_file": gguf} if gguf else {}
     log.info("loading model %s", directory / gguf if gguf else directory)
-    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=DTYPES[dtype], **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True, dtype=TORCH_DTYPES[dtype], **kwargs)
     if getattr(model, "hf_quantizer", None) is not None and gguf:
         model.hf_quantizer.remove_quantization_config(model)
     if adapter is not None:

@@ -8,9 +8,7 @@ Conventions (see README, "The math"):
 
 * ``p = softmax(logits[..., label_ids])`` is the model's label distribution;
   ``q`` the annotators' distribution (counts / total).
-* JS divergence ``D = 1/2 KL(p||m) + 1/2 KL(q||m)`` with ``m = (p+q)/2``, in nats;
-  distance ``d = sqrt(D)`` (at most ``sqrt(ln 2)``), the value that
-  ``scipy.spatial.distance.jensenshannon(q, p)`` returns.
+* JS divergence ``D`` and distance ``d = sqrt(D)`` as in :mod:`shala.divergence`.
 * Ambiguity ``a = H(q) / ln K`` in [0, 1].
 * Reward ``r = 1 - d / sqrt(ln 2)`` in [0, 1].
 """
@@ -24,26 +22,10 @@ from typing import Optional
 import torch
 
 from shala import _checks
+from shala.choices import NORMALIZE_MODES, REDUCTIONS
+from shala.divergence import SQRT_LN2, entropy, js_divergence
 
-__all__ = [
-    "LabelReward",
-    "label_reward",
-    "label_jsd_loss",
-    "group_advantages",
-    "GroupAdvantages",
-    "ambiguity_weights",
-    "js_divergence",
-    "SQRT_LN2",
-    "NORMALIZE_MODES",
-    "ADVANTAGE_SCALES",
-    "WEIGHT_MODES",
-]
-
-SQRT_LN2 = math.sqrt(math.log(2.0))
-NORMALIZE_MODES = ("labels", "vocab")
-ADVANTAGE_SCALES = ("group", "batch", "none")
-WEIGHT_MODES = ("static", "dynamic")
-REDUCTIONS = ("mean", "sum", "none")
+__all__ = ["LabelReward", "label_reward", "label_jsd_loss", "group_advantages", "GroupAdvantages"]
 
 
 @dataclass
@@ -73,34 +55,6 @@ class LabelReward:
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
     # fp16/bf16 logits are upcast before any arithmetic; float64 stays float64.
     return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
-def js_divergence(p: torch.Tensor, q: torch.Tensor, log_p: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """JS divergence in nats over the last dim, with 0 log 0 = 0.
-
-    ``log_p`` may be passed when it is known more precisely than ``log(p)``
-    (e.g. from ``log_softmax``), which keeps peaked rows exact.
-    """
-    # Every log is taken of a value made safe (1 where the true value is 0), so
-    # that 0 * log 0 terms are 0 in the value *and* in the gradient (autograd
-    # would otherwise give 0 * inf = NaN through the unselected branch).
-    one = torch.ones_like(p)
-    p_pos, q_pos = p > 0, q > 0
-    m = 0.5 * (p + q)
-    log_m = torch.log(torch.where(p_pos | q_pos, m, one))
-    if log_p is None:
-        log_p = torch.log(torch.where(p_pos, p, one))
-    else:
-        log_p = torch.where(p_pos, log_p, torch.zeros_like(log_p))
-    log_q = torch.log(torch.where(q_pos, q, one))
-    zero = torch.zeros_like(p)
-    kl_pm = torch.where(p_pos, p * (log_p - log_m), zero).sum(-1)
-    kl_qm = torch.where(q_pos, q * (log_q - log_m), zero).sum(-1)
-    return (0.5 * (kl_pm + kl_qm)).clamp_min(0.0)
-
-
-def _entropy(q: torch.Tensor) -> torch.Tensor:
-    return -torch.special.xlogy(q, q).sum(-1)
 
 
 def _label_log_probs(logits: torch.Tensor, label_ids: torch.Tensor, normalize: str):
@@ -152,7 +106,7 @@ def label_reward(
     nan = torch.full_like(div, float("nan"))
     div = torch.where(finite, div, nan)
     p = torch.where(finite.unsqueeze(-1), p, nan.unsqueeze(-1))
-    ent = _entropy(q)
+    ent = entropy(q)
     k = label_ids.numel()
     return LabelReward(
         probs=p,
@@ -225,9 +179,6 @@ class GroupAdvantages:
     def zero_std_frac(self) -> torch.Tensor:
         return self.zero_std.float().mean()
 
-    def __iter__(self):
-        return iter((self.advantages, self.valid, self.zero_std, self.reward_mean, self.reward_std))
-
 
 def group_advantages(
     rewards: torch.Tensor,
@@ -285,33 +236,3 @@ def group_advantages(
         reward_mean=batch_mean,
         reward_std=batch_std,
     )
-
-
-def ambiguity_weights(
-    ambiguity: torch.Tensor,
-    *,
-    mode: str = "static",
-    alpha: float = 1.0,
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """Per-item weights from ambiguity ``a`` in [0, 1]; ambiguous items weigh more.
-
-    * "static": ``w = 1 + alpha * a`` (alpha >= 0).
-    * "dynamic": ``w = 1 + alpha * (B * softmax(a / temperature) - 1)`` over the
-      batch: weights with mean exactly 1 whose spread grows as the temperature
-      falls; ``alpha`` in [0, 1] blends from uniform (0) to pure softmax (1) and
-      is what a schedule over training varies.
-    """
-    _checks.check_choice("mode", mode, WEIGHT_MODES)
-    if not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
-    if mode == "static":
-        return 1.0 + alpha * ambiguity
-    if alpha > 1:
-        raise ValueError(f"alpha must be in [0, 1] for mode='dynamic' (weights stay positive), got {alpha}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    if ambiguity.dim() != 1:
-        raise ValueError(f"ambiguity must be 1-D [batch] for mode='dynamic', got shape {tuple(ambiguity.shape)}")
-    soft = torch.softmax(ambiguity / temperature, dim=0) * ambiguity.numel()
-    return 1.0 + alpha * (soft - 1.0)

@@ -1,214 +1,133 @@
-"""Public label-distribution reward and JS-divergence loss, dispatched to Triton or the reference.
+"""The reward modes of a rollout and their composition (README, "The math", step 5).
 
-The fused kernel (``shala.kernels.label_jsd``) serves CUDA tensors, and CPU
-tensors under ``TRITON_INTERPRET=1``; the float64 PyTorch reference
-(``shala.reference``) serves everything else, float64 logits included.
-``SHALA_BACKEND=reference|triton`` forces one (see :mod:`shala.backend`).
-Both paths run the same input checks (``shala._checks``), which never read a
-value back from an accelerator.
+Each term is per rollout; ``--reward MODE=WEIGHT`` (repeatable) sums them with weights:
+
+* ``slot``: the reward of the label-token distribution ``p`` at the rollout's
+  answer slot (fused kernel), ``R(p) = 1 - d(p, q) / sqrt(ln 2)``, made
+  per-rollout: ``r = R(p) + g[y] - sum_k p[k] g[k]`` with ``g = dR/dp`` and ``y``
+  the label the rollout gave. The extra terms average to zero under ``p``, so a
+  group's mean reward is still ``R(p)``, and the policy gradient of ``r`` has
+  expectation exactly ``grad R``: the label token is credited for moving ``p``
+  toward ``q``, and a rationale is credited with ``R`` of the slot it leads to.
+  Without them, rollouts that are the answer token alone would share one
+  reward and carry no advantage.
+* ``histogram``: the rollout's leave-one-out contribution to how close the
+  group's label histogram ``h`` is to ``q``: ``d(h without i, q) - d(h, q)``
+  (``d`` the JS distance; an empty histogram is at the maximal distance). Its
+  expected gradient moves the policy's label distribution toward ``q``, and it
+  works when completions are the answer alone.
+* ``sampled``: ``q[y]``, the annotators' share of the sampled label (on its own
+  it is maximised by always answering the majority label; a shaping term).
+* ``accuracy``: 1 for the majority label (the GRPO baseline's reward).
+
+A completion without a parsable label gets ``-format_penalty`` added and 0 from
+the label terms.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Optional, Sequence, Union
+from typing import Iterable, Optional
 
 import torch
 
-from shala import _checks, backend
-from shala import reference as _ref
-from shala.reference import NORMALIZE_MODES, REDUCTIONS, LabelReward
+from shala.choices import REWARD_MODES
+from shala.divergence import SQRT_LN2, js_divergence
 
-__all__ = ["label_reward", "label_jsd_loss", "LabelJSDLoss"]
-
-LabelIds = Union[Sequence[int], torch.Tensor]
-
-_kernels = None
+__all__ = ["parse_reward_terms", "slot_rewards", "histogram_rewards", "compose_rewards"]
 
 
-def _kernel_module():
-    global _kernels
-    if _kernels is None:
-        from shala.kernels import label_jsd
-
-        _kernels = label_jsd
-    return _kernels
-
-
-# Import the kernel (and with it triton) up front only where it will be used, so
-# that torch.compile never traces an import and plain CPU users never load triton.
-if backend.TRITON_INSTALLED and (backend.interpreter_enabled() or torch.cuda.is_available()):
-    _kernel_module()
-
-
-def _check_mass_weight(mass_weight) -> float:
-    if isinstance(mass_weight, bool) or not isinstance(mass_weight, numbers.Real) or not math.isfinite(mass_weight):
-        raise ValueError(f"mass_weight must be a finite number, got {mass_weight!r}")
-    return float(mass_weight)
+def parse_reward_terms(items: Optional[Iterable[str]], *, option: str = "--reward") -> dict:
+    """``{mode: weight}`` from ``["histogram=1", "slot=0.5"]`` (default ``slot=1``); a repeated mode adds up."""
+    out = {}
+    for item in items or ["slot=1"]:
+        mode, sep, value = str(item).partition("=")
+        mode = mode.strip()
+        if mode not in REWARD_MODES:
+            raise ValueError(f"{option} {item!r}: mode must be one of {list(REWARD_MODES)}")
+        try:
+            weight = float(value) if sep else 1.0
+        except ValueError:
+            raise ValueError(f"{option} {item!r}: weight must be a number") from None
+        if not math.isfinite(weight):
+            raise ValueError(f"{option} {item!r}: weight must be finite")
+        out[mode] = out.get(mode, 0.0) + weight
+    return out
 
 
-def _rows(logits: torch.Tensor, target: torch.Tensor, weights: Optional[torch.Tensor]):
-    """Flatten the leading shape: logits [N, V], target [N, K], weights [N]."""
-    v, k = logits.shape[-1], target.shape[-1]
-    return (
-        logits.reshape(-1, v),
-        target.reshape(-1, k),
-        None if weights is None else weights.reshape(-1),
-    )
+def _distance(h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """JS distance between histograms ``h`` (counts, [..., K]) and ``q``; maximal for an empty ``h``."""
+    total = h.sum(-1, keepdim=True)
+    p = h / total.clamp_min(1e-12)
+    d = js_divergence(p, q.expand_as(p)).sqrt()
+    return torch.where(total.squeeze(-1) > 0, d, torch.full_like(d, SQRT_LN2))
 
 
-def label_reward(
-    logits: torch.Tensor,
-    label_ids: LabelIds,
-    target: torch.Tensor,
+def histogram_rewards(labels: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Leave-one-out contributions ``d(h_-i, q) - d(h, q)``: labels [B, G] (-1: none), q [B, K] -> [B, G]."""
+    b, g = labels.shape
+    k = q.shape[1]
+    q = q.to(torch.float64)
+    valid = labels >= 0
+    onehot = torch.zeros(b, g, k, dtype=torch.float64, device=labels.device)
+    onehot.scatter_(2, labels.clamp_min(0).unsqueeze(-1), valid.unsqueeze(-1).to(torch.float64))
+    h = onehot.sum(1)  # [B, K]
+    d_all = _distance(h, q)  # [B]
+    d_loo = _distance(h.unsqueeze(1) - onehot, q.unsqueeze(1))  # [B, G]
+    return torch.where(valid, d_loo - d_all.unsqueeze(1), torch.zeros_like(d_loo))
+
+
+def slot_rewards(p: torch.Tensor, d: torch.Tensor, q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-rollout slot reward ``R(p) + g[y] - <p, g>`` (see the module docstring).
+
+    p [B, G, K] slot distributions, d [B, G] their JS distances to q [B, K],
+    labels [B, G] (-1: no label, which gets ``R(p)`` alone). NaN in p or d stays NaN.
+    """
+    p, d = p.to(torch.float64), d.to(torch.float64)
+    q = q.to(torch.float64).unsqueeze(1).expand_as(p)
+    m = 0.5 * (p + q)
+    # dD/dp_k = log(p_k / m_k) / 2, and dR/dp = -dD/dp / (2 d sqrt(ln 2)); 0 log 0 terms are 0
+    log_ratio = torch.where(p > 0, torch.log(torch.where(p > 0, p, 1.0) / torch.where(m > 0, m, 1.0)), 0.0)
+    g = -0.5 * log_ratio / (2.0 * SQRT_LN2 * d.clamp_min(1e-6).unsqueeze(-1))  # [B, G, K]
+    centred = g - (p * g).sum(-1, keepdim=True)
+    local = centred.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return 1.0 - d / SQRT_LN2 + torch.where(labels >= 0, local, torch.zeros_like(local))
+
+
+def compose_rewards(
+    weights: dict,
     *,
-    normalize: str = "labels",
-    alpha: float = 0.0,
-    check: bool = True,
-) -> LabelReward:
-    """Label distribution at the answer slot and its JS divergence to ``target`` (no gradient).
+    labels: torch.Tensor,
+    q: torch.Tensor,
+    slot_probs: Optional[torch.Tensor],
+    slot_dist: Optional[torch.Tensor],
+    format_penalty: float,
+) -> tuple:
+    """Total reward [B, G] and each term's mean (plain floats, for logging).
 
-    Same fields and semantics as :func:`shala.reference.label_reward`:
-
-    Args:
-        logits: ``[..., V]`` logits at the answer slot, vocabulary last (fp16, bf16,
-            fp32: the fused kernel, accumulating in fp32; float64: the reference).
-        label_ids: ``K`` distinct token ids (K >= 2), one per class, in class order.
-        target: ``[..., K]`` annotator distribution, each row on the simplex.
-        normalize: ``"labels"`` (softmax over the label logits) or ``"vocab"``
-            (also ``label_mass``, the label tokens' share of the full softmax).
-        alpha: static ambiguity weight ``weight = 1 + alpha * ambiguity``.
-        check: validate the inputs (no host sync on accelerators).
-
-    Rows with non-finite logits get NaN statistics and ``finite = False``.
+    labels [B, G]; q [B, K]; slot_probs [B, G, K] and slot_dist [B, G] (NaN
+    where the slot logits were not finite, which the advantage op then flags).
     """
-    _checks.check_choice("normalize", normalize, NORMALIZE_MODES)
-    ids = _checks.as_label_ids(label_ids, logits)
-    if check:
-        _checks.check_inputs(logits, ids, target)
-    with torch.no_grad():
-        if not backend.use_triton(logits):
-            return _ref.label_reward(logits, ids, target, normalize=normalize, alpha=alpha, check=False)
-        lead = logits.shape[:-1]
-        logits2, target2, _ = _rows(logits, target, None)
-        probs, stats, _ = torch.ops.shala.label_jsd_fwd(
-            logits2, ids, target2, None, float(alpha), 0.0, normalize == "vocab", False
-        )
-    K = _kernel_module()
-    return LabelReward(
-        probs=probs.reshape(lead + (ids.numel(),)),
-        js_div=stats[K.JS_DIV].reshape(lead),
-        js_dist=stats[K.JS_DIST].reshape(lead),
-        entropy=stats[K.ENTROPY].reshape(lead),
-        ambiguity=stats[K.AMBIGUITY].reshape(lead),
-        label_mass=stats[K.LABEL_MASS].reshape(lead) if normalize == "vocab" else None,
-        finite=(stats[K.FINITE] == 1.0).reshape(lead),
-        weight=stats[K.WEIGHT].reshape(lead),
-    )
-
-
-def label_jsd_loss(
-    logits: torch.Tensor,
-    label_ids: LabelIds,
-    target: torch.Tensor,
-    *,
-    weights: Optional[torch.Tensor] = None,
-    reduction: str = "mean",
-    normalize: str = "labels",
-    mass_weight: float = 1.0,
-    check: bool = True,
-) -> torch.Tensor:
-    """Weighted JS divergence between the label distribution and ``target``, differentiable in ``logits``.
-
-    Per row ``w * D(p, q)``, plus ``w * mass_weight * (-log label_mass)`` in
-    "vocab" mode; ``reduction``: ``"mean"`` (weighted sum / number of rows),
-    ``"sum"`` or ``"none"`` (leading shape of ``logits``). The result is float32
-    (float64 for float64 logits). Gradients flow into ``logits`` only: ``target``
-    and ``weights`` are constants on the Triton path. Rows with non-finite
-    logits give a NaN loss (and a NaN gradient row).
-    """
-    _checks.check_choice("normalize", normalize, NORMALIZE_MODES)
-    _checks.check_choice("reduction", reduction, REDUCTIONS)
-    mass_weight = _check_mass_weight(mass_weight)
-    ids = _checks.as_label_ids(label_ids, logits)
-    if check:
-        _checks.check_inputs(logits, ids, target, weights=weights)
-    if not backend.use_triton(logits):
-        return _ref.label_jsd_loss(
-            logits,
-            ids,
-            target,
-            weights=weights,
-            reduction=reduction,
-            normalize=normalize,
-            mass_weight=mass_weight,
-            check=False,
-        )
-    K = _kernel_module()
-    lead = logits.shape[:-1]
-    logits2, target2, weights2 = _rows(logits, target, weights)
-    need_grad = torch.is_grad_enabled() and logits.requires_grad
-    rows = K.LabelJSDFunction.apply(
-        logits2, ids, target2, weights2, mass_weight, normalize == "vocab", need_grad
-    )  # [N]
-    if reduction == "mean":
-        return rows.mean()
-    if reduction == "sum":
-        return rows.sum()
-    return rows.reshape(lead)
-
-
-class LabelJSDLoss(torch.nn.Module):
-    """Drop-in soft-label loss: ``forward(logits, target, weights=None)`` -> weighted mean JS divergence.
-
-    ``label_ids`` are the K class tokens (kept as a non-persistent buffer, so
-    ``.to(device)`` moves them); ``normalize``, ``mass_weight`` and ``reduction``
-    are as in :func:`label_jsd_loss`. Train on the divergence, not the distance:
-    the distance has an infinite gradient at ``p = q``. On the Triton path the
-    backward scales the gradient saved by the forward in place, so a second
-    backward through the same graph (``retain_graph=True``) raises instead of
-    reusing it.
-    """
-
-    def __init__(
-        self,
-        label_ids: LabelIds,
-        *,
-        normalize: str = "labels",
-        mass_weight: float = 1.0,
-        reduction: str = "mean",
-    ):
-        super().__init__()
-        _checks.check_choice("normalize", normalize, NORMALIZE_MODES)
-        _checks.check_choice("reduction", reduction, REDUCTIONS)
-        self.normalize = normalize
-        self.mass_weight = _check_mass_weight(mass_weight)
-        self.reduction = reduction
-        if isinstance(label_ids, torch.Tensor):
-            if label_ids.dim() != 1 or label_ids.dtype.is_floating_point or label_ids.dtype == torch.bool:
-                raise ValueError(
-                    f"label_ids must be a 1-D integer tensor [K], got shape {tuple(label_ids.shape)} "
-                    f"and dtype {label_ids.dtype}"
-                )
-            ids = label_ids.detach().long()
+    q = q.to(torch.float64)
+    valid = labels >= 0
+    total = torch.zeros(labels.shape, dtype=torch.float64, device=labels.device)
+    parts = {}
+    for mode, w in weights.items():
+        if mode == "slot":
+            if slot_probs is None or slot_dist is None:
+                raise ValueError("the slot reward needs the slot distributions")
+            r = slot_rewards(slot_probs, slot_dist, q, labels)
+        elif mode == "histogram":
+            r = histogram_rewards(labels, q)
+        elif mode == "sampled":
+            r = torch.where(valid, q.gather(1, labels.clamp_min(0)), torch.zeros_like(total))
+        elif mode == "accuracy":
+            majority = q.argmax(-1, keepdim=True)  # first maximal class on ties
+            r = (labels == majority).to(torch.float64)
         else:
-            ids = torch.tensor([int(i) for i in label_ids], dtype=torch.long)
-        self.register_buffer("label_ids", ids, persistent=False)
-
-    def forward(self, logits: torch.Tensor, target: torch.Tensor, weights: Optional[torch.Tensor] = None):
-        return label_jsd_loss(
-            logits,
-            self.label_ids,
-            target,
-            weights=weights,
-            reduction=self.reduction,
-            normalize=self.normalize,
-            mass_weight=self.mass_weight,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            f"num_labels={self.label_ids.numel()}, normalize={self.normalize!r}, "
-            f"mass_weight={self.mass_weight}, reduction={self.reduction!r}"
-        )
+            raise ValueError(f"unknown reward mode {mode!r}")
+        total = total + w * r
+        parts[mode] = float(r.nanmean()) if r.numel() else math.nan
+    total = total - format_penalty * (~valid).to(torch.float64)
+    parts["format_ok"] = float(valid.double().mean())
+    return total, parts

@@ -1,132 +1,422 @@
-"""Rollouts and their rewards: sample G completions per prompt, find answer slots, score.
+"""Rollout forms: how G completions are sampled for each prompt, and how their tokens are scored.
 
-Reward terms (README, "The math", step 5), each per rollout, composed with weights:
+A form turns B items into a :class:`RolloutBatch` of B*G rollouts (prompt-major:
+rollout ``b*G + g``) and computes, for any micro-batch of them, the
+log-probabilities of the tokens it sampled under a given model
+(:meth:`RolloutForm.log_probs`). The RL step treats every form alike; adding a
+form is adding a class to :data:`FORMS`.
 
-* ``slot``: the reward of the label-token distribution ``p`` at the rollout's
-  answer slot (fused kernel), ``R(p) = 1 - d(p, q) / sqrt(ln 2)``, made
-  per-rollout: ``r = R(p) + g[y] - sum_k p[k] g[k]`` with ``g = dR/dp`` and ``y``
-  the label the rollout gave. The extra terms average to zero under ``p``, so a
-  group's mean reward is still ``R(p)``, and the policy gradient of ``r`` has
-  expectation exactly ``grad R``: the label token is credited for moving ``p``
-  toward ``q``, and a rationale is credited with ``R`` of the slot it leads to.
-  Without them, rollouts that are the answer token alone would share one
-  reward and carry no advantage.
-* ``histogram``: the rollout's leave-one-out contribution to how close the
-  group's label histogram ``h`` is to ``q``: ``d(h without i, q) - d(h, q)``
-  (``d`` the JS distance; an empty histogram is at the maximal distance). Its
-  expected gradient moves the policy's label distribution toward ``q``, and it
-  works when completions are the answer alone.
-* ``sampled``: ``q[y]``, the annotators' share of the sampled label (on its own
-  it is maximised by always answering the majority label; a shaping term).
-* ``accuracy``: 1 for the majority label (the GRPO baseline's reward).
+* :class:`AnswerForm` (``--form answer``): the completion is the answer token
+  itself, drawn G times from the next-token distribution after the prompt and
+  the answer cue. One forward per prompt serves its G rollouts (what
+  ``generate`` computes for one new token); with one optimisation pass per
+  batch that forward, with its graph, is also the update's.
+* :class:`RationaleForm` (``--form rationale``): G completions of up to
+  ``max_new_tokens`` tokens from one batched ``generate`` with KV cache, a
+  short rationale then ``Answer: <label>``; each answer slot is located after
+  the last cue (the cue is appended where none was written). The slot's logits
+  are kept during generation, or read on the generation's KV cache where no
+  label was written, so with one pass per batch no second forward over the
+  rollouts is needed.
 
-A completion without a parsable label gets ``-format_penalty`` added and 0 from
-the label terms.
+With ``constrain_answer`` the token after a cue is drawn from the label tokens
+only (guided decoding), and scored with the label-renormalised log-probability,
+so the policy being optimised at the slot is exactly ``p``.
 """
 
 from __future__ import annotations
 
-import math
+import inspect
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from shala.reference import SQRT_LN2, js_divergence
+from shala.lm import completion_logits, next_token_logits, pad_left
 
-__all__ = ["RolloutBatch", "histogram_rewards", "compose_rewards"]
+__all__ = ["RolloutBatch", "TokenLogProbs", "RolloutForm", "AnswerForm", "RationaleForm", "FORMS", "make_form",
+           "check_form_options"]
 
 
 @dataclass
 class RolloutBatch:
-    """B prompts x G completions, flattened prompt-major (rollout b*G + g)."""
+    """B prompts x G completions, flattened prompt-major (rollout ``b*G + g``).
 
-    tokens: list  # [B*G] token lists: prompt + completion (+ cue when none was written)
+    Several rollouts may share one answer slot (the answer form's G rollouts of a
+    prompt do): ``slot_logits`` has one row per distinct slot and ``slot_of`` maps
+    each rollout to its row, so the scoring needs no branch on the form.
+    """
+
+    tokens: list  # [B*G] token lists: prompt + completion (+ the cue when none was written)
     prompt_lens: torch.Tensor  # [B*G]
-    completion_lens: torch.Tensor  # [B*G] sampled tokens (the appended cue is not sampled)
-    slots: torch.Tensor  # [B*G] index whose logits choose the label
-    labels: torch.Tensor  # [B*G] class index or -1
-    old_logp: Optional[torch.Tensor] = None  # [B*G, T_c] per-token log-probs at sampling time
-    slot_logits: Optional[torch.Tensor] = None  # [B*G or B, V]
+    completion_lens: torch.Tensor  # [B*G] sampled tokens (an appended cue is not sampled)
+    labels: torch.Tensor  # [B*G] class index, -1: no parsable label
+    slots: torch.Tensor  # [B*G] token index whose logits choose the label
+    slot_of: torch.Tensor  # [B*G] row of slot_logits that scores each rollout
+    slot_item: torch.Tensor  # [S] the prompt (item) of each slot row
+    slot_logits: Optional[torch.Tensor] = None  # [S, V] float32
+    old_logp: Optional[torch.Tensor] = None  # [B*G, T] at sampling time; None: the update's first forward's own
+    n_tokens: int = 0  # tokens one forward over the batch processes
+    shares_forward: bool = False  # the sampling forward, with its graph, is the first update pass's
+    _live: Optional[torch.Tensor] = None  # that forward's [B, V] logits, until the update takes them
 
     @property
     def size(self) -> int:
         return len(self.tokens)
 
-
-def _distance(h: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """JS distance between histograms ``h`` (counts, [..., K]) and ``q``; maximal for an empty ``h``."""
-    total = h.sum(-1, keepdim=True)
-    p = h / total.clamp_min(1e-12)
-    d = js_divergence(p, q.expand_as(p)).sqrt()
-    return torch.where(total.squeeze(-1) > 0, d, torch.full_like(d, SQRT_LN2))
+    @property
+    def n_slots(self) -> int:
+        return int(self.slot_item.numel())
 
 
-def histogram_rewards(labels: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Leave-one-out contributions ``d(h_-i, q) - d(h, q)``: labels [B, G] (-1: none), q [B, K] -> [B, G]."""
-    b, g = labels.shape
-    k = q.shape[1]
-    q = q.to(torch.float64)
-    valid = labels >= 0
-    onehot = torch.zeros(b, g, k, dtype=torch.float64, device=labels.device)
-    onehot.scatter_(2, labels.clamp_min(0).unsqueeze(-1), valid.unsqueeze(-1).to(torch.float64))
-    h = onehot.sum(1)  # [B, K]
-    d_all = _distance(h, q)  # [B]
-    d_loo = _distance(h.unsqueeze(1) - onehot, q.unsqueeze(1))  # [B, G]
-    return torch.where(valid, d_loo - d_all.unsqueeze(1), torch.zeros_like(d_loo))
+@dataclass
+class TokenLogProbs:
+    """What a model gives a micro-batch of rollouts: per-token log-probs and the slots' logits."""
+
+    logp: torch.Tensor  # [n, T] log-probs of the sampled tokens under the sampling distribution
+    mask: torch.Tensor  # [n, T] bool: the tokens that count in the loss
+    slot_logits: torch.Tensor  # [s, V] float32 logits at these rollouts' slots
+    slot_rows: torch.Tensor  # [s] their rows in RolloutBatch.slot_logits
 
 
-def slot_rewards(p: torch.Tensor, d: torch.Tensor, q: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-rollout slot reward ``R(p) + g[y] - <p, g>`` (see the module docstring).
+def _sampleable(probs: torch.Tensor) -> torch.Tensor:
+    """Rows with non-finite probabilities become uniform, so sampling goes on; their rewards are NaN
+    and the advantage op flags their groups, which keeps them out of the update."""
+    bad = ~torch.isfinite(probs).all(-1, keepdim=True)
+    return torch.where(bad, torch.full_like(probs, 1.0 / probs.shape[-1]), probs)
 
-    p [B, G, K] slot distributions, d [B, G] their JS distances to q [B, K],
-    labels [B, G] (-1: no label, which gets ``R(p)`` alone). NaN in p or d stays NaN.
+
+def _chunks(n: int, size: int) -> list:
+    return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
+
+
+class RolloutForm:
+    """The interface of a rollout form (see the module docstring).
+
+    Args:
+        builder: the task's :class:`shala.prompts.PromptBuilder`.
+        group_size: G, rollouts per prompt.
+        temperature: sampling temperature; log-probs are those of the tempered distribution.
+        constrain_answer: draw the token after an answer cue from the label tokens only.
+        micro_batch_size: rows per forward outside generation.
+        single_pass: the rollouts serve one optimisation pass, so the update's forward
+            may stand in for the sampling log-probs (ratio 1).
+        max_new_tokens: the most tokens a completion may have (None: the form's default).
+        device: where the model runs.
     """
-    p, d = p.to(torch.float64), d.to(torch.float64)
-    q = q.to(torch.float64).unsqueeze(1).expand_as(p)
-    m = 0.5 * (p + q)
-    # dD/dp_k = log(p_k / m_k) / 2, and dR/dp = -dD/dp / (2 d sqrt(ln 2)); 0 log 0 terms are 0
-    log_ratio = torch.where(p > 0, torch.log(torch.where(p > 0, p, 1.0) / torch.where(m > 0, m, 1.0)), 0.0)
-    g = -0.5 * log_ratio / (2.0 * SQRT_LN2 * d.clamp_min(1e-6).unsqueeze(-1))  # [B, G, K]
-    centred = g - (p * g).sum(-1, keepdim=True)
-    local = centred.gather(-1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-    return 1.0 - d / SQRT_LN2 + torch.where(labels >= 0, local, torch.zeros_like(local))
+
+    name = ""
+    default_max_new_tokens = 1
+
+    def __init__(self, builder, *, group_size: int, temperature: float = 1.0, constrain_answer: bool = True,
+                 micro_batch_size: int = 8, single_pass: bool = True, max_new_tokens: Optional[int] = None,
+                 device="cpu"):
+        self.check_options(max_new_tokens=max_new_tokens)
+        self.max_new_tokens = max_new_tokens or self.default_max_new_tokens
+        self.builder, self.G, self.temperature = builder, group_size, temperature
+        self.constrain_answer, self.micro_batch_size, self.single_pass = constrain_answer, micro_batch_size, single_pass
+        self.device = torch.device(device)
+        self.pad_id = builder.tokenizer.pad_token_id
+        self.label_ids = torch.tensor(builder.label_ids, device=self.device)
+
+    @classmethod
+    def check_options(cls, *, max_new_tokens: Optional[int]) -> None:
+        """Raise ValueError naming the option when the form cannot take it."""
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                           or max_new_tokens < 1):
+            raise ValueError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens!r}")
+
+    def sample(self, policy, rows: Sequence[dict]) -> RolloutBatch:
+        """G rollouts for each item of ``rows`` from ``policy`` (a :class:`shala.policy.Policy`)."""
+        raise NotImplementedError
+
+    def microbatches(self, batch: RolloutBatch) -> list:
+        """Rollout indices (device tensors) of each forward of an update pass."""
+        return [torch.tensor(mb, device=self.device) for mb in _chunks(batch.size, self.micro_batch_size)]
+
+    def log_probs(self, model, batch: RolloutBatch, idx: torch.Tensor, *, reuse: bool = False) -> TokenLogProbs:
+        """Log-probs of rollouts ``idx``'s sampled tokens under ``model``; ``reuse``: the sampling forward may serve."""
+        raise NotImplementedError
+
+    # -- shared pieces ------------------------------------------------------------------------------
+    def _label_lookup(self, vocab: int) -> torch.Tensor:
+        lookup = torch.full((vocab,), -1, dtype=torch.long, device=self.device)
+        lookup[self.label_ids] = torch.arange(len(self.label_ids), device=self.device)
+        return lookup
+
+    def _answer_logp(self, logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        """Log-probs [n, G] of answer tokens ``tok`` [n, G] under the sampling distribution at the slot."""
+        z = logits / self.temperature
+        if self.constrain_answer:
+            k = self._label_lookup(logits.shape[-1])[tok].clamp_min(0)
+            return torch.log_softmax(z[:, self.label_ids], -1).gather(1, k)
+        return torch.log_softmax(z, -1).gather(1, tok)
 
 
-def compose_rewards(
-    weights: dict,
-    *,
-    labels: torch.Tensor,
-    q: torch.Tensor,
-    slot_probs: Optional[torch.Tensor],
-    slot_dist: Optional[torch.Tensor],
-    format_penalty: float,
-) -> tuple:
-    """Total reward [B, G] and each term's mean (plain floats, for logging).
+class AnswerForm(RolloutForm):
+    """The completion is the answer token, drawn G times from one forward per prompt."""
 
-    labels [B, G]; q [B, K]; slot_probs [B, G, K] and slot_dist [B, G] (NaN
-    where the slot logits were not finite, which the advantage op then flags).
-    """
-    q = q.to(torch.float64)
-    valid = labels >= 0
-    total = torch.zeros(labels.shape, dtype=torch.float64, device=labels.device)
-    parts = {}
-    for mode, w in weights.items():
-        if mode == "slot":
-            if slot_probs is None or slot_dist is None:
-                raise ValueError("the slot reward needs the slot distributions")
-            r = slot_rewards(slot_probs, slot_dist, q, labels)
-        elif mode == "histogram":
-            r = histogram_rewards(labels, q)
-        elif mode == "sampled":
-            r = torch.where(valid, q.gather(1, labels.clamp_min(0)), torch.zeros_like(total))
-        elif mode == "accuracy":
-            majority = q.argmax(-1, keepdim=True)  # first maximal class on ties
-            r = (labels == majority).to(torch.float64)
+    name = "answer"
+
+    @classmethod
+    def check_options(cls, *, max_new_tokens: Optional[int]) -> None:
+        if max_new_tokens not in (None, 1):
+            raise ValueError(f"--max-new-tokens {max_new_tokens}: the answer form writes one token; generated "
+                             "completions need --form rationale")
+
+    def sample(self, policy, rows: Sequence[dict]) -> RolloutBatch:
+        G, B = self.G, len(rows)
+        prompts = [self.builder.prompt_ids(r["inputs"]) for r in rows]
+        live = None
+        if self.single_pass and B <= self.micro_batch_size:  # this forward, with its graph, is the update's
+            policy.core.train()
+            live = next_token_logits(policy.model, prompts, self.pad_id).float()  # [B, V]
+            logits = live.detach()
         else:
-            raise ValueError(f"unknown reward mode {mode!r}")
-        total = total + w * r
-        parts[mode] = float(r.nanmean()) if r.numel() else math.nan
-    total = total - format_penalty * (~valid).to(torch.float64)
-    parts["format_ok"] = float(valid.double().mean())
-    return total, parts
+            policy.core.eval()
+            with torch.no_grad():
+                logits = torch.cat([next_token_logits(policy.core, [prompts[k] for k in mb], self.pad_id).float()
+                                    for mb in _chunks(B, self.micro_batch_size)])  # [B, V]
+        with torch.no_grad():
+            if self.constrain_answer:
+                probs = torch.softmax(logits[:, self.label_ids] / self.temperature, -1)
+                tok = self.label_ids[torch.multinomial(_sampleable(probs), G, replacement=True)]  # [B, G]
+            else:
+                probs = torch.softmax(logits / self.temperature, -1)
+                tok = torch.multinomial(_sampleable(probs), G, replacement=True)  # [B, G]
+            old_logp = self._answer_logp(logits, tok).reshape(-1, 1)  # [B*G, 1]
+        flat = tok.flatten().tolist()
+        plen = torch.tensor([len(p) for p in prompts]).repeat_interleave(G)
+        return RolloutBatch(
+            tokens=[prompts[i // G] + [flat[i]] for i in range(len(flat))],
+            prompt_lens=plen,
+            completion_lens=torch.ones(len(flat), dtype=torch.long),
+            labels=self._label_lookup(logits.shape[1])[tok].flatten().cpu(),
+            slots=plen - 1,
+            slot_of=torch.arange(B * G, device=self.device) // G,
+            slot_item=torch.arange(B, device=self.device),
+            slot_logits=logits,  # one slot per prompt
+            old_logp=old_logp,
+            n_tokens=int(plen[::G].sum()) + B * G,
+            shares_forward=live is not None,
+            _live=live,
+        )
+
+    def microbatches(self, batch: RolloutBatch) -> list:
+        """Whole groups: a prompt's forward scores its G rollouts."""
+        G, B = self.G, batch.n_slots
+        units = [list(range(B))] if batch._live is not None else _chunks(B, self.micro_batch_size)
+        return [torch.tensor([i * G + g for i in mb for g in range(G)], device=self.device) for mb in units]
+
+    def log_probs(self, model, batch: RolloutBatch, idx: torch.Tensor, *, reuse: bool = False) -> TokenLogProbs:
+        slot_rows = batch.slot_of[idx].unique_consecutive()  # the prompts of these groups
+        if reuse and batch._live is not None:
+            if slot_rows.numel() != batch.n_slots:
+                raise ValueError("the sampling forward covers the whole batch; it cannot serve a part of it")
+            logits, batch._live = batch._live, None  # its graph is backpropagated once
+        else:
+            prompts = [batch.tokens[int(i) * self.G][:-1] for i in slot_rows]
+            logits = next_token_logits(model, prompts, self.pad_id).float()  # [s, V]
+        tok = torch.tensor([batch.tokens[i][-1] for i in idx.tolist()], device=self.device)
+        logp = self._answer_logp(logits, tok.reshape(len(slot_rows), self.G)).reshape(-1, 1)  # [s*G, 1]
+        return TokenLogProbs(logp, torch.ones_like(logp, dtype=torch.bool), logits, slot_rows)
+
+
+def _ends_with_cue(input_ids: torch.Tensor, cues: Sequence[torch.Tensor], start: int = 0) -> torch.Tensor:
+    """[n] bool: the row's tokens end with one of ``cues``, which begins at column ``start`` or later."""
+    hit = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    for cue in cues:
+        n = cue.numel()
+        if input_ids.shape[1] - n >= start:
+            hit |= (input_ids[:, -n:] == cue).all(-1)
+    return hit
+
+
+class AnswerConstraint:
+    """Logits processor for ``generate``: right after an answer cue, only label tokens may follow."""
+
+    def __init__(self, cues: Sequence[Sequence[int]], label_ids: torch.Tensor, prompt_width: int):
+        self.cues = [torch.as_tensor(c, device=label_ids.device) for c in cues]
+        self.label_ids, self.prompt_width = label_ids, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        at_slot = _ends_with_cue(input_ids, self.cues, self.prompt_width)  # the cue lies in the completion
+        if bool(at_slot.any()):
+            allowed = torch.full_like(scores, float("-inf"))
+            allowed[:, self.label_ids] = 0.0
+            scores = torch.where(at_slot.unsqueeze(-1), scores + allowed, scores)
+        return scores
+
+
+class SlotRecorder:
+    """Logits processor for ``generate`` that changes nothing: it keeps, for each row, the logits of
+    the latest step that follows an answer cue, and that step's index (-1: none).
+
+    It must come first among the processors, so that what it keeps is the model's output, NaN
+    included (invalid values are removed after it); the answer slot's logits then need no second
+    forward over the rollouts.
+    """
+
+    def __init__(self, cues: Sequence[Sequence[int]], prompt_width: int, device):
+        self.cues = [torch.as_tensor(c, device=device) for c in cues]
+        self.prompt_width = prompt_width
+        self.logits: Optional[torch.Tensor] = None  # [n, V] float32
+        self.step: Optional[torch.Tensor] = None  # [n] long
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.logits is None:
+            self.logits = torch.zeros_like(scores, dtype=torch.float32)
+            self.step = torch.full((scores.shape[0],), -1, dtype=torch.long, device=scores.device)
+        at_slot = _ends_with_cue(input_ids, self.cues)
+        if bool(at_slot.any()):
+            self.logits[at_slot] = scores[at_slot].float()
+            self.step[at_slot] = input_ids.shape[1] - self.prompt_width
+        return scores
+
+
+class RationaleForm(RolloutForm):
+    """G generated completions per prompt: a rationale, then ``Answer: <label>``."""
+
+    name = "rationale"
+    default_max_new_tokens = 48
+
+    def __init__(self, builder, **kw):
+        super().__init__(builder, **kw)
+        self.eos_id = builder.tokenizer.eos_token_id
+
+    @torch.no_grad()
+    def sample(self, policy, rows: Sequence[dict]) -> RolloutBatch:
+        from transformers import InfNanRemoveLogitsProcessor, LogitsProcessorList
+
+        G, core = self.G, policy.core
+        core.eval()
+        prompts = [self.builder.prompt_ids(r["inputs"], rationale=True) for r in rows]
+        ids, mask = pad_left(prompts, self.pad_id, self.device)
+        cues = self.builder.cue_variants
+        # With one pass per batch the loss's own forward gives the sampling log-probs (ratio 1, as
+        # on-policy GRPO has it): the slot logits are all that is needed here, and generation has them.
+        recorder = SlotRecorder(cues, ids.shape[1], self.device) if self.single_pass else None
+        processors = LogitsProcessorList([recorder] if recorder else [])
+        # non-finite logits are scored (and flagged) from the raw values, not sampled from
+        processors.append(InfNanRemoveLogitsProcessor())
+        if self.constrain_answer:
+            processors.append(AnswerConstraint(cues, self.label_ids, ids.shape[1]))
+        out = core.generate(
+            input_ids=ids, attention_mask=mask, do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0,
+            max_new_tokens=self.max_new_tokens, num_return_sequences=G, use_cache=True, logits_processor=processors,
+            remove_invalid_values=False, return_dict_in_generate=True, pad_token_id=self.pad_id,
+            eos_token_id=self.eos_id,
+        )  # sequences [B*G, P + T]
+        gen = out.sequences[:, ids.shape[1]:].tolist()
+        located = []
+        for i, seq in enumerate(gen):
+            comp = seq[: seq.index(self.eos_id) + 1] if self.eos_id in seq else seq
+            located.append(self.builder.locate(prompts[i // G], comp))
+        n = len(located)
+        batch = RolloutBatch(
+            tokens=[r.tokens for r in located],
+            prompt_lens=torch.tensor([r.prompt_len for r in located]),
+            completion_lens=torch.tensor([r.completion_len for r in located]),
+            labels=torch.tensor([r.label for r in located]),
+            slots=torch.tensor([r.slot for r in located]),
+            slot_of=torch.arange(n, device=self.device),
+            slot_item=torch.arange(len(rows), device=self.device).repeat_interleave(G),
+            n_tokens=sum(len(r.tokens) for r in located),
+        )
+        if recorder is not None:
+            cache = out.get("cache", out.get("past_key_values"))  # the field's name before transformers 5.x
+            batch.slot_logits = self._generated_slot_logits(core, batch, recorder, cache, mask, len(gen[0]))
+            if batch.slot_logits is not None:
+                return batch
+        # one no-grad pass of the policy: sampling log-probs and the slot logits
+        olds, slots = [], []
+        width = int(batch.completion_lens.max())
+        for mb in self.microbatches(batch):
+            scored = self.log_probs(core, batch, mb)
+            olds.append(F.pad(scored.logp, (0, width - scored.logp.shape[1])))
+            slots.append(scored.slot_logits)
+        batch.old_logp, batch.slot_logits = torch.cat(olds), torch.cat(slots)  # [B*G, T], [B*G, V]
+        return batch
+
+    def _generated_slot_logits(self, core, batch: RolloutBatch, recorder: SlotRecorder, cache,
+                               prompt_mask: torch.Tensor, steps: int) -> Optional[torch.Tensor]:
+        """Slot logits [B*G, V] of a ``generate`` call that took ``steps`` steps.
+
+        Where the label was generated, ``recorder`` holds them. Elsewhere (no cue: one is appended;
+        or a cue as the last token) the tokens the KV cache lacks (the last sampled one, the appended
+        cue) are fed on that cache, with the positions and mask of one unpadded sequence. None when the
+        cache does not hold the ``P + steps - 1`` columns this assumes: the caller then makes a full pass.
+        """
+        G, width = self.G, prompt_mask.shape[1]
+        if recorder.logits is None or cache is None or cache.get_seq_length() != width + steps - 1:
+            return None
+        logits = recorder.logits  # the recorder is not used again
+        need = (recorder.step.cpu() != batch.slots - batch.prompt_lens + 1).nonzero().flatten()
+        if need.numel() == 0:
+            return logits
+        in_cache = batch.completion_lens[need].clamp_max(steps - 1)  # sampled tokens whose keys the cache holds
+        start = batch.prompt_lens[need] + in_cache  # first token to feed
+        tails = [batch.tokens[int(i)][int(s):] for i, s in zip(need, start)]
+        col = batch.slots[need] - start  # the slot's column among the fed tokens
+        if (col < 0).any() or min(len(t) for t in tails) == 0:
+            return None
+        n, w = len(tails), max(len(t) for t in tails)
+        ids = torch.full((n, w), self.pad_id, dtype=torch.long)
+        fed = torch.zeros((n, w), dtype=torch.long)
+        for r, t in enumerate(tails):
+            ids[r, : len(t)], fed[r, : len(t)] = torch.as_tensor(t), 1
+        sampled = (torch.arange(steps - 1) < in_cache.unsqueeze(1)).long()  # padding after EOS is not attended
+        attn = torch.cat([prompt_mask.cpu().repeat_interleave(G, 0)[need], sampled, fed], 1)
+        pos = start.unsqueeze(1) + torch.arange(w)
+        cache.batch_select_indices(need.to(self.device))
+        base = core.get_base_model() if hasattr(core, "get_base_model") else core
+        name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+        out = core(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+                   position_ids=pos.to(self.device), use_cache=True, **{name: cache})
+        logits[need.to(self.device)] = out.logits[torch.arange(n, device=self.device), col.to(self.device)].float()
+        return logits
+
+    def log_probs(self, model, batch: RolloutBatch, idx: torch.Tensor, *, reuse: bool = False) -> TokenLogProbs:
+        mb = idx.tolist()
+        logits = completion_logits(model, [batch.tokens[i] for i in mb],
+                                   [int(batch.prompt_lens[i]) for i in mb]).float()  # [n, wc + 1, V]
+        tc = int(batch.completion_lens[mb].max())
+        target = torch.zeros(len(mb), tc, dtype=torch.long)
+        cmask = torch.zeros(len(mb), tc, dtype=torch.bool)
+        for row, i in enumerate(mb):
+            p, c = int(batch.prompt_lens[i]), int(batch.completion_lens[i])
+            target[row, :c] = torch.as_tensor(batch.tokens[i][p : p + c])
+            cmask[row, :c] = True
+        target, cmask = target.to(self.device), cmask.to(self.device)
+        logp = torch.log_softmax(logits[:, :tc] / self.temperature, -1).gather(2, target.unsqueeze(-1)).squeeze(-1)
+        slot_col = (batch.slots[mb] - batch.prompt_lens[mb] + 1).to(self.device)  # column in `logits` = label's
+        rows = torch.arange(len(mb), device=self.device)
+        slot_logits = logits[rows, slot_col]  # [n, V]
+        labelled = (batch.labels[mb] >= 0).to(self.device) & (slot_col < tc)
+        if self.constrain_answer and bool(labelled.any()):
+            # the label token was drawn from the label tokens only: score it the same way
+            col = slot_col.clamp_max(tc - 1)
+            answer = self._answer_logp(slot_logits, target[rows, col].unsqueeze(1)).squeeze(1)
+            logp = logp.clone()
+            logp[rows[labelled], col[labelled]] = answer[labelled]
+        return TokenLogProbs(logp, cmask, slot_logits, batch.slot_of[idx])
+
+
+FORMS = {form.name: form for form in (AnswerForm, RationaleForm)}
+
+
+def _form(name: str) -> type:
+    if name not in FORMS:
+        raise ValueError(f"--form must be one of {list(FORMS)}, got {name!r}")
+    return FORMS[name]
+
+
+def check_form_options(name: str, *, max_new_tokens: Optional[int]) -> None:
+    """Raise ValueError when form ``name`` does not exist or cannot take these options."""
+    _form(name).check_options(max_new_tokens=max_new_tokens)
+
+
+def make_form(name: str, builder, **kw) -> RolloutForm:
+    """The rollout form called ``name`` (a key of :data:`FORMS`), built with ``kw``."""
+    return _form(name)(builder, **kw)

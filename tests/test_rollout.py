@@ -1,60 +1,81 @@
-"""Reward terms of one group of rollouts: shapes, signs and the slot reward's expected gradient."""
+"""Every rollout form against the one interface the RL step relies on, on a tiny model."""
 
-import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from shala.reference import SQRT_LN2, js_divergence
-from shala.rollout import compose_rewards, histogram_rewards, slot_rewards
+from shala.data import NLI_LABELS
+from shala.prompts import PromptBuilder
+from shala.rollout import FORMS, RolloutForm, check_form_options, make_form
+from tests.tiny import tiny_model, tiny_tokenizer
+
+ROWS = [{"inputs": {"premise": "A man plays a guitar on stage.", "hypothesis": "A person makes music."}},
+        {"inputs": {"premise": "The woman sleeps.", "hypothesis": "Nobody is outside."}},
+        {"inputs": {"premise": "Two dogs run.", "hypothesis": "The children are smiling in the park."}}]
+G = 3
 
 
-def test_slot_reward_mean_is_R_and_policy_gradient_is_grad_R():
-    torch.manual_seed(3)
-    z = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
-    q = torch.softmax(torch.randn(5, 4, dtype=torch.float64), -1)
-    q[0, 1] = 0
-    q = q / q.sum(-1, keepdim=True)
-    p = torch.softmax(z, -1)
-    d = js_divergence(p, q).sqrt()
-    big_r = 1 - d / SQRT_LN2
-    labels = torch.arange(4).expand(5, 4)  # every label, to take the exact expectation
-    r = slot_rewards(p.detach().unsqueeze(1).expand(5, 4, 4), d.detach().unsqueeze(1).expand(5, 4), q, labels)
-    # E_{y~p}[r(y)] = R(p)
-    torch.testing.assert_close((p.detach() * r).sum(-1), big_r.detach())
-    # E_{y~p}[r(y) grad log p(y)] = sum_y r(y) grad p(y) = grad R(p)
-    (pg,) = torch.autograd.grad((r.detach() * p).sum(), z, retain_graph=True)
-    (exact,) = torch.autograd.grad(big_r.sum(), z)
-    torch.testing.assert_close(pg, exact)
+@pytest.fixture(scope="module")
+def parts():
+    tok = tiny_tokenizer()
+    model = tiny_model(len(tok))
+    return PromptBuilder(tok, "nli", NLI_LABELS), SimpleNamespace(core=model, model=model)
 
 
-def test_slot_reward_no_label_and_p_equals_q():
-    q = torch.tensor([[0.2, 0.3, 0.5]], dtype=torch.float64)
-    p = q.unsqueeze(1).expand(1, 3, 3)
-    r = slot_rewards(p, torch.zeros(1, 3, dtype=torch.float64), q, torch.tensor([[0, 2, -1]]))
-    assert torch.equal(r, torch.ones(1, 3, dtype=torch.float64))  # R = 1 and no local term at p = q
-    r = slot_rewards(torch.full((1, 1, 3), float("nan")), torch.full((1, 1), float("nan")), q, torch.tensor([[1]]))
-    assert math.isnan(r.item())
+FORM_CASES = [pytest.param(name, single_pass, id=f"{name}-{'one' if single_pass else 'several'}-passes")
+              for name in FORMS for single_pass in (True, False)]
 
 
-def test_histogram_signs_on_hand_made_group():
-    q = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
-    r = histogram_rewards(torch.tensor([[0, 0, 0, 1]]), q)
-    assert r.shape == (1, 4)
-    assert r[0, 3] > 0 and (r[0, :3] < 0).all()  # the minority answer moves the histogram toward q
-    r = histogram_rewards(torch.tensor([[0, 1, 0, 1]]), q)
-    assert torch.allclose(r, r[0, :1].expand(1, 4)) and (r > 0).all()
-    r = histogram_rewards(torch.tensor([[0, -1, -1, -1]]), q)
-    assert r[0, 0] > 0 and (r[0, 1:] == 0).all()  # an empty histogram is at the maximal distance
+@pytest.mark.parametrize("name, single_pass", FORM_CASES)
+def test_form_samples_a_flat_batch_and_scores_its_own_tokens(parts, name, single_pass):
+    builder, policy = parts
+    form = make_form(name, builder, group_size=G, micro_batch_size=2, single_pass=single_pass, max_new_tokens=None
+                     if name == "answer" else 5)
+    assert isinstance(form, RolloutForm) and form.name == name
+    torch.manual_seed(0)
+    batch = form.sample(policy, ROWS)
+    n, k, vocab = len(ROWS) * G, len(NLI_LABELS), len(builder.tokenizer)
+    assert batch.size == n and batch.prompt_lens.shape == batch.completion_lens.shape == batch.labels.shape == (n,)
+    assert batch.slot_of.shape == (n,) and batch.slot_logits.shape == (batch.n_slots, vocab)
+    assert ((batch.labels >= -1) & (batch.labels < k)).all()
+    # every rollout's slot belongs to its own prompt
+    assert torch.equal(batch.slot_item[batch.slot_of].cpu(), torch.arange(n) // G)
+    units = form.microbatches(batch)
+    assert sorted(torch.cat(units).tolist()) == list(range(n))  # each rollout in exactly one forward
+    scored = [form.log_probs(policy.model, batch, idx, reuse=True) for idx in units]
+    for idx, s in zip(units, scored):
+        assert s.logp.shape == s.mask.shape and s.logp.shape[0] == len(idx)
+        assert bool((s.logp[s.mask] <= 0).all()) and torch.equal(s.mask.sum(1).cpu(), batch.completion_lens[idx.cpu()])
+        torch.testing.assert_close(s.slot_logits.detach(), batch.slot_logits[s.slot_rows], rtol=1e-5, atol=1e-5)
+        if batch.old_logp is not None:  # the sampling log-probs are the same model's
+            old = batch.old_logp[idx][:, : s.logp.shape[1]]
+            torch.testing.assert_close(s.logp.detach()[s.mask], old[s.mask], rtol=1e-5, atol=1e-5)
+    if name == "answer":
+        assert batch.n_slots == len(ROWS)  # one forward per prompt serves its G rollouts
+    else:
+        assert batch.n_slots == n and (batch.completion_lens <= 5).all()
+    if not single_pass:
+        assert batch.old_logp is not None and not batch.shares_forward
 
 
-def test_compose_terms_and_format_penalty():
-    q = torch.tensor([[0.7, 0.3], [0.5, 0.5]], dtype=torch.float64)
-    labels = torch.tensor([[0, 1, -1], [1, 1, 0]])
-    total, parts = compose_rewards({"sampled": 1.0, "accuracy": 2.0}, labels=labels, q=q, slot_probs=None,
-                                   slot_dist=None, format_penalty=0.5)
-    expect = torch.tensor([[0.7 + 2, 0.3, -0.5], [0.5, 0.5, 0.5 + 2]], dtype=torch.float64)
-    torch.testing.assert_close(total, expect)
-    assert parts["format_ok"] == pytest.approx(5 / 6)
-    with pytest.raises(ValueError, match="slot reward needs"):
-        compose_rewards({"slot": 1.0}, labels=labels, q=q, slot_probs=None, slot_dist=None, format_penalty=0.0)
+def test_answer_form_shares_its_forward_with_one_update_pass(parts):
+    builder, policy = parts
+    form = make_form("answer", builder, group_size=G, micro_batch_size=8, single_pass=True)
+    batch = form.sample(policy, ROWS)
+    assert batch.shares_forward and len(form.microbatches(batch)) == 1
+    (idx,) = form.microbatches(batch)
+    first = form.log_probs(policy.model, batch, idx, reuse=True)
+    assert first.logp.requires_grad and batch._live is None  # the graph is taken once
+    again = form.log_probs(policy.model, batch, idx, reuse=True)  # a fresh forward gives the same values
+    torch.testing.assert_close(again.logp, first.logp)
+
+
+def test_form_options_are_checked():
+    check_form_options("rationale", max_new_tokens=48)
+    with pytest.raises(ValueError, match="the answer form writes one token"):
+        check_form_options("answer", max_new_tokens=48)
+    with pytest.raises(ValueError, match="--max-new-tokens must be an integer >= 1"):
+        check_form_options("rationale", max_new_tokens=0)
+    with pytest.raises(ValueError, match="--form must be one of"):
+        check_form_options("essay", max_new_tokens=None)

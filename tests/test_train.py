@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from shala import checkpoint as ckpt
-from shala import train
+from shala import rollout, train
 from shala.config import load_config
 from tests.tiny import save_tiny
 
@@ -37,9 +37,9 @@ def test_one_step_changes_only_the_adapter(tiny_dir, tmp_path):
     cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--steps", "1",
                        "--no-eval-before", "--no-eval-after", "--lr", "1e-2"])
     trainer = train.Trainer(cfg)
-    before = _trainable(trainer.core)
+    before = _trainable(trainer.policy.core)
     trainer.fit()
-    after = _trainable(trainer.core)
+    after = _trainable(trainer.policy.core)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed, "the step changed nothing"
     assert all("lora_" in n for n in changed), sorted(changed)[:3]
@@ -78,11 +78,10 @@ def test_baselines_run_and_learn(tiny_dir, tmp_path, method):
 
 
 def test_rationale_mode_generates_and_locates_slots(tiny_dir, tmp_path):
-    cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--max-new-tokens", "6",
-                       "--steps", "1", "--no-eval-before", "--no-eval-after"])
+    cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--form", "rationale",
+                       "--max-new-tokens", "6", "--steps", "1", "--no-eval-before", "--no-eval-after"])
     trainer = train.Trainer(cfg)
-    rows, q = trainer._batch()
-    rb = trainer.sample(rows)
+    rb = trainer.form.sample(trainer.policy, trainer.next_batch().rows)
     assert rb.size == 4 * 4 and (rb.completion_lens <= 6).all()
     for i in range(rb.size):
         seq, slot = rb.tokens[i], int(rb.slots[i])
@@ -91,7 +90,7 @@ def test_rationale_mode_generates_and_locates_slots(tiny_dir, tmp_path):
         else:  # no label: the cue was appended and the slot is the last position
             assert seq[-len(trainer.builder.cue_ids):] == list(trainer.builder.cue_ids) and slot == len(seq) - 1
     trainer.fit()
-    assert trainer.step == 1
+    assert trainer.state.step == 1
 
 
 class _Force:
@@ -114,8 +113,8 @@ class _Force:
 def test_rationale_slot_logits_from_generation_match_a_full_pass(tiny_dir, tmp_path, monkeypatch, arch, constrain):
     T = 6
     model = tiny_dir if arch == "llama" else save_tiny(tmp_path / "tiny", arch=arch)
-    cfg = load_config(["--model", model, "--output-dir", str(tmp_path), *FAST, "--max-new-tokens", str(T),
-                       "--steps", "1", "--no-eval-before", "--no-eval-after"]
+    cfg = load_config(["--model", model, "--output-dir", str(tmp_path), *FAST, "--form", "rationale",
+                       "--max-new-tokens", str(T), "--steps", "1", "--no-eval-before", "--no-eval-after"]
                       + ([] if constrain else ["--no-constrain-answer"]))
     trainer = train.Trainer(cfg)
     cue, eos = list(trainer.builder.cue_ids), trainer.tokenizer.eos_token_id
@@ -133,7 +132,8 @@ def test_rationale_slot_logits_from_generation_match_a_full_pass(tiny_dir, tmp_p
             return eos
         return None  # kind 3: free text, the cue is appended
 
-    generate = trainer.core.generate
+    core = trainer.policy.core
+    generate = core.generate
 
     def forced_generate(**kw):
         kw["logits_processor"].append(_Force(kw["input_ids"].shape[1], plan))
@@ -141,15 +141,15 @@ def test_rationale_slot_logits_from_generation_match_a_full_pass(tiny_dir, tmp_p
 
     recorders = []
 
-    class Recorder(train.SlotRecorder):
+    class Recorder(rollout.SlotRecorder):
         def __init__(self, *a):
             super().__init__(*a)
             recorders.append(self)
 
-    monkeypatch.setattr(trainer.core, "generate", forced_generate)
-    monkeypatch.setattr(train, "SlotRecorder", Recorder)
-    rows, q = trainer._batch()
-    rb = trainer.sample(rows)
+    monkeypatch.setattr(core, "generate", forced_generate)
+    monkeypatch.setattr(rollout, "SlotRecorder", Recorder)
+    rows = trainer.next_batch().rows
+    rb = trainer.form.sample(trainer.policy, rows)
     assert rb.old_logp is None
     kinds = [i % 4 for i in range(rb.size)]
     first = [int(rb.labels[i]) for i in range(rb.size) if kinds[i] == 0]
@@ -160,12 +160,13 @@ def test_rationale_slot_logits_from_generation_match_a_full_pass(tiny_dir, tmp_p
                for i in range(rb.size) if kinds[i] == 1)
     assert all(int(rb.completion_lens[i]) == 3 and rb.tokens[i][-len(cue):] == cue
                for i in range(rb.size) if kinds[i] == 2)
-    full = torch.cat([trainer._rollout_forward(trainer.core, rb, mb)[2] for mb in trainer._microbatches(rb.size)])
+    with torch.no_grad():
+        full = torch.cat([trainer.form.log_probs(core, rb, mb).slot_logits for mb in trainer.form.microbatches(rb)])
     assert rb.slot_logits.shape == full.shape
     torch.testing.assert_close(rb.slot_logits, full, rtol=1e-5, atol=1e-5)
     # several passes per batch keep the full no-grad pass (old log-probs of the same forward as the loss's)
-    trainer.cfg.ppo_epochs = 2
-    rb2 = trainer.sample(rows)
+    trainer.form.single_pass = False
+    rb2 = trainer.form.sample(trainer.policy, rows)
     assert len(recorders) == 1
     assert rb2.old_logp is not None and rb2.old_logp.shape == (rb2.size, int(rb2.completion_lens.max()))
 
@@ -216,13 +217,13 @@ def test_resume_refuses_other_options(tiny_dir, tmp_path):
         run(tiny_dir, tmp_path, "--steps", "1", "--resume", "auto", "--group-size", "2")
 
 
-@pytest.mark.parametrize("new_tokens", ["1", "4"])
-def test_non_finite_steps_are_skipped_then_stop(tiny_dir, tmp_path, monkeypatch, new_tokens):
+@pytest.mark.parametrize("form", [[], ["--form", "rationale", "--max-new-tokens", "4"]], ids=["answer", "rationale"])
+def test_non_finite_steps_are_skipped_then_stop(tiny_dir, tmp_path, monkeypatch, form):
     cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--steps", "5",
-                       "--no-eval-before", "--no-eval-after", "--max-bad-steps", "3", "--max-new-tokens", new_tokens])
+                       "--no-eval-before", "--no-eval-after", "--max-bad-steps", "3", *form])
     trainer = train.Trainer(cfg)
-    base = trainer.core.get_base_model()
-    before = _trainable(trainer.core)
+    base = trainer.policy.core.get_base_model()
+    before = _trainable(trainer.policy.core)
 
     def nan_hook(module, args, output):
         output.logits = torch.full_like(output.logits, float("nan"))
@@ -234,7 +235,7 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_dir, tmp_path, monkeypatch,
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_total"] for r in rows] == [1, 2, 3]
     assert all(r["invalid_groups"] == 4 for r in rows)
-    after = _trainable(trainer.core)
+    after = _trainable(trainer.policy.core)
     assert all(torch.equal(before[n], after[n]) for n in before), "a non-finite step changed the weights"
 
 

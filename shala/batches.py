@@ -1,0 +1,99 @@
+"""The training data as the step sees it: rows with their targets and ambiguities, drawn in batches.
+
+:class:`TrainData` loads the dataset named by the options, splits it (seeded),
+applies the limits, checks that an extra evaluation set has the same label
+space, and computes each training item's target ``q`` and ambiguity once.
+:class:`PromptSampler` draws the rows of each step: a fresh seeded permutation
+per epoch, sharded across processes, resumable from (epoch, cursor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from shala import data as shala_data
+from shala.data_files import resolve_dataset
+from shala.weighting import ambiguity
+
+__all__ = ["Batch", "TrainData", "PromptSampler"]
+
+
+@dataclass
+class Batch:
+    rows: list  # [B] items in the SHALA schema
+    q: torch.Tensor  # [B, K] float32 annotator distributions
+    ambiguity: torch.Tensor  # [B] H(q) / ln K
+
+
+class TrainData:
+    """Train rows, held-out rows, the training label prior and the label space of one run."""
+
+    def __init__(self, *, dataset: str, data_option=None, skip_invalid: bool = False, eval_fraction: float = 0.2,
+                 seed: int = 0, eval_dataset=None, train_limit=None, eval_limit=None, device="cpu"):
+        options = shala_data.parse_data_options(data_option)
+        ds = shala_data.load_labelled(resolve_dataset(dataset), skip_invalid=skip_invalid, **options)
+        parts = shala_data.split_dataset(ds, eval_fraction=eval_fraction, seed=seed)
+        train, held_out = parts["train"], parts["eval"]
+        if eval_dataset:
+            held_out = shala_data.load_labelled(resolve_dataset(eval_dataset), skip_invalid=skip_invalid)
+        if train_limit:
+            train = train.select(range(min(train_limit, len(train))))
+        if eval_limit:
+            held_out = held_out.select(range(min(eval_limit, len(held_out))))
+        self.task, self.label_names, _ = shala_data.label_space(train)
+        eval_task, eval_labels, _ = shala_data.label_space(held_out)
+        if (eval_task, eval_labels) != (self.task, self.label_names):
+            raise ValueError(f"--eval-dataset has task {eval_task!r} with labels {eval_labels}, "
+                             f"training has {self.task!r} with {self.label_names}")
+        self.train_rows = train.to_list()
+        self.eval_rows = held_out
+        self.prior = shala_data.label_prior(train)
+        self.q = torch.tensor([r["probs"] for r in self.train_rows], dtype=torch.float32, device=device)  # [N, K]
+        self.ambiguity = ambiguity(self.q)  # [N]
+
+    @classmethod
+    def from_config(cls, cfg, device="cpu") -> "TrainData":
+        return cls(dataset=cfg.dataset, data_option=cfg.data_option, skip_invalid=cfg.skip_invalid,
+                   eval_fraction=cfg.eval_fraction, seed=cfg.seed, eval_dataset=cfg.eval_dataset,
+                   train_limit=cfg.train_limit, eval_limit=cfg.eval_limit, device=device)
+
+    def __len__(self) -> int:
+        return len(self.train_rows)
+
+    def batch(self, indices) -> Batch:
+        idx = torch.as_tensor(indices, device=self.q.device)
+        return Batch([self.train_rows[i] for i in indices], self.q[idx], self.ambiguity[idx])
+
+
+class PromptSampler:
+    """Deterministic epoch permutations, sharded across processes; its state is (epoch, cursor)."""
+
+    def __init__(self, n: int, batch: int, world: int, rank: int, seed: int):
+        if n < batch * world:
+            raise ValueError(f"{n} training rows cannot fill a step of {batch} prompts x {world} process(es)")
+        self.n, self.batch, self.world, self.rank, self.seed = n, batch, world, rank, seed
+        self.epoch, self.cursor = 0, 0
+
+    def _perm(self, epoch: int) -> list:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def next(self) -> list:
+        """This process's row indices for the next step (the global batch is batch * world rows)."""
+        need, out = self.batch * self.world, []
+        while len(out) < need:
+            perm = self._perm(self.epoch)
+            take = perm[self.cursor : self.cursor + need - len(out)]
+            out += take
+            self.cursor += len(take)
+            if self.cursor >= self.n:
+                self.epoch, self.cursor = self.epoch + 1, 0
+        return out[self.rank * self.batch : (self.rank + 1) * self.batch]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])

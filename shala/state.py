@@ -1,0 +1,102 @@
+"""Training state: everything a checkpoint saves and a resume restores, as one object.
+
+:class:`TrainState` holds the step, the trainable weights, the optimiser and
+learning-rate schedule, the data position (:class:`shala.batches.PromptSampler`), every
+process's random-number state and the run's counters. ``state_dict()`` /
+``load_state_dict()`` give a resumed run exactly the steps the uninterrupted
+run would have taken.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from shala import checkpoint as ckpt
+from shala.batches import PromptSampler
+
+log = logging.getLogger("shala.train")
+
+__all__ = ["TrainState"]
+
+
+class TrainState:
+    """The step, the policy's trainable weights and optimiser, the sampler, RNG states and counters."""
+
+    def __init__(self, policy, sampler: PromptSampler, dist):
+        self.policy, self.sampler, self.dist = policy, sampler, dist
+        self.step = 0
+        self.bad_in_a_row = 0  # consecutive skipped (non-finite) steps
+        self.skipped = 0
+        self.metrics_lines = 0  # lines of metrics.jsonl written so far
+
+    def record(self, ok: bool) -> None:
+        """Count a finished step; ``ok`` False: it was skipped."""
+        self.step += 1
+        self.bad_in_a_row = 0 if ok else self.bad_in_a_row + 1
+        self.skipped += 0 if ok else 1
+
+    def state_dict(self) -> dict:
+        """Every process must call this: the RNG states are gathered."""
+        rng = {"torch": torch.get_rng_state()}
+        device = self.dist.device
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        policy = self.policy
+        return {
+            "step": self.step,
+            "sampler": self.sampler.state_dict(),
+            "trainable": {n: p.detach().cpu().clone() for n, p in policy.named_params},
+            "optimizer": policy.optimizer.state_dict(),
+            "scheduler": policy.scheduler.state_dict(),
+            "rng": self.dist.gather_object(rng),
+            "bad_in_a_row": self.bad_in_a_row,
+            "skipped": self.skipped,
+            "metrics_lines": self.metrics_lines,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore a state; raise ValueError where it cannot belong to this run."""
+        trainable = dict(self.policy.named_params)
+        differ = set(trainable) ^ set(state["trainable"])
+        if differ:
+            raise ValueError(f"the checkpoint does not match the model: parameters {sorted(differ)[:5]}")
+        rng = state["rng"]
+        if len(rng) != self.dist.world:
+            raise ValueError(f"saved by {len(rng)} process(es), now {self.dist.world}")
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(state["trainable"][n].to(p.device, p.dtype))
+        self.policy.optimizer.load_state_dict(state["optimizer"])
+        self.policy.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        torch.set_rng_state(rng[self.dist.rank]["torch"])
+        if self.dist.device.type == "cuda" and rng[self.dist.rank].get("cuda") is not None:
+            torch.cuda.set_rng_state(rng[self.dist.rank]["cuda"], self.dist.device)
+        self.step = int(state["step"])
+        self.bad_in_a_row = int(state["bad_in_a_row"])
+        self.skipped = int(state["skipped"])
+        self.metrics_lines = int(state["metrics_lines"])
+
+    def save(self, root, *, config: dict, keep: int) -> None:
+        """Write ``root/step-N/`` (the main process writes; every process must call this)."""
+        state = {**self.state_dict(), "config": json.dumps(config)}
+        if self.dist.is_main:
+            path = ckpt.save(root, self.step, state, keep=keep)
+            log.info("checkpoint %s", path)
+        self.dist.barrier()
+
+    def resume(self, path: Path, cfg) -> None:
+        """Load the checkpoint at ``path``; refuse one saved with other run-defining options."""
+        saved = ckpt.load(path)
+        conflicts = cfg.resume_conflicts(json.loads(saved["config"]))
+        if conflicts:
+            raise ValueError(f"cannot resume from {path}: options differ from the checkpoint's: " + ", ".join(conflicts))
+        try:
+            self.load_state_dict(saved)
+        except ValueError as e:
+            raise ckpt.CheckpointError(f"cannot resume from {path}: {e}") from None
+        log.info("resumed from %s at step %d", path, self.step)
