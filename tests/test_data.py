@@ -399,6 +399,11 @@ BAD = [
     ("generic", "g.csv", 'id,text,counts\n1,t,"{""a"": 1,"\n', {}, "line 2", "counts", "invalid JSON",
      "expected a JSON {label: count} object"),
     ("generic", "g.csv", "id,text,labels\n1,t,a\n1,u,b\n", {}, "line 3", "id", "duplicate id", "duplicate id '1'"),
+    ("chaosnli", "c.jsonl", chaos(label_counter={"e": 1.7e308, "n": 1.7e308}), {}, "line 1", "label_counter",
+     "non-numeric", "too large to add up"),
+    ("generic", "g.jsonl", '{"text": "t", "labels": ["a", NaN]}', {}, "line 1", "labels", "non-numeric",
+     "expected a label (string or number), got nan"),
+    ("generic", "g.jsonl", '{"text": "t", "labels": [Infinity]}', {}, "line 1", "labels", "non-numeric", "got inf"),
 ]  # fmt: skip
 
 
@@ -422,6 +427,30 @@ def test_malformed_row_names_file_row_field(tmp_path, kind, name, content, optio
     assert words in message, message
     assert err.reason == reason and err.path == str(path) and err.field == field
     assert isinstance(err, ValueError)
+
+
+@pytest.mark.parametrize("kind, name, make, row, field", [
+    ("chaosnli", "c.jsonl", lambda bad: (chaos() + "\n" + chaos(uid="u2", example={"premise": bad, "hypothesis": "h"})),
+     "line 2", "example.premise"),
+    ("generic", "g.csv", lambda bad: f"id,text,labels\nu1,fine,a\nu2,{bad},b\n", "line 3", "text"),
+    ("lewidi2023", "x.json", lambda bad: json.dumps({"u1": lewidi23(), "u2": lewidi23(text=bad)}, ensure_ascii=False),
+     "item 'u2'", "text"),
+])
+def test_bytes_that_are_not_utf8_name_their_file_row_and_field(tmp_path, kind, name, make, row, field):
+    path = tmp_path / name
+    text = make("A m\N{LATIN SMALL LETTER A WITH GRAVE}n").encode()  # the character, raw or as a JSON escape
+    path.write_bytes(text.replace("\u00e0".encode(), b"\xff").replace(b"\\u00e0", b"\xff"))
+    with pytest.raises(DataError, match=rf"{name}, {row}, field '{field}': is not valid UTF-8: the byte 0xff at "
+                                        "character 4"):
+        load_labelled(f"{kind}:{path}")
+    ds, report = load_labelled(f"{kind}:{path}", skip_invalid=True, with_report=True)
+    assert ds["id"] == ["u1"] and report.skipped == {"not UTF-8": 1}
+
+
+def test_repeated_label_names_are_refused(tmp_path):
+    path = write(tmp_path, "g.jsonl", '{"text": "t", "labels": ["pos"]}')
+    with pytest.raises(ValueError, match=r"option 'label_names' lists 'pos' more than once: 'pos,neg,pos'"):
+        load_labelled(f"generic:{path}", label_names="pos,neg,pos")
 
 
 def test_file_level_errors_always_raise(tmp_path):

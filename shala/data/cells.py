@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
-from shala.data.schema import DataError, Rows, as_number
+from shala.data.schema import DataError, Rows, as_number, utf8
 
 
 def tally(votes: Iterable, label_names: Sequence[str], *, field: str) -> tuple[list, int]:
@@ -64,7 +65,7 @@ def text_field(record: Mapping, key: str, *, field: Optional[str] = None, allow_
         raise DataError(f"expected a string, got {type(value).__name__}", field=name, reason="wrong type")
     if not allow_empty and not value.strip():
         raise DataError("is empty; expected text", field=name, reason="missing field")
-    return value
+    return utf8(value, field=name)
 
 
 def required_field(record: Mapping, key: str, kind: type, what: str):
@@ -88,6 +89,8 @@ def label_str(value, field: str) -> str:
     if isinstance(value, str):
         return value.strip()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise DataError(f"expected a label (string or number), got {value!r}", field=field, reason="non-numeric")
         return numeric_label(str(value))
     raise DataError(f"expected a label (string or number), got {value!r}", field=field, reason="wrong type")
 
@@ -112,7 +115,7 @@ def sorted_labels(labels: Iterable[str]) -> tuple:
 
 def jsonl_lines(path: Path) -> Iterator[tuple]:
     """``(where, line)`` for each non-blank line of a jsonl file."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:  # bad bytes: an error of their row
         for lineno, line in enumerate(f, 1):
             if line.strip():
                 yield f"line {lineno}", line
@@ -130,7 +133,7 @@ def json_object(line: str) -> dict:
 
 def csv_lines(path: Path, delimiter: str, required: Iterable[str], rows: Rows) -> Iterator[tuple]:
     """``(where, record)`` for each CSV record, named by the line where it starts."""
-    with open(path, encoding="utf-8-sig", newline="") as f:
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter)
         header = reader.fieldnames or []
         missing = [c for c in dict.fromkeys(required) if c not in header]
@@ -138,7 +141,14 @@ def csv_lines(path: Path, delimiter: str, required: Iterable[str], rows: Rows) -
             raise rows.error(f"missing columns {missing}; the header has {header}", field=missing[0],
                              reason="missing field")
         start = reader.line_num + 1
-        for record in reader:
+        while True:
+            try:
+                record = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:  # e.g. a NUL byte, or a field over the csv module's size limit
+                raise rows.error(f"not readable as CSV ({err})", row=f"line {reader.line_num}",
+                                 reason="invalid CSV") from None
             if None in record:  # more cells than the header: no cell can be trusted
                 record = dict.fromkeys(header)
             yield f"line {start}", record
@@ -178,6 +188,9 @@ def name_list(value, *, option: str) -> list:
         raise ValueError(f"option {option!r} must be a comma-separated string or a list, got {value!r}")
     if any(not v for v in items):
         raise ValueError(f"option {option!r} has an empty entry: {value!r}")
+    repeated = sorted({v for v in items if items.count(v) > 1})
+    if repeated:
+        raise ValueError(f"option {option!r} lists {', '.join(map(repr, repeated))} more than once: {value!r}")
     return items
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Mapping
 
@@ -28,4 +27,4 @@ def load_chaosnli(path: Path, opts: Mapping, rows: Rows) -> None:
             inputs = {name: text_field(example, name, field=f"example.{name}") for name in rows.input_fields}
             counts = counts_from_dict(record.get("label_counter"), rows.label_names, field="label_counter", keys=keys)
             uid = record.get("uid", example.get("uid"))
-            rows.add(uid, inputs, counts, n_raters=round(math.fsum(counts)), field="label_counter")
+            rows.add(uid, inputs, counts, n_raters=None, field="label_counter")

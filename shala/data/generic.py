@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Mapping, Optional
 
@@ -101,7 +100,7 @@ def load_generic(path: Path, opts: Mapping, rows: Rows) -> None:
         with rows.row(where):
             if votes is None:
                 values = counts_from_dict(counts, rows.label_names, field=counts_field)
-                rows.add(item_id, inputs, values, n_raters=round(math.fsum(values)), field=counts_field)
+                rows.add(item_id, inputs, values, n_raters=None, field=counts_field)
             else:
                 values, n_raters = tally(votes, rows.label_names, field=label_field)
                 rows.add(item_id, inputs, values, n_raters, field=label_field)

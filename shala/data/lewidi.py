@@ -125,7 +125,7 @@ def _lewidi_labels(edition: int, item: dict) -> list:
 
 def load_lewidi(edition: int, path: Path, opts: Mapping, rows: Rows) -> None:
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:  # bad bytes: an error of their item
             items = json.load(f)
     except json.JSONDecodeError as err:
         raise rows.error(f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}",

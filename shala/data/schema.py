@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ logger = logging.getLogger("shala.data")
 NLI_LABELS = ("entailment", "neutral", "contradiction")
 COLUMNS = ("id", "task", "inputs", "label_names", "counts", "probs", "n_raters")
 MAX_EXAMPLES = 20
+MAX_VOTES = 1e15  # more votes for one item than that is a broken file, not a survey
 
 
 class DataError(ValueError):
@@ -130,13 +132,23 @@ class Rows:
             if len(self.examples) < MAX_EXAMPLES:
                 self.examples.append(str(err))
 
-    def add(self, item_id, inputs: Mapping[str, str], counts: Sequence, n_raters: int, *, field: str) -> None:
-        """Validate one row against the schema and keep it; ``field`` is the file's field the counts came from."""
+    def add(self, item_id, inputs: Mapping[str, str], counts: Sequence, n_raters: Optional[int], *,
+            field: str) -> None:
+        """Validate one row against the schema and keep it; ``field`` is the file's field the counts came from.
+
+        ``n_raters`` None: the counts are votes, and their rounded total is the number of raters.
+        """
         names = self.label_names
         if isinstance(item_id, bool) or not isinstance(item_id, (str, int)) or str(item_id) == "":
             raise DataError(f"expected a non-empty string or integer id, got {item_id!r}", field="id",
                             reason="missing field")
         item_id = str(item_id)
+        utf8(item_id, field="id")
+        for key, value in inputs.items():
+            if isinstance(value, str):
+                utf8(value, field=key)
+        for name in names:
+            utf8(name, field=field)
         if item_id in self.ids:
             raise DataError(f"duplicate id {item_id!r}; ids must be unique within a file", field="id",
                             reason="duplicate id")
@@ -151,14 +163,21 @@ class Rows:
             if c < 0:
                 raise DataError(f"count for {name!r} is negative ({c}); counts must be >= 0", field=field,
                                 reason="negative count")
-        total = math.fsum(counts)
+        try:
+            total = math.fsum(counts)
+        except OverflowError:
+            total = math.inf
+        if not total <= MAX_VOTES:
+            raise DataError(f"the counts {dict(zip(names, counts))} are too large to add up: expected vote counts "
+                            f"(at most {MAX_VOTES:g} in all)", field=field, reason="non-numeric")
         if not total > 0:
             raise DataError(f"the counts {dict(zip(names, counts))} sum to 0; an item needs at least one vote",
                             field=field, reason="zero total")
         self.ids.add(item_id)
         self.rows.append({
             "id": item_id, "task": self.task, "inputs": dict(inputs), "label_names": list(names),
-            "counts": counts, "probs": [c / total for c in counts], "n_raters": max(1, int(n_raters)),
+            "counts": counts, "probs": [c / total for c in counts],
+            "n_raters": max(1, round(total) if n_raters is None else int(n_raters)),
         })  # fmt: skip
 
     def finish(self, source: str) -> tuple:
@@ -195,6 +214,22 @@ class Rows:
 def as_number(value, *, field: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DataError(f"expected a number, got {value!r}", field=field, reason="non-numeric")
-    if not math.isfinite(value):
-        raise DataError(f"expected a finite number, got {value!r}", field=field, reason="non-numeric")
-    return float(value)
+    try:
+        number = float(value)
+    except OverflowError:  # an integer beyond the float range
+        number = math.inf
+    if not math.isfinite(number):
+        raise DataError(f"expected a finite number, got {value!r}"[:200], field=field, reason="non-numeric")
+    return number
+
+
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of a byte that is not UTF-8
+
+
+def utf8(text: str, *, field: str) -> str:
+    """``text`` unless it holds bytes that are not UTF-8; DataError naming the first such byte."""
+    bad = None if text.isascii() else _NOT_UTF8.search(text)
+    if bad is not None:
+        raise DataError(f"is not valid UTF-8: the byte 0x{ord(bad.group()) - 0xDC00:02x} at character "
+                        f"{bad.start() + 1}", field=field, reason="not UTF-8")
+    return text
