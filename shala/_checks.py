@@ -9,6 +9,8 @@ reading a value costs no device sync, and become ``torch._assert_async``
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -24,6 +26,13 @@ SIMPLEX_TOL = {torch.float64: 1e-4, torch.float32: 1e-4, torch.float16: 1e-2, to
 def check_choice(name: str, value, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def check_number(name: str, value, *, minimum: float = 0.0) -> float:
+    """A finite real number >= ``minimum``, as float; ValueError naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value!r}")
+    return float(value)
 
 
 def _eager(t: torch.Tensor) -> bool:
@@ -122,6 +131,9 @@ def check_inputs(
             raise TypeError(f"weights must be a floating tensor, got {weights.dtype}")
         if weights.device != logits.device:
             raise ValueError(f"weights are on {weights.device} but logits are on {logits.device}")
+        w = weights.detach()
+        assert_values(torch.isfinite(w) & (w >= 0), lambda i: "weights must be finite and >= 0"
+                      + ("" if i is None else f"; {_where(i)} is {float(w[i])}"))
     check_simplex(target)
 
 
@@ -188,4 +200,8 @@ def check_advantage_inputs(rewards, group_size, weights, scale, eps):
             )
         if weights.device != rewards.device:
             raise ValueError(f"weights are on {weights.device} but rewards are on {rewards.device}")
+        w = weights.detach()
+        # a non-finite weight flags its group (documented); a negative one is a caller's error
+        assert_values(~(w < 0), lambda i: "weights must be >= 0 (a non-finite one flags its group)"
+                      + ("" if i is None else f"; group {i[0]} has {float(w[i])}"))
     return r2, weights

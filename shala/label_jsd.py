@@ -10,8 +10,6 @@ value back from an accelerator.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -41,12 +39,6 @@ def _kernel_module():
 # that torch.compile never traces an import and plain CPU users never load triton.
 if backend.TRITON_INSTALLED and (backend.interpreter_enabled() or torch.cuda.is_available()):
     _kernel_module()
-
-
-def _check_mass_weight(mass_weight) -> float:
-    if isinstance(mass_weight, bool) or not isinstance(mass_weight, numbers.Real) or not math.isfinite(mass_weight):
-        raise ValueError(f"mass_weight must be a finite number, got {mass_weight!r}")
-    return float(mass_weight)
 
 
 def _rows(logits: torch.Tensor, target: torch.Tensor, weights: Optional[torch.Tensor]):
@@ -85,6 +77,7 @@ def label_reward(
     Rows with non-finite logits get NaN statistics and ``finite = False``.
     """
     _checks.check_choice("normalize", normalize, NORMALIZE_MODES)
+    alpha = _checks.check_number("alpha", alpha)
     ids = _checks.as_label_ids(label_ids, logits)
     if check:
         _checks.check_inputs(logits, ids, target)
@@ -123,15 +116,17 @@ def label_jsd_loss(
     """Weighted JS divergence between the label distribution and ``target``, differentiable in ``logits``.
 
     Per row ``w * D(p, q)``, plus ``w * mass_weight * (-log label_mass)`` in
-    "vocab" mode; ``reduction``: ``"mean"`` (weighted sum / number of rows),
-    ``"sum"`` or ``"none"`` (leading shape of ``logits``). The result is float32
-    (float64 for float64 logits). Gradients flow into ``logits`` only: ``target``
-    and ``weights`` are constants on the Triton path. Rows with non-finite
-    logits give a NaN loss (and a NaN gradient row).
+    "vocab" mode; ``reduction``: ``"mean"`` (weighted sum / number of rows, 0
+    for no rows), ``"sum"`` or ``"none"`` (leading shape of ``logits``). The
+    result is float32 (float64 for float64 logits). Gradients flow into
+    ``logits`` only, on both backends: ``target`` and ``weights`` are constants
+    (so with logits that need no gradient the loss needs none either). Weights
+    must be finite and >= 0. Rows with non-finite logits give a NaN loss (and a
+    NaN gradient row).
     """
     _checks.check_choice("normalize", normalize, NORMALIZE_MODES)
     _checks.check_choice("reduction", reduction, REDUCTIONS)
-    mass_weight = _check_mass_weight(mass_weight)
+    mass_weight = _checks.check_number("mass_weight", mass_weight)
     ids = _checks.as_label_ids(label_ids, logits)
     if check:
         _checks.check_inputs(logits, ids, target, weights=weights)
@@ -148,13 +143,13 @@ def label_jsd_loss(
         )
     K = _kernel_module()
     lead = logits.shape[:-1]
-    logits2, target2, weights2 = _rows(logits, target, weights)
+    logits2, target2, weights2 = _rows(logits, target.detach(), None if weights is None else weights.detach())
     need_grad = torch.is_grad_enabled() and logits.requires_grad
     rows = K.LabelJSDFunction.apply(
         logits2, ids, target2, weights2, mass_weight, normalize == "vocab", need_grad
     )  # [N]
     if reduction == "mean":
-        return rows.mean()
+        return rows.sum() / max(1, rows.numel())
     if reduction == "sum":
         return rows.sum()
     return rows.reshape(lead)
@@ -184,7 +179,7 @@ class LabelJSDLoss(torch.nn.Module):
         _checks.check_choice("normalize", normalize, NORMALIZE_MODES)
         _checks.check_choice("reduction", reduction, REDUCTIONS)
         self.normalize = normalize
-        self.mass_weight = _check_mass_weight(mass_weight)
+        self.mass_weight = _checks.check_number("mass_weight", mass_weight)
         self.reduction = reduction
         if isinstance(label_ids, torch.Tensor):
             if label_ids.dim() != 1 or label_ids.dtype.is_floating_point or label_ids.dtype == torch.bool:

@@ -90,6 +90,7 @@ def label_reward(
         alpha: static ambiguity weight ``weight = 1 + alpha * ambiguity``.
     """
     _checks.check_choice("normalize", normalize, NORMALIZE_MODES)
+    alpha = _checks.check_number("alpha", alpha)
     label_ids = _checks.as_label_ids(label_ids, logits)
     if check:
         _checks.check_inputs(logits, label_ids, target)
@@ -137,22 +138,24 @@ def label_jsd_loss(
     the term that keeps the model's probability on the label tokens (the same
     term soft-label cross-entropy contains). ``reduction="mean"`` divides the
     weighted sum by the number of rows (not by the sum of weights), so weights
-    with mean 1 leave the scale unchanged.
+    with mean 1 leave the scale unchanged; the mean of no rows is 0. Gradients
+    flow into ``logits`` only: ``target`` and ``weights`` are constants.
     """
     _checks.check_choice("normalize", normalize, NORMALIZE_MODES)
     _checks.check_choice("reduction", reduction, REDUCTIONS)
+    mass_weight = _checks.check_number("mass_weight", mass_weight)
     label_ids = _checks.as_label_ids(label_ids, logits)
     if check:
         _checks.check_inputs(logits, label_ids, target, weights=weights)
     dtype = _compute_dtype(logits)
     log_p, log_mass = _label_log_probs(logits, label_ids, normalize)
-    loss = js_divergence(log_p.exp(), target.to(dtype), log_p)  # [...]
+    loss = js_divergence(log_p.exp(), target.detach().to(dtype), log_p)  # [...]
     if log_mass is not None and mass_weight != 0.0:
         loss = loss - mass_weight * log_mass
     if weights is not None:
-        loss = loss * weights.to(dtype)
+        loss = loss * weights.detach().to(dtype)
     if reduction == "mean":
-        return loss.mean()
+        return loss.sum() / max(1, loss.numel())
     if reduction == "sum":
         return loss.sum()
     return loss

@@ -47,10 +47,19 @@ def ambiguity_weights(
       batch: weights with mean exactly 1 whose spread grows as the temperature
       falls; ``alpha`` in [0, 1] blends from uniform (0) to pure softmax (1) and
       is what a schedule over training varies.
+
+    A NaN ambiguity (an item whose target could not be read) gets a NaN weight,
+    which flags its group in :func:`shala.group_advantages`; the other items'
+    weights are computed over the finite ones. Finite values must lie in [0, 1].
     """
     _checks.check_choice("mode", mode, WEIGHT_MODES)
-    if not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+    alpha = _checks.check_number("alpha", alpha)
+    if not isinstance(ambiguity, torch.Tensor) or not ambiguity.dtype.is_floating_point:
+        raise TypeError(f"ambiguity must be a floating tensor, got {type(ambiguity).__name__}")
+    a = ambiguity.detach()
+    inside = (a >= -1e-5) & (a <= 1 + 1e-5)  # rounding may put H(q) / ln K a hair outside
+    _checks.assert_values(torch.isnan(a) | inside, lambda i: "ambiguity must lie in [0, 1] (or be NaN for an "
+                          "unreadable item)" + ("" if i is None else f"; item {i[0]} is {float(a[i])}"))
     if mode == "static":
         return 1.0 + alpha * ambiguity
     if alpha > 1:
@@ -59,8 +68,11 @@ def ambiguity_weights(
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if ambiguity.dim() != 1:
         raise ValueError(f"ambiguity must be 1-D [batch] for mode='dynamic', got shape {tuple(ambiguity.shape)}")
-    soft = torch.softmax(ambiguity / temperature, dim=0) * ambiguity.numel()
-    return 1.0 + alpha * (soft - 1.0)
+    finite = torch.isfinite(ambiguity)
+    z = torch.where(finite, ambiguity / temperature, torch.full_like(ambiguity, float("-inf")))
+    soft = torch.softmax(z, dim=0) * finite.sum()
+    w = 1.0 + alpha * (soft - 1.0)
+    return torch.where(finite, w, torch.full_like(w, float("nan")))
 
 
 class AmbiguityWeighting:

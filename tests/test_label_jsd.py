@@ -365,6 +365,32 @@ def test_second_backward_through_same_graph(device, force_triton):
     assert rel(g1, g_ref) < GRAD_TOL[torch.float32]
 
 
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_target_and_weights_are_constants_on_both_backends(device, monkeypatch, backend_name):
+    """Gradients flow into the logits only; a target or weights that require grad get none, on either path."""
+    monkeypatch.setenv("SHALA_BACKEND", backend_name)
+    logits, ids, target = make_case(3, 3, 40, device=device)
+    target = target.clone().requires_grad_(True)
+    weights = torch.rand(3, device=device, requires_grad=True)
+    loss = shala.label_jsd_loss(logits, ids, target, weights=weights)  # logits need no gradient
+    assert not loss.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        loss.backward()
+    x = logits.clone().requires_grad_(True)
+    shala.label_jsd_loss(x, ids, target, weights=weights).backward()
+    assert x.grad is not None and target.grad is None and weights.grad is None
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_the_mean_of_no_rows_is_zero(device, monkeypatch, backend_name):
+    monkeypatch.setenv("SHALA_BACKEND", backend_name)
+    logits = torch.randn(0, 40, device=device, requires_grad=True)
+    loss = shala.label_jsd_loss(logits, [1, 2, 3], torch.empty(0, 3, device=device))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert logits.grad.shape == (0, 40)
+
+
 def test_float64_logits_use_the_reference(force_triton, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("float64 logits reached the Triton kernel")
@@ -463,11 +489,18 @@ BAD_OPTIONS = [
     ("label_reward", dict(normalize="full"), ValueError, re.escape("normalize must be one of ['labels', 'vocab'], got 'full'")),
     ("label_jsd_loss", dict(normalize="softmax"), ValueError, "normalize must be one of"),
     ("label_jsd_loss", dict(reduction="avg"), ValueError, re.escape("reduction must be one of ['mean', 'sum', 'none'], got 'avg'")),
-    ("label_jsd_loss", dict(mass_weight=float("nan")), ValueError, "mass_weight must be a finite number, got nan"),
+    ("label_jsd_loss", dict(mass_weight=float("nan")), ValueError, "mass_weight must be a finite number >= 0, got nan"),
     ("label_jsd_loss", dict(mass_weight="1"), ValueError, "mass_weight must be a finite number"),
     ("label_jsd_loss", dict(weights=torch.ones(N + 1)), ValueError, re.escape("weights must have shape [3] (one per row), got [4]")),
     ("label_jsd_loss", dict(weights=torch.ones(N, dtype=torch.int32)), TypeError, "weights must be a floating tensor"),
     ("label_jsd_loss", dict(weights=[1.0, 1.0, 1.0]), TypeError, "weights must be a torch.Tensor or None"),
+    ("label_reward", dict(alpha=float("nan")), ValueError, "alpha must be a finite number >= 0, got nan"),
+    ("label_reward", dict(alpha=-1.0), ValueError, "alpha must be a finite number >= 0, got -1.0"),
+    ("label_jsd_loss", dict(mass_weight=-0.5), ValueError, "mass_weight must be a finite number >= 0, got -0.5"),
+    ("label_jsd_loss", dict(weights=torch.tensor([1.0, -1.0, 1.0])), ValueError,
+     re.escape("weights must be finite and >= 0; row 1 is -1.0")),
+    ("label_jsd_loss", dict(weights=torch.tensor([1.0, 1.0, float("nan")])), ValueError,
+     re.escape("weights must be finite and >= 0; row 2 is nan")),
 ]
 
 
@@ -484,6 +517,7 @@ def test_option_errors(force_triton, api, options, exc, message):
         (dict(label_ids=[1, 2], normalize="x"), "normalize must be one of"),
         (dict(label_ids=[1, 2], reduction="x"), "reduction must be one of"),
         (dict(label_ids=[1, 2], mass_weight=math.inf), "mass_weight must be a finite number"),
+        (dict(label_ids=[1, 2], mass_weight=-1.0), "mass_weight must be a finite number >= 0"),
         (dict(label_ids=torch.tensor([0.0, 1.0])), "label_ids must be a 1-D integer tensor"),
     ],
 )

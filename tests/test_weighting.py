@@ -40,3 +40,18 @@ def test_weighting_schedule_ramps_alpha_and_none_gives_no_weights():
     assert AmbiguityWeighting("none")(a, 3) is None
     with pytest.raises(ValueError, match="weighting must be one of"):
         AmbiguityWeighting("linear")
+
+
+def test_ambiguity_outside_the_unit_interval_is_refused_and_nan_flags_one_item():
+    with pytest.raises(ValueError, match=r"ambiguity must lie in \[0, 1\].*item 1 is 1\.5"):
+        ambiguity_weights(torch.tensor([0.2, 1.5]), mode="static")
+    with pytest.raises(ValueError, match=r"item 0 is -0\.1"):
+        ambiguity_weights(torch.tensor([-0.1, 0.5]), mode="dynamic")
+    with pytest.raises(ValueError, match="alpha must be a finite number >= 0, got nan"):
+        ambiguity_weights(torch.tensor([0.5]), alpha=float("nan"))
+    a = torch.tensor([0.1, float("nan"), 0.9, 0.5])
+    w = ambiguity_weights(a, mode="dynamic", temperature=0.5)
+    assert torch.isnan(w[1]) and torch.isfinite(w[[0, 2, 3]]).all()
+    # the finite items' weights are those of the batch without the unreadable one
+    torch.testing.assert_close(w[[0, 2, 3]], ambiguity_weights(a[[0, 2, 3]], mode="dynamic", temperature=0.5))
+    assert torch.isnan(ambiguity_weights(a, mode="static")[1])
