@@ -9,13 +9,17 @@ per epoch, sharded across processes, resumable from (epoch, cursor).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from shala import data as shala_data
 from shala.data_files import resolve_dataset
+from shala.prompts import fit_prompts
 from shala.weighting import ambiguity
+
+log = logging.getLogger("shala.train")
 
 __all__ = ["Batch", "TrainData", "PromptSampler"]
 
@@ -61,6 +65,31 @@ class TrainData:
 
     def __len__(self) -> int:
         return len(self.train_rows)
+
+    def fit_prompts(self, builder, form, *, context, max_prompt_tokens=None, truncate: bool = False) -> dict:
+        """Check (or cut, with ``truncate``) the prompts of training and evaluation against the context.
+
+        Training prompts are the form's, with room left for its completion; evaluation prompts end at
+        the answer slot, whose one token is the completion. Returns the counts of rows cut.
+        """
+        cut = {"train": 0, "eval": 0}
+        if context is None and max_prompt_tokens is None:  # a model that states no context length
+            return cut
+        for part, length, room in (("train", lambda x: len(form.prompt(x)), form.completion_room),
+                                   ("eval", lambda x: len(builder.prompt_ids(x)), 1)):
+            limit = max_prompt_tokens or context - room
+            rows = self.train_rows if part == "train" else self.eval_rows
+            inputs, cut[part] = fit_prompts(rows, builder, length, limit=limit, truncate=truncate,
+                                            where=f"{part} prompts")
+            if cut[part] and part == "train":
+                for row, x in zip(self.train_rows, inputs):
+                    row["inputs"] = x
+            elif cut[part]:
+                self.eval_rows = self.eval_rows.map(lambda r, i: {"inputs": inputs[i]}, with_indices=True)
+            if cut[part]:
+                log.warning("%d %s prompt(s) were longer than %d tokens: their longest input field was cut",
+                            cut[part], part, limit)
+        return cut
 
     def batch(self, indices) -> Batch:
         idx = torch.as_tensor(indices, device=self.q.device)

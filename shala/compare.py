@@ -51,6 +51,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"--methods must list methods from {list(METHODS)}, got {known.methods!r}")
+    twice = sorted({m for m in methods if methods.count(m) > 1})
+    if twice:
+        raise ValueError(f"--methods lists {', '.join(twice)} twice: each method trains once, into its own folder")
     if "--method" in rest:
         raise ValueError("use --methods (plural) with shala.compare")
     out = Path(known.output_dir)

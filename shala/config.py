@@ -2,13 +2,20 @@
 
 Every field is a ``--flag`` of ``python -m shala.train`` (underscores become
 dashes) with its help text and default; ``--config FILE.yaml`` sets fields from
-a YAML mapping first, and flags given on the command line win over it.
+a YAML mapping first, and flags given on the command line win over it. A YAML
+value goes through the same parser as the flag's text (``lr: 1e-4``, which YAML
+reads as a string, is the number 1e-4; ``constrain_answer: "no"`` is False), and
+:meth:`TrainConfig.validate` checks every value and every combination before
+anything is loaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
+import logging
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -16,12 +23,17 @@ from typing import Optional, Sequence
 
 import yaml
 
-from shala.choices import (ADVANTAGE_SCALES, DTYPES, LR_SCHEDULES, METHODS, NORMALIZE_MODES, WEIGHTED_METHODS,
-                           WEIGHTINGS)
+from shala.choices import (ADVANTAGE_SCALES, DTYPES, LR_SCHEDULES, METHODS, NORMALIZE_MODES, RL_METHODS,
+                           WEIGHTED_METHODS, WEIGHTINGS)
+from shala.distributed import check_device
 from shala.data_files import DEFAULT_DATASET
 from shala.models import DEFAULT_MODEL
 from shala.rewards import parse_reward_terms
 from shala.rollout import FORMS, check_form_options
+
+log = logging.getLogger("shala.config")
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
 
 def _f(default, help, **kw):
@@ -39,6 +51,10 @@ class TrainConfig:
     eval_fraction: float = _f(0.2, "share of the dataset held out for evaluation")
     train_limit: Optional[int] = _f(None, "use at most N training rows")
     eval_limit: Optional[int] = _f(None, "evaluate on at most N held-out rows")
+    max_prompt_tokens: Optional[int] = _f(None, "the longest prompt allowed, in tokens (default: the model's context "
+                                                "length less the completion's room)")
+    truncate_prompts: bool = _f(False, "cut the longest input field of a prompt over the limit (counted and "
+                                       "reported) instead of stopping with an error")
     output_dir: str = _f("runs/shala", "where metrics, plots, checkpoints and the final adapter go")
     method: str = _f("shala", "shala | grpo-accuracy | sft-majority | sft-soft", choices=METHODS)
     seed: int = _f(0, "seed of the split, data order, sampling and LoRA init")
@@ -93,7 +109,8 @@ class TrainConfig:
     lora_dropout: float = _f(0.0, "LoRA dropout")
     lora_targets: str = _f("all-linear", "LoRA target modules: 'all-linear' or comma-separated names")
     dtype: str = _f("float32", "model dtype: float32 | bfloat16 | float16", choices=DTYPES)
-    device: Optional[str] = _f(None, "cpu or cuda (default: cuda when available); under torchrun the local GPU")
+    device: Optional[str] = _f(None, "cpu or cuda (default: cuda when available); under torchrun the local GPU",
+                               expects="'cpu', 'cuda' or 'cuda:N'")
 
     # bookkeeping
     eval_batch_size: int = _f(16, "batch size of the before/after evaluation")
@@ -101,7 +118,10 @@ class TrainConfig:
     eval_after: bool = _f(True, "evaluate the trained model after training")
     save_every: int = _f(25, "write a checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = _f(2, "keep the newest N checkpoints")
-    resume: Optional[str] = _f(None, "'auto' (newest checkpoint in output_dir) or a checkpoint directory")
+    resume: Optional[str] = _f(None, "'auto' (newest valid checkpoint in output_dir) or a checkpoint directory",
+                               expects="'auto' or a checkpoint directory")
+    overwrite: bool = _f(False, "start afresh in an output_dir that holds another run, after moving that run aside "
+                                "to OUTPUT.replaced-<time>")
     log_every: int = _f(1, "write a metrics line every N steps")
     plot: bool = _f(True, "write PNG plots of the training curves and predictions")
     progress: bool = _f(True, "show a progress bar")
@@ -117,17 +137,25 @@ class TrainConfig:
         """The weighting the method applies: the GRPO baseline and majority-label SFT weigh no item up."""
         return self.weighting if self.method in WEIGHTED_METHODS else "none"
 
-    #: Options that define what a run computes: a resume must not change them.
-    RUN_DEFINING = ("model", "dataset", "method", "seed", "batch_size", "group_size", "form", "max_new_tokens",
-                    "lora_r", "lora_targets", "steps", "eval_fraction", "train_limit")
+    #: Options a resumed run may change: where and how often things are written and shown. Every other
+    #: option defines what the run computes, and so its identity (:meth:`run_id`).
+    RUN_FREE = ("output_dir", "resume", "overwrite", "device", "eval_batch_size", "eval_before", "eval_after",
+                "save_every", "keep_checkpoints", "log_every", "plot", "progress", "max_bad_steps")
+
+    def run_options(self) -> dict:
+        return {k: v for k, v in self.to_dict().items() if k not in self.RUN_FREE}
+
+    def run_id(self) -> str:
+        """A hash of the options that define the run: checkpoints carry it, a resume checks it."""
+        return hashlib.sha256(json.dumps(self.run_options(), sort_keys=True).encode()).hexdigest()[:16]
 
     def resume_conflicts(self, saved: dict) -> list:
-        """``--option saved (now ...)`` for every run-defining option that differs from ``saved``."""
-        return [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {getattr(self, k)!r})"
-                for k in self.RUN_DEFINING if saved.get(k) != getattr(self, k)]
+        """``--option saved (now ...)`` for every run-defining option whose value differs from ``saved``."""
+        return [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
+                for k, v in self.run_options().items() if saved.get(k) != v]
 
     def validate(self) -> "TrainConfig":
-        """Raise ValueError naming the first bad option and what it expects."""
+        """Raise ValueError naming the first bad option and what it expects; log options that will be ignored."""
         choices = {"method": METHODS, "form": tuple(FORMS), "scale": ADVANTAGE_SCALES, "weighting": WEIGHTINGS,
                    "lr_schedule": LR_SCHEDULES, "normalize": NORMALIZE_MODES, "dtype": DTYPES}
         for name, valid in choices.items():
@@ -139,7 +167,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
-        for name in ["lr", "temperature"]:
+        for name in ["lr", "temperature", "lora_alpha"]:
             v = getattr(self, name)
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"--{name.replace('_', '-')} must be a number > 0, got {v!r}")
@@ -156,21 +184,129 @@ class TrainConfig:
             raise ValueError(f"--weight-alpha must be in [0, 1] with --weighting dynamic, got {self.weight_alpha}")
         if self.lora_r < 0:
             raise ValueError(f"--lora-r must be >= 0 (0: full fine-tuning), got {self.lora_r}")
+        if self.lora_dropout >= 1:
+            raise ValueError(f"--lora-dropout must be < 1, got {self.lora_dropout}")
         for name in ["save_every", "warmup_steps", "weight_warmup"]:
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.keep_checkpoints < 1:
             raise ValueError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
-        for name in ["train_limit", "eval_limit"]:
+        for name in ["train_limit", "eval_limit", "max_prompt_tokens"]:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+        if self.resume is not None and not self.resume.strip():
+            raise ValueError("--resume must be 'auto' or a checkpoint directory, got an empty string")
+        if self.resume is not None and self.overwrite:
+            raise ValueError("--resume continues the run in --output-dir and --overwrite moves it aside: pass one")
+        check_device(self.device)
         check_form_options(self.form, max_new_tokens=self.max_new_tokens)
-        self.reward_weights()
+        terms = self.reward_weights()
+        for mode, weight in terms.items():
+            if weight <= 0:
+                raise ValueError(f"--reward {mode}={weight:g}: a reward weight must be > 0 (leave the term out instead)")
+        if self.method in RL_METHODS and self.group_size < 2:
+            raise ValueError(f"--group-size {self.group_size}: advantages are rewards minus their group's mean, so "
+                             f"a group of one rollout has advantage 0 and {self.method} would learn nothing; use >= 2")
+        for note in self.ignored_options():
+            log.warning("warning: %s", note)
         return self
+
+    def ignored_options(self) -> list:
+        """What this method or model setting ignores among the options given (each a sentence)."""
+        notes, default = [], TrainConfig.__dataclass_fields__
+        given = {k for k, f in default.items() if getattr(self, k) != f.default}
+        if self.method not in RL_METHODS:
+            rl_only = ["reward", "kl_coef", "form", "group_size", "max_new_tokens", "temperature", "constrain_answer",
+                       "scale", "format_penalty", "aux_jsd", "ppo_epochs", "clip_low", "clip_high"]
+            notes += [f"--{k.replace('_', '-')} does not apply to --method {self.method} (it samples no rollouts); "
+                      "ignored" for k in rl_only if k in given]
+        if self.method == "grpo-accuracy" and "reward" in given:
+            notes.append("--reward does not apply to --method grpo-accuracy (its reward is accuracy alone); ignored")
+        if self.method not in WEIGHTED_METHODS:
+            notes += [f"--{k.replace('_', '-')} does not apply to --method {self.method} (no ambiguity weighting); "
+                      "ignored" for k in ("weighting", "weight_alpha", "weight_temperature", "weight_warmup")
+                      if k in given]
+        if self.lora_r == 0:
+            notes += [f"--{k.replace('_', '-')} does not apply with --lora-r 0 (full fine-tuning); ignored"
+                      for k in ("lora_alpha", "lora_dropout", "lora_targets") if k in given]
+        if self.warmup_steps > self.steps:
+            notes.append(f"--warmup-steps {self.warmup_steps} is longer than the run (--steps {self.steps}): the "
+                         "learning rate never reaches --lr")
+        return notes
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in _TRUE or value in _FALSE:
+        return value in _TRUE
+    raise ValueError(f"expected true or false (or yes/no, on/off), got {text!r}")
+
+
+def _as_bool(v):
+    return v if isinstance(v, bool) else parse_bool(v) if isinstance(v, str) else _reject(v)
+
+
+def _as_int(v):
+    if isinstance(v, str):
+        return int(v.strip())
+    return v if isinstance(v, int) and not isinstance(v, bool) else _reject(v)
+
+
+def _as_float(v):
+    if isinstance(v, str):
+        return float(v.strip())
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else _reject(v)
+
+
+def _as_str(v):
+    return v if isinstance(v, str) else _reject(v)
+
+
+def _as_list(v):
+    items = [v] if isinstance(v, str) else v if isinstance(v, list) else _reject(v)
+    return [_as_str(x) for x in items]
+
+
+def _reject(value):
+    raise TypeError(value)
+
+
+#: How a flag's text or a YAML value becomes each type of option, and what the error says was expected.
+_PARSERS = {"bool": (_as_bool, "true or false"), "int": (_as_int, "an integer"), "float": (_as_float, "a number"),
+            "str": (_as_str, "a string"), "list": (_as_list, "a string or a list of strings")}
+
+
+def coerce(name: str, value, *, where: Optional[str] = None):
+    """``value`` (a flag's text or a YAML value) as option ``name``'s type; ValueError naming ``where`` otherwise."""
+    f = TrainConfig.__dataclass_fields__[name]
+    kind = str(f.type)
+    optional = kind.startswith("Optional[")
+    parse, expected = _PARSERS[kind.removeprefix("Optional[").removesuffix("]")]
+    expected = f.metadata.get("expects", expected)
+    where = where or f"--{name.replace('_', '-')}"
+    if value is None:
+        if optional or kind == "list":
+            return None
+        raise ValueError(f"{where}: expected {expected}, got nothing")
+    try:
+        return parse(value)
+    except (ValueError, TypeError):
+        raise ValueError(f"{where}: expected {expected}, got {value!r}") from None
+
+
+def _flag_type(name: str):
+    def parse(text: str):
+        try:
+            return coerce(name, text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+
+    parse.__name__ = name
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -184,39 +320,51 @@ def build_parser() -> argparse.ArgumentParser:
     for f in fields(TrainConfig):
         meta = dict(f.metadata)
         help_text = meta.pop("help")
+        meta.pop("expects", None)
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
             p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=f"{help_text} (default: {'on' if f.default else 'off'})")
             continue
-        kind = {"int": int, "float": float, "Optional[int]": int, "Optional[str]": str, "str": str}.get(str(f.type))
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{help_text} (default: {f.default})")
         if meta.get("action") == "append":
             kw.update(action="append", metavar=meta.get("metavar"))
         else:
-            kw.update(type=kind)
+            kw.update(type=_flag_type(f.name))
             if "choices" in meta:
                 kw["choices"] = meta["choices"]
         p.add_argument(flag, **kw)
     return p
 
 
+def read_yaml_options(path) -> dict:
+    """The options of a ``--config`` file, each parsed as its flag would be."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"--config {path}: not valid YAML{at}: {getattr(e, 'problem', None) or e}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--config {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"--config {path}: expected a mapping of option: value, got {type(loaded).__name__}")
+    names = {f.name for f in fields(TrainConfig)}
+    values = {}
+    for key, value in loaded.items():
+        name = str(key).replace("-", "_")
+        if name not in names:
+            raise ValueError(f"--config {path}: unknown option {key!r}")
+        values[name] = coerce(name, value, where=f"--config {path}: {key}")
+    return values
+
+
 def load_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """Defaults, then ``--config`` YAML, then flags; validated."""
     args = build_parser().parse_args(argv)
-    values = {}
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise ValueError(f"--config {path}: no such file")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"--config {path}: expected a mapping of option: value")
-        names = {f.name for f in fields(TrainConfig)}
-        for key, value in loaded.items():
-            name = str(key).replace("-", "_")
-            if name not in names:
-                raise ValueError(f"--config {path}: unknown option {key!r}")
-            values[name] = value
+    values = read_yaml_options(args.config) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k != "config"})
     return TrainConfig(**values).validate()

@@ -8,12 +8,27 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from contextlib import nullcontext
 from datetime import timedelta
 from typing import Optional
 
 import torch
 import torch.distributed as tdist
+
+
+def check_device(device: Optional[str], *, option: str = "--device") -> None:
+    """Raise ValueError unless ``device`` is None, 'cpu', 'cuda' or 'cuda:N' with that GPU present."""
+    if device is None:
+        return
+    if not isinstance(device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise ValueError(f"{option} must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"{option} {device}: no CUDA device is available on this machine (use --device cpu)")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"{option} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 class Dist:

@@ -27,10 +27,11 @@ from shala import data as shala_data
 from shala import metrics
 from shala.choices import DTYPES
 from shala.data_files import DEFAULT_DATASET, resolve_dataset
+from shala.distributed import check_device
 from shala.label_jsd import label_reward
 from shala.lm import next_token_logits
-from shala.models import DEFAULT_MODEL, default_threads, load_model, load_tokenizer
-from shala.prompts import PromptBuilder
+from shala.models import DEFAULT_MODEL, context_length, default_threads, load_model, load_tokenizer
+from shala.prompts import PromptBuilder, fit_prompts
 
 log = logging.getLogger("shala.evaluate")
 
@@ -157,7 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N rows")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=DTYPES)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N")
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="the longest prompt allowed (default: the model's context length less one)")
+    p.add_argument("--truncate-prompts", action="store_true",
+                   help="cut the longest input field of a prompt over the limit instead of stopping")
     p.add_argument("--output", default=None, help="write the metrics (and per-item p) to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -169,12 +175,24 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     default_threads()
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_device(args.device)
+    if args.output:
+        check_output_file(args.output, option="--output")
     options = shala_data.parse_data_options(args.data_option)
     rows, prior_rows = load_eval_rows(args.dataset, split=args.split, seed=args.seed, eval_fraction=args.eval_fraction,
                                       options=options, skip_invalid=args.skip_invalid, limit=args.limit)
     task, label_names, _ = shala_data.label_space(rows)
+    if args.adapter:
+        check_adapter_labels(args.adapter, task, label_names)
     tokenizer = load_tokenizer(args.model)
     builder = PromptBuilder(tokenizer, task, label_names)
+    limit = args.max_prompt_tokens or (context_length(args.model) or 0) - 1
+    if limit > 0:
+        inputs, cut = fit_prompts(rows, builder, lambda x: len(builder.prompt_ids(x)), limit=limit,
+                                  truncate=args.truncate_prompts, where=f"--dataset {args.dataset}")
+        if cut:
+            log.warning("%d prompt(s) were longer than %d tokens: their longest input field was cut", cut, limit)
+            rows = rows.map(lambda r, i: {"inputs": inputs[i]}, with_indices=True)
     model = load_model(args.model, dtype=args.dtype, adapter=args.adapter, device=args.device)
     result = evaluate_dataset(model, builder, rows, prior=shala_data.label_prior(prior_rows),
                               batch_size=args.batch_size, progress=not args.no_progress)
@@ -189,6 +207,29 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     return result
 
 
+def check_output_file(path, *, option: str) -> None:
+    """Raise ValueError unless ``path`` can be written as a file (checked before any slow work)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a directory; expected a file path such as {path / 'eval.json'}")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"{option} {path}: {parent} cannot be written")
+
+
+def check_adapter_labels(adapter, task: str, label_names) -> None:
+    """An adapter trained by shala.train records its task and labels: refuse a dataset with others."""
+    meta = Path(adapter) / "shala.json"
+    if not meta.is_file():
+        return
+    saved = json.loads(meta.read_text())
+    if (saved.get("task"), list(saved.get("label_names", []))) != (task, list(label_names)):
+        raise ValueError(f"--adapter {adapter} was trained on task {saved.get('task')!r} with labels "
+                         f"{saved.get('label_names')}; the dataset has task {task!r} with labels {list(label_names)}")
+
+
 def write_json(path, obj) -> None:
     """Write JSON atomically (temporary file, then rename)."""
     path = Path(path)
@@ -201,6 +242,6 @@ def write_json(path, obj) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)

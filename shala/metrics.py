@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 
-from shala.reference import js_divergence
+from shala.divergence import js_divergence
 
 __all__ = ["distribution_metrics", "jsd_per_item", "kl_per_item", "majority", "macro_f1", "baselines"]
 

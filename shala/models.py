@@ -71,6 +71,17 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
     return tok
 
 
+def context_length(name: str = DEFAULT_MODEL) -> Optional[int]:
+    """The model's context length (``max_position_embeddings``), read from its config without its weights."""
+    from transformers import AutoConfig
+
+    directory, gguf = resolve_model(name)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    config = AutoConfig.from_pretrained(directory, local_files_only=True, **kwargs)
+    n = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return int(n) if n else None
+
+
 def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", adapter: Optional[str] = None, device="cpu"):
     """Load the causal LM (and optionally a peft adapter directory on top)."""
     from transformers import AutoModelForCausalLM

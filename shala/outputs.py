@@ -5,19 +5,40 @@ logged step), ``eval_before.json`` / ``eval_after.json``, ``summary.json`` with
 the printed table, ``checkpoints/`` (:mod:`shala.checkpoint`), ``final/`` (the
 peft adapter, its tokenizer and ``shala.json``) and the plots. JSON files and
 ``final/`` are replaced atomically; only the main process writes.
+
+A directory belongs to one run. :meth:`RunDir.claim` runs before anything slow:
+it refuses a directory that holds another run unless told (``--resume`` to
+continue that very run, which must have the same run-defining options;
+``--overwrite`` to move it aside to ``OUTPUT.replaced-<time>``), checks that the
+directory can be written; :meth:`RunDir.lock` then keeps a second process from
+writing into it at the same time.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import shutil
+import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
 from shala.evaluate import format_table, write_json
 
-__all__ = ["RunDir"]
+__all__ = ["RunDir", "OutputDirError"]
+
+log = logging.getLogger("shala.train")
+
+#: What a run leaves in its directory; any one of them means the directory holds a run.
+MARKERS = ("config.json", "metrics.jsonl", "checkpoints", "final", "summary.json", "eval_before.json",
+           "eval_after.json")
+
+
+class OutputDirError(ValueError):
+    """An output directory that holds another run, or that cannot be written."""
 
 TABLE_METRICS = ("n", "jsd", "kl", "accuracy", "macro_f1")
 
@@ -26,10 +47,81 @@ class RunDir:
     def __init__(self, path, *, is_main: bool = True):
         self.path, self.is_main = Path(path), is_main
         self.metrics = self.path / "metrics.jsonl"
+        self._lock = None
+
+    def holdings(self) -> list:
+        """The marks of a run in the directory (empty: none)."""
+        return [m for m in MARKERS if (self.path / m).exists()]
+
+    def claim(self, cfg) -> None:
+        """Make the directory this run's, or raise :class:`OutputDirError` before anything is written."""
+        held = self.holdings()
+        flag = f"--output-dir {self.path}"
+        if self.path.exists() and not self.path.is_dir():
+            raise OutputDirError(f"{flag} is a file, not a directory")
+        if held and cfg.overwrite:
+            if self.is_main:
+                aside = self._move_aside()
+                log.warning("%s held another run (%s): moved it to %s", self.path, ", ".join(held), aside)
+        elif held and cfg.resume is None:
+            raise OutputDirError(
+                f"{flag} holds another run ({', '.join(held)}); nothing was changed. Pass --resume auto to continue "
+                "it, --overwrite to move it aside and start afresh, or another --output-dir")
+        elif held:
+            saved = self.read_json("config.json")
+            if saved is None:
+                raise OutputDirError(f"{flag} holds files of a run ({', '.join(held)}) but no config.json, so it "
+                                     "cannot be checked against this one; pass --overwrite or another --output-dir")
+            conflicts = cfg.resume_conflicts(saved)
+            if conflicts:
+                raise OutputDirError(f"cannot resume the run in {self.path}: options differ from that run's: "
+                                     + ", ".join(conflicts) + "; nothing was changed")
+        if self.is_main:
+            self._check_writable(flag)
+
+    def _move_aside(self) -> Path:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside, n = self.path.with_name(f"{self.path.name}.replaced-{stamp}"), 1
+        while aside.exists():
+            aside, n = self.path.with_name(f"{self.path.name}.replaced-{stamp}-{n}"), n + 1
+        os.replace(self.path, aside)
+        return aside
+
+    def _check_writable(self, flag: str) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=self.path, prefix=".write-test-"):
+                pass
+        except OSError as e:
+            raise OutputDirError(f"{flag} cannot be written: {e.strerror or e}") from None
+
+    def lock(self) -> None:
+        """Hold the directory for this process (until :meth:`release`); a second writer is refused."""
+        if not self.is_main:
+            return
+        flag = f"--output-dir {self.path}"
+        lock = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.seek(0)
+            other = lock.read().strip() or "another process"
+            lock.close()
+            raise OutputDirError(f"{flag} is in use by {other}; two runs cannot write one directory") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"process {os.getpid()}")
+        lock.flush()
+        self._lock = lock
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def start(self, config: dict) -> None:
+        """Write the run's options (after any resume has been checked and loaded)."""
         if self.is_main:
-            self.path.mkdir(parents=True, exist_ok=True)
             write_json(self.path / "config.json", config)
 
     def write_json(self, name: str, obj) -> None:

@@ -15,9 +15,10 @@ slot therefore sits after the space, and the label tokens are the digits.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
-__all__ = ["TaskTemplate", "TEMPLATES", "PromptBuilder", "VerbalizerError", "get_template", "Rollout"]
+__all__ = ["TaskTemplate", "TEMPLATES", "PromptBuilder", "VerbalizerError", "PromptTooLong", "get_template", "Rollout",
+           "fit_prompts"]
 
 CUE = "Answer:"
 
@@ -75,6 +76,10 @@ def get_template(task: str) -> Optional[TaskTemplate]:
 
 class VerbalizerError(ValueError):
     """Raised when label verbalizers do not begin with distinct tokens."""
+
+
+class PromptTooLong(ValueError):
+    """Prompts that do not fit the model's context (with room for the completion)."""
 
 
 def _join_options(words: Sequence[str]) -> str:
@@ -201,3 +206,51 @@ class PromptBuilder:
                     return Rollout(tokens, i - 1, label, len(prompt), len(completion))
         tokens = tokens + list(self.cue_ids)
         return Rollout(tokens, len(tokens) - 1, -1, len(prompt), len(completion))
+
+    # -- prompts that are too long ------------------------------------------------------------------
+    def shorten(self, inputs: Mapping[str, str], fits: Callable[[Mapping[str, str]], bool]) -> Optional[dict]:
+        """``inputs`` with the longest fields cut (whole tokens, from their end, marked by an ellipsis) until
+        ``fits(inputs)``; None when even empty fields do not fit."""
+        inputs = dict(inputs)
+        for name in sorted(inputs, key=lambda k: -len(self._encode(inputs[k]))):
+            tokens = self._encode(inputs[name])
+            lo, hi = 0, len(tokens)  # the longest prefix that fits lies in [lo, hi]
+            cut = lambda n: {**inputs, name: self.tokenizer.decode(tokens[:n]) + " ..."}  # noqa: E731
+            if not fits(cut(0)):
+                inputs[name] = ""
+                continue
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if fits(cut(mid)) else (lo, mid - 1)
+            return cut(lo)
+        return None
+
+
+def fit_prompts(rows: Sequence[Mapping], builder: PromptBuilder, length: Callable[[Mapping[str, str]], int], *,
+                limit: int, truncate: bool, where: str) -> tuple:
+    """Check that each row's prompt is at most ``limit`` tokens (``length(inputs)`` counts them).
+
+    Returns ``(inputs of every row, number of rows cut)``. A row over the limit is cut
+    (:meth:`PromptBuilder.shorten`) when ``truncate``; otherwise PromptTooLong names the
+    rows, their lengths and the options, before any model is loaded.
+    """
+    out, cut, over = [], 0, []
+    for row in rows:
+        inputs = row["inputs"]
+        n = length(inputs)
+        if n > limit:
+            if not truncate:
+                over.append(f"{row['id']} ({n} tokens)")
+                continue
+            inputs = builder.shorten(inputs, lambda x: length(x) <= limit)
+            if inputs is None:
+                raise PromptTooLong(f"{where}: item {row['id']}: even with its input fields emptied the prompt is "
+                                    f"longer than {limit} tokens")
+            cut += 1
+        out.append(inputs)
+    if over:
+        raise PromptTooLong(
+            f"{where}: {len(over)} prompt(s) longer than {limit} tokens, the model's context less room for the "
+            f"completion: {', '.join(over[:5])}{' ...' if len(over) > 5 else ''}. Pass --truncate-prompts to cut "
+            "their longest input field (counted and reported), or --max-prompt-tokens to set the limit")
+    return out, cut

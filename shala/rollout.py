@@ -127,6 +127,15 @@ class RolloutForm:
                                            or max_new_tokens < 1):
             raise ValueError(f"--max-new-tokens must be an integer >= 1, got {max_new_tokens!r}")
 
+    def prompt(self, inputs) -> list:
+        """The prompt's token ids for an item's inputs (the answer form's ends at the answer slot)."""
+        return self.builder.prompt_ids(inputs)
+
+    @property
+    def completion_room(self) -> int:
+        """The most tokens a completion adds after its prompt (an appended cue included)."""
+        return self.max_new_tokens
+
     def sample(self, policy, rows: Sequence[dict]) -> RolloutBatch:
         """G rollouts for each item of ``rows`` from ``policy`` (a :class:`shala.policy.Policy`)."""
         raise NotImplementedError
@@ -167,7 +176,7 @@ class AnswerForm(RolloutForm):
 
     def sample(self, policy, rows: Sequence[dict]) -> RolloutBatch:
         G, B = self.G, len(rows)
-        prompts = [self.builder.prompt_ids(r["inputs"]) for r in rows]
+        prompts = [self.prompt(r["inputs"]) for r in rows]
         live = None
         if self.single_pass and B <= self.micro_batch_size:  # this forward, with its graph, is the update's
             policy.core.train()
@@ -285,13 +294,20 @@ class RationaleForm(RolloutForm):
         super().__init__(builder, **kw)
         self.eos_id = builder.tokenizer.eos_token_id
 
+    def prompt(self, inputs) -> list:
+        return self.builder.prompt_ids(inputs, rationale=True)
+
+    @property
+    def completion_room(self) -> int:
+        return self.max_new_tokens + len(self.builder.cue_ids)  # the cue is appended where none was written
+
     @torch.no_grad()
     def sample(self, policy, rows: Sequence[dict]) -> RolloutBatch:
         from transformers import InfNanRemoveLogitsProcessor, LogitsProcessorList
 
         G, core = self.G, policy.core
         core.eval()
-        prompts = [self.builder.prompt_ids(r["inputs"], rationale=True) for r in rows]
+        prompts = [self.prompt(r["inputs"]) for r in rows]
         ids, mask = pad_left(prompts, self.pad_id, self.device)
         cues = self.builder.cue_variants
         # With one pass per batch the loss's own forward gives the sampling log-probs (ratio 1, as

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from typing import Optional
 
 log = logging.getLogger("shala.train")
 
@@ -15,12 +16,13 @@ class GracefulStop:
 
     def __init__(self):
         self.requested = False
+        self.signal: Optional[int] = None  # the number of the first signal
         self._old = {}
 
     def _handler(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
+        self.requested, self.signal = True, signum
         log.warning("signal %d: finishing the current step, then writing a checkpoint", signum)
 
     def __enter__(self) -> "GracefulStop":

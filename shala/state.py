@@ -20,7 +20,11 @@ from shala.batches import PromptSampler
 
 log = logging.getLogger("shala.train")
 
-__all__ = ["TrainState"]
+__all__ = ["TrainState", "TrainingError"]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. too many non-finite steps in a row)."""
 
 
 class TrainState:
@@ -34,10 +38,30 @@ class TrainState:
         self.metrics_lines = 0  # lines of metrics.jsonl written so far
 
     def record(self, ok: bool) -> None:
-        """Count a finished step; ``ok`` False: it was skipped."""
+        """Count a finished step; ``ok`` False: it was skipped (non-finite rewards, loss or gradients)."""
         self.step += 1
         self.bad_in_a_row = 0 if ok else self.bad_in_a_row + 1
         self.skipped += 0 if ok else 1
+        if not ok:
+            log.warning("step %d skipped: non-finite rewards, loss or gradients (%d in a row)", self.step,
+                        self.bad_in_a_row)
+
+    def check(self, max_bad_steps: int) -> None:
+        """Raise TrainingError after ``max_bad_steps`` skipped steps in a row."""
+        if self.bad_in_a_row >= max_bad_steps:
+            raise TrainingError(f"{self.bad_in_a_row} steps in a row had non-finite rewards, losses or gradients "
+                                f"(step {self.step}); stopping (--max-bad-steps {max_bad_steps})")
+
+    def begin(self, cfg, run) -> None:
+        """Resume from ``cfg.resume`` (the run's newest checkpoint that loads, or a directory) or start afresh."""
+        path, saved = ckpt.find_resume(cfg.resume, run.path / "checkpoints")
+        if saved is not None:
+            self.resume(path, saved, cfg)
+            run.truncate_metrics(self.metrics_lines)
+        elif self.dist.is_main and run.metrics.exists():  # this run, restarted before its first checkpoint
+            run.metrics.unlink()
+        run.start(cfg.to_dict())
+        self.dist.barrier()
 
     def state_dict(self) -> dict:
         """Every process must call this: the RNG states are gathered."""
@@ -81,22 +105,22 @@ class TrainState:
         self.skipped = int(state["skipped"])
         self.metrics_lines = int(state["metrics_lines"])
 
-    def save(self, root, *, config: dict, keep: int) -> None:
+    def save(self, root, cfg) -> None:
         """Write ``root/step-N/`` (the main process writes; every process must call this)."""
-        state = {**self.state_dict(), "config": json.dumps(config)}
+        state = {**self.state_dict(), "config": json.dumps(cfg.to_dict()), "run_id": cfg.run_id()}
         if self.dist.is_main:
-            path = ckpt.save(root, self.step, state, keep=keep)
+            path = ckpt.save(root, self.step, state, keep=cfg.keep_checkpoints)
             log.info("checkpoint %s", path)
         self.dist.barrier()
 
-    def resume(self, path: Path, cfg) -> None:
-        """Load the checkpoint at ``path``; refuse one saved with other run-defining options."""
-        saved = ckpt.load(path)
-        conflicts = cfg.resume_conflicts(json.loads(saved["config"]))
-        if conflicts:
-            raise ValueError(f"cannot resume from {path}: options differ from the checkpoint's: " + ", ".join(conflicts))
+    def resume(self, path: Path, saved: dict, cfg) -> None:
+        """Restore the checkpoint ``saved`` (loaded from ``path``); refuse one of another run."""
+        if saved["run_id"] != cfg.run_id():
+            conflicts = cfg.resume_conflicts(json.loads(saved["config"]))
+            raise ckpt.CheckpointError(f"cannot resume from {path}: it belongs to another run (options differ: "
+                                       + (", ".join(conflicts) or "none readable") + ")")
         try:
             self.load_state_dict(saved)
-        except ValueError as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise ckpt.CheckpointError(f"cannot resume from {path}: {e}") from None
         log.info("resumed from %s at step %d", path, self.step)

@@ -33,23 +33,19 @@ from shala.evaluate import evaluate_sharded
 from shala.label_jsd import label_reward
 from shala.lm import next_token_logits
 from shala.losses import jsd_term, kl_penalty, majority_label_loss, policy_loss
-from shala.models import default_threads, load_tokenizer
+from shala.models import context_length, default_threads, load_tokenizer
 from shala.outputs import RunDir
 from shala.policy import Policy
 from shala.prompts import PromptBuilder
 from shala.rewards import compose_rewards
 from shala.rollout import make_form
 from shala.signals import GracefulStop
-from shala.state import TrainState
+from shala.state import TrainingError, TrainState
 from shala.weighting import AmbiguityWeighting
 
 log = logging.getLogger("shala.train")
 
 __all__ = ["Trainer", "TrainingError", "main"]
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. too many non-finite steps in a row)."""
 
 
 class Trainer:
@@ -58,22 +54,26 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, dist: Optional[Dist] = None):
         self.cfg, self.dist = cfg, dist or Dist.from_env(cfg.device)
         self.device = self.dist.device
+        self.run = RunDir(cfg.output_dir, is_main=self.dist.is_main)
+        self.run.claim(cfg)  # before anything slow: a directory of another run is refused here
+        self.dist.barrier()
         torch.manual_seed(cfg.seed)
         self.data = TrainData.from_config(cfg, self.device)
         self.tokenizer = load_tokenizer(cfg.model)
         self.builder = PromptBuilder(self.tokenizer, self.data.task, self.data.label_names)
         self.label_ids = torch.tensor(self.builder.label_ids, device=self.device)
+        self.form = make_form(cfg.form, self.builder, group_size=cfg.group_size, temperature=cfg.temperature,
+                              constrain_answer=cfg.constrain_answer, micro_batch_size=cfg.micro_batch_size,
+                              single_pass=cfg.ppo_epochs == 1, max_new_tokens=cfg.max_new_tokens, device=self.device)
+        self.truncated = self.data.fit_prompts(self.builder, self.form, context=context_length(cfg.model),
+                                               max_prompt_tokens=cfg.max_prompt_tokens, truncate=cfg.truncate_prompts)
         self.policy = Policy(cfg, self.dist)
         torch.manual_seed(cfg.seed + 7919 * self.dist.rank)  # rollouts differ across processes
         sampler = PromptSampler(len(self.data), cfg.batch_size, self.dist.world, self.dist.rank, cfg.seed)
         self.state = TrainState(self.policy, sampler, self.dist)
-        self.form = make_form(cfg.form, self.builder, group_size=cfg.group_size, temperature=cfg.temperature,
-                              constrain_answer=cfg.constrain_answer, micro_batch_size=cfg.micro_batch_size,
-                              single_pass=cfg.ppo_epochs == 1, max_new_tokens=cfg.max_new_tokens, device=self.device)
         self.rewards = cfg.reward_weights()
         self.weighting = AmbiguityWeighting(cfg.weighting_used, alpha=cfg.weight_alpha,
                                             temperature=cfg.weight_temperature, warmup=cfg.weight_warmup)
-        self.run = RunDir(cfg.output_dir, is_main=self.dist.is_main)
         self.last_metrics: dict = {}
 
     def next_batch(self) -> Batch:
@@ -174,15 +174,15 @@ class Trainer:
     # -- the run ----------------------------------------------------------------------------------
     def fit(self, stop_after: Optional[int] = None) -> dict:
         """Train to ``cfg.steps`` (or stop after ``stop_after`` more steps, with a checkpoint)."""
+        self.run.lock()
+        try:
+            return self._fit(stop_after)
+        finally:
+            self.run.release()
+
+    def _fit(self, stop_after: Optional[int]) -> dict:
         cfg, dist, run, state = self.cfg, self.dist, self.run, self.state
-        run.start(cfg.to_dict())
-        dist.barrier()
-        resume = ckpt.find_resume(cfg.resume, run.path / "checkpoints")
-        if resume is not None:
-            state.resume(resume, cfg)
-            run.truncate_metrics(state.metrics_lines)
-        elif dist.is_main and run.metrics.exists():
-            run.metrics.unlink()
+        state.begin(cfg, run)
         summary = {}
         if cfg.eval_before and state.step == 0:
             summary["before"] = self.evaluate("eval_before")
@@ -195,28 +195,23 @@ class Trainer:
             while state.step < cfg.steps:
                 metrics = (self.rl_step if cfg.method in RL_METHODS else self.sft_step)(self.next_batch())
                 state.record(dist.all(metrics.pop("ok")))
-                if state.bad_in_a_row:
-                    log.warning("step %d skipped: non-finite rewards, loss or gradients (%d in a row)",
-                                state.step, state.bad_in_a_row)
                 self._log(metrics)
                 bar.update(1)
                 bar.set_postfix({k: f"{self.last_metrics[k]:.3f}" for k in shown})
-                if state.bad_in_a_row >= cfg.max_bad_steps:
-                    raise TrainingError(
-                        f"{state.bad_in_a_row} steps in a row had non-finite rewards, losses or gradients "
-                        f"(step {state.step}); stopping (--max-bad-steps {cfg.max_bad_steps})")
+                state.check(cfg.max_bad_steps)
                 interrupted = dist.any(stop.requested)
                 done_here = stop_after is not None and state.step - start_step >= stop_after
                 if (cfg.save_every and state.step % cfg.save_every == 0) or interrupted or done_here:
-                    state.save(run.path / "checkpoints", config=cfg.to_dict(), keep=cfg.keep_checkpoints)
+                    state.save(run.path / "checkpoints", cfg)
                 if interrupted:
                     log.warning("interrupted: checkpoint written at step %d; continue with --resume auto", state.step)
-                    return {"interrupted": True, "step": state.step}
+                    return {"interrupted": True, "step": state.step, "signal": stop.signal}
                 if done_here:
                     return {"stopped": True, "step": state.step}
-        out = {"train_seconds": time.perf_counter() - t_start, "steps": state.step, "skipped_steps": state.skipped}
+        out = {"train_seconds": time.perf_counter() - t_start, "steps": state.step, "skipped_steps": state.skipped,
+               "truncated_prompts": self.truncated, "run_id": cfg.run_id()}
         if not (cfg.save_every and state.step % cfg.save_every == 0) and start_step < state.step:
-            state.save(run.path / "checkpoints", config=cfg.to_dict(), keep=cfg.keep_checkpoints)
+            state.save(run.path / "checkpoints", cfg)
         run.save_final(self.policy.core, self.tokenizer, {
             "base_model": cfg.model, "task": self.data.task, "label_names": self.data.label_names,
             "method": cfg.method, "form": cfg.form, "steps": state.step})
@@ -255,7 +250,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 if __name__ == "__main__":
     try:
-        main()
-    except (ValueError, FileNotFoundError, KeyError, TrainingError, ckpt.CheckpointError) as e:
+        result = main()
+    except (ValueError, FileNotFoundError, KeyError, OSError, TrainingError, ckpt.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    if result.get("interrupted"):  # a checkpoint was written, but the run did not finish
+        raise SystemExit(128 + (result.get("signal") or 2))

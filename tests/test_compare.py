@@ -24,6 +24,7 @@ def test_compare_two_methods_one_table(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [(["--methods", "shala,ppo"], "--methods must list"),
+                                           (["--methods", "shala,sft-soft,shala"], "--methods lists shala twice"),
                                            (["--method", "shala"], "use --methods")])
 def test_compare_errors(argv, message):
     with pytest.raises(ValueError, match=message):

@@ -58,6 +58,7 @@ def test_bundled_spec_resolves():
         (["--dataset", "chaosnli:/no/such.jsonl"], "no such file"),
         (["--dataset", "mystery:x"], "KIND:PATH with KIND one of"),
         (["--limit", "0"], "--limit must be >= 1"),
+        (["--device", "tpu"], "--device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
     ],
 )
 def test_evaluate_errors(tiny_dir, argv, message):
@@ -69,3 +70,34 @@ def test_evaluate_errors(tiny_dir, argv, message):
 def test_adapter_dir_must_hold_an_adapter(tiny_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
         evaluate.main(["--model", tiny_dir, "--adapter", str(tmp_path), "--limit", "2", "--no-progress"])
+
+
+def test_bad_output_and_foreign_adapter_are_refused_before_the_model_loads(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(evaluate, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match=f"--output {tmp_path} is a directory; expected a file path"):
+        evaluate.main(["--model", tiny_dir, "--output", str(tmp_path), "--limit", "2", "--no-progress"])
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda: no CUDA device is available"):
+            evaluate.main(["--model", tiny_dir, "--device", "cuda", "--limit", "2", "--no-progress"])
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "shala.json").write_text(json.dumps({"task": "sarcasm", "label_names": ["1", "2", "3"]}))
+    with pytest.raises(ValueError, match=r"--adapter .* was trained on task 'sarcasm' with labels \['1', '2', '3'\]; "
+                                         r"the dataset has task 'nli'"):
+        evaluate.main(["--model", tiny_dir, "--adapter", str(adapter), "--limit", "2", "--no-progress"])
+
+
+def test_long_prompts_are_refused_or_cut_and_counted(tiny_dir, tmp_path, caplog):
+    rows = [{"uid": f"u{i}", "label_counter": {"e": 3, "n": 1},
+             "example": {"premise": "A man walks." + (" and walks" * 3000 if i == 1 else ""),
+                         "hypothesis": "A person walks."}} for i in range(3)]
+    path = tmp_path / "long.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    argv = ["--model", tiny_dir, "--dataset", f"chaosnli:{path}", "--split", "all", "--no-progress"]
+    with pytest.raises(ValueError, match=r"1 prompt\(s\) longer than 511 tokens.*: u1 \(\d+ tokens\).*"
+                                         r"--truncate-prompts"):
+        evaluate.main(argv)
+    result = evaluate.main(argv + ["--truncate-prompts"])
+    assert result["n"] == 3 and "1 prompt(s) were longer than 511 tokens" in caplog.text
+    with pytest.raises(ValueError, match="longer than 40 tokens"):
+        evaluate.main(argv + ["--max-prompt-tokens", "40"])

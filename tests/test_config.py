@@ -1,0 +1,113 @@
+"""Options from flags and YAML: one parser for both, every bad value or combination named before anything loads."""
+
+import logging
+
+import pytest
+
+from shala.config import TrainConfig, coerce, load_config
+
+
+def yaml_config(tmp_path, text: str) -> list:
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    return ["--config", str(path)]
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("lr: 1e-4\n", {"lr": 1e-4}),  # YAML reads 1e-4 as a string
+    ("eval_fraction: '0.2'\nsave_every: '5'\n", {"eval_fraction": 0.2, "save_every": 5}),
+    ("constrain_answer: 'no'\nplot: off\n", {"constrain_answer": False, "plot": False}),
+    ("reward: slot=1\n", {"reward": ["slot=1"]}),
+    ("reward: [histogram=1, slot=0.5]\n", {"reward": ["histogram=1", "slot=0.5"]}),
+    ("max-new-tokens: null\nform: rationale\n", {"max_new_tokens": None, "form": "rationale"}),
+])
+def test_yaml_values_go_through_the_flags_parser(tmp_path, text, expect):
+    cfg = load_config(yaml_config(tmp_path, text))
+    assert {k: getattr(cfg, k) for k in expect} == expect
+
+
+@pytest.mark.parametrize("text, message", [
+    ("lr: [1\n", r"run\.yaml: not valid YAML at line 2, column 1"),
+    ("lr: abc\n", r"run\.yaml: lr: expected a number, got 'abc'"),
+    ("model: 5\n", r"run\.yaml: model: expected a string, got 5"),
+    ("resume: true\n", r"run\.yaml: resume: expected 'auto' or a checkpoint directory, got True"),
+    ("constrain_answer: maybe\n", r"run\.yaml: constrain_answer: expected true or false, got 'maybe'"),
+    ("save_every: 2.5\n", r"run\.yaml: save_every: expected an integer, got 2\.5"),
+    ("device: 7\n", r"run\.yaml: device: expected 'cpu', 'cuda' or 'cuda:N', got 7"),
+    ("reward: [1, 2]\n", r"run\.yaml: reward: expected a string or a list of strings, got \[1, 2\]"),
+    ("- lr\n", r"expected a mapping of option: value, got list"),
+    ("group_sise: 3\n", r"unknown option 'group_sise'"),
+])
+def test_bad_yaml_is_named(tmp_path, text, message):
+    with pytest.raises(ValueError, match=message):
+        load_config(yaml_config(tmp_path, text))
+
+
+def test_non_utf8_yaml_is_named(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(b"lr: 1\n# \xff\n")
+    with pytest.raises(ValueError, match=r"run\.yaml: not UTF-8 text"):
+        load_config(["--config", str(path)])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "tpu"], r"--device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+    (["--device", "cuda"], r"--device cuda: no CUDA device is available"),
+    (["--group-size", "1"], r"--group-size 1: advantages are rewards minus their group's mean"),
+    (["--method", "grpo-accuracy", "--group-size", "1"], r"--group-size 1: .* grpo-accuracy would learn nothing"),
+    (["--reward", "slot=-1"], r"--reward slot=-1: a reward weight must be > 0"),
+    (["--reward", "slot=0"], r"--reward slot=0: a reward weight must be > 0"),
+    (["--reward", "slot=1", "--reward", "slot=-1"], r"--reward slot=0: a reward weight must be > 0"),
+    (["--lora-alpha", "-5"], r"--lora-alpha must be a number > 0, got -5"),
+    (["--lora-dropout", "1"], r"--lora-dropout must be < 1"),
+    (["--max-prompt-tokens", "0"], r"--max-prompt-tokens must be >= 1"),
+    (["--resume", "auto", "--overwrite"], r"--resume continues the run .* --overwrite moves it aside"),
+    (["--resume", ""], r"--resume must be 'auto' or a checkpoint directory"),
+    (["--form", "answer", "--max-new-tokens", "8"], r"the answer form writes one token"),
+])
+def test_bad_options_and_combinations(argv, message):
+    if "cuda" in argv and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ValueError, match=message):
+        load_config(argv)
+
+
+@pytest.mark.parametrize("argv, warning", [
+    (["--method", "sft-soft", "--reward", "histogram=1"], "--reward does not apply to --method sft-soft"),
+    (["--method", "sft-soft", "--kl-coef", "0.1"], "--kl-coef does not apply to --method sft-soft"),
+    (["--method", "grpo-accuracy", "--weighting", "dynamic"],
+     "--weighting does not apply to --method grpo-accuracy (no ambiguity weighting); ignored"),
+    (["--method", "grpo-accuracy", "--reward", "slot=1"], "--reward does not apply to --method grpo-accuracy"),
+    (["--lora-r", "0", "--lora-targets", "q_proj"], "--lora-targets does not apply with --lora-r 0"),
+    (["--steps", "3", "--warmup-steps", "5"], "--warmup-steps 5 is longer than the run (--steps 3)"),
+])
+def test_ignored_options_are_warned_about(argv, warning, caplog):
+    with caplog.at_level(logging.WARNING, logger="shala.config"):
+        cfg = load_config(argv)
+    assert warning in caplog.text
+    assert any(warning in note for note in cfg.ignored_options())
+
+
+def test_defaults_warn_about_nothing(caplog):
+    with caplog.at_level(logging.WARNING, logger="shala.config"):
+        assert load_config([]).ignored_options() == []
+    assert caplog.text == ""
+
+
+def test_run_identity_covers_what_the_run_computes():
+    base = TrainConfig()
+    assert base.run_id() == TrainConfig().run_id()
+    for field in ("lr", "lora_alpha", "dtype", "temperature", "seed", "reward", "weighting"):
+        changed = TrainConfig(**{field: {"lr": 1e-3, "lora_alpha": 8, "dtype": "bfloat16", "temperature": 0.7,
+                                         "seed": 3, "reward": ["histogram=1"], "weighting": "none"}[field]})
+        assert changed.run_id() != base.run_id(), field
+        assert any(c.startswith(f"--{field.replace('_', '-')} ") for c in changed.resume_conflicts(base.to_dict()))
+    for field, value in (("output_dir", "elsewhere"), ("save_every", 3), ("progress", False), ("resume", "auto")):
+        assert TrainConfig(**{field: value}).run_id() == base.run_id(), field
+
+
+def test_coerce_is_the_flags_parser():
+    assert coerce("lr", "1e-4") == 1e-4 and coerce("constrain_answer", "off") is False
+    assert coerce("max_new_tokens", None) is None and coerce("data_option", "a=b") == ["a=b"]
+    with pytest.raises(ValueError, match=r"--steps: expected an integer, got True"):
+        coerce("steps", True)
