@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -21,7 +22,7 @@ from shala.weighting import ambiguity
 
 log = logging.getLogger("shala.train")
 
-__all__ = ["Batch", "TrainData", "PromptSampler"]
+__all__ = ["Batch", "TrainData", "PromptSampler", "HELD_OUT", "parse_eval_dataset", "align_labels"]
 
 
 @dataclass
@@ -31,36 +32,69 @@ class Batch:
     ambiguity: torch.Tensor  # [B] H(q) / ln K
 
 
+HELD_OUT = "held-out"
+
+
+def parse_eval_dataset(spec: str) -> tuple:
+    """``NAME=KIND:PATH`` or ``KIND:PATH`` -> ``(name, spec)``; the name defaults to the bundled name or file stem."""
+    name, sep, rest = str(spec).partition("=")
+    if sep and ":" not in name and name.strip():
+        return name.strip(), rest
+    kind, _, path = spec.partition(":")
+    return (path if kind == "bundled" else Path(path).stem) or spec, spec
+
+
+def align_labels(ds, label_names: list, *, where: str):
+    """``ds`` with its classes in the order of ``label_names`` (the same names, any order); ValueError otherwise."""
+    task, names, _ = shala_data.label_space(ds)
+    if names == list(label_names):
+        return ds
+    if sorted(names) != sorted(label_names):
+        raise ValueError(f"{where} has labels {names}; training has {list(label_names)}: an evaluation set must "
+                         "have the training label space (the same label names, in any order)")
+    order = [names.index(n) for n in label_names]
+    return ds.map(lambda r: {"label_names": list(label_names), "counts": [r["counts"][i] for i in order],
+                             "probs": [r["probs"][i] for i in order]})
+
+
 class TrainData:
-    """Train rows, held-out rows, the training label prior and the label space of one run."""
+    """Train rows, the evaluation sets (the held-out split first), the training label prior and the label space."""
 
     def __init__(self, *, dataset: str, data_option=None, skip_invalid: bool = False, eval_fraction: float = 0.2,
-                 seed: int = 0, eval_dataset=None, train_limit=None, eval_limit=None, device="cpu"):
+                 split_seed: int = 0, eval_dataset=None, train_limit=None, eval_limit=None, device="cpu"):
         options = shala_data.parse_data_options(data_option)
         ds = shala_data.load_labelled(resolve_dataset(dataset), skip_invalid=skip_invalid, **options)
-        parts = shala_data.split_dataset(ds, eval_fraction=eval_fraction, seed=seed)
-        train, held_out = parts["train"], parts["eval"]
-        if eval_dataset:
-            held_out = shala_data.load_labelled(resolve_dataset(eval_dataset), skip_invalid=skip_invalid)
+        parts = shala_data.split_dataset(ds, eval_fraction=eval_fraction, seed=split_seed)
+        train = parts["train"]
         if train_limit:
             train = train.select(range(min(train_limit, len(train))))
-        if eval_limit:
-            held_out = held_out.select(range(min(eval_limit, len(held_out))))
         self.task, self.label_names, _ = shala_data.label_space(train)
-        eval_task, eval_labels, _ = shala_data.label_space(held_out)
-        if (eval_task, eval_labels) != (self.task, self.label_names):
-            raise ValueError(f"--eval-dataset has task {eval_task!r} with labels {eval_labels}, "
-                             f"training has {self.task!r} with {self.label_names}")
+        self.eval_sets = {HELD_OUT: parts["eval"]}
+        for spec in eval_dataset or ():
+            name, source = parse_eval_dataset(spec)
+            if name in self.eval_sets:
+                raise ValueError(f"--eval-dataset {spec}: the name {name!r} is taken; name it NAME=KIND:PATH")
+            extra = shala_data.load_labelled(resolve_dataset(source), skip_invalid=skip_invalid)
+            task = shala_data.label_space(extra).task
+            if task != self.task:
+                raise ValueError(f"--eval-dataset {spec} has task {task!r}, training has {self.task!r}")
+            self.eval_sets[name] = align_labels(extra, self.label_names, where=f"--eval-dataset {spec}")
+        if eval_limit:
+            self.eval_sets = {k: v.select(range(min(eval_limit, len(v)))) for k, v in self.eval_sets.items()}
         self.train_rows = train.to_list()
-        self.eval_rows = held_out
         self.prior = shala_data.label_prior(train)
         self.q = torch.tensor([r["probs"] for r in self.train_rows], dtype=torch.float32, device=device)  # [N, K]
         self.ambiguity = ambiguity(self.q)  # [N]
 
+    @property
+    def eval_rows(self):
+        """The held-out split of the training data."""
+        return self.eval_sets[HELD_OUT]
+
     @classmethod
     def from_config(cls, cfg, device="cpu") -> "TrainData":
         return cls(dataset=cfg.dataset, data_option=cfg.data_option, skip_invalid=cfg.skip_invalid,
-                   eval_fraction=cfg.eval_fraction, seed=cfg.seed, eval_dataset=cfg.eval_dataset,
+                   eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed, eval_dataset=cfg.eval_dataset,
                    train_limit=cfg.train_limit, eval_limit=cfg.eval_limit, device=device)
 
     def __len__(self) -> int:
@@ -70,22 +104,23 @@ class TrainData:
         """Check (or cut, with ``truncate``) the prompts of training and evaluation against the context.
 
         Training prompts are the form's, with room left for its completion; evaluation prompts end at
-        the answer slot, whose one token is the completion. Returns the counts of rows cut.
+        the answer slot, whose one token is the completion. Returns the counts of rows cut, per part.
         """
-        cut = {"train": 0, "eval": 0}
+        cut = {"train": 0, **{name: 0 for name in self.eval_sets}}
         if context is None and max_prompt_tokens is None:  # a model that states no context length
             return cut
-        for part, length, room in (("train", lambda x: len(form.prompt(x)), form.completion_room),
-                                   ("eval", lambda x: len(builder.prompt_ids(x)), 1)):
+        train_len, eval_len = (lambda x: len(form.prompt(x))), (lambda x: len(builder.prompt_ids(x)))
+        for part in cut:
+            length, room = (train_len, form.completion_room) if part == "train" else (eval_len, 1)
             limit = max_prompt_tokens or context - room
-            rows = self.train_rows if part == "train" else self.eval_rows
+            rows = self.train_rows if part == "train" else self.eval_sets[part]
             inputs, cut[part] = fit_prompts(rows, builder, length, limit=limit, truncate=truncate,
                                             where=f"{part} prompts")
             if cut[part] and part == "train":
                 for row, x in zip(self.train_rows, inputs):
                     row["inputs"] = x
             elif cut[part]:
-                self.eval_rows = self.eval_rows.map(lambda r, i: {"inputs": inputs[i]}, with_indices=True)
+                self.eval_sets[part] = rows.map(lambda r, i: {"inputs": inputs[i]}, with_indices=True)
             if cut[part]:
                 log.warning("%d %s prompt(s) were longer than %d tokens: their longest input field was cut",
                             cut[part], part, limit)

@@ -194,7 +194,10 @@ def load_latest(root: str | os.PathLike) -> tuple:
 
 
 def find_resume(spec: Optional[str], root: str | os.PathLike) -> tuple:
-    """``spec``: None (start fresh), 'auto' (:func:`load_latest`) or a directory: ``(path, state)`` or ``(None, None)``."""
+    """``spec``: None (start fresh), 'auto' (:func:`load_latest`) or a directory.
+
+    Returns ``(path, state)``, or ``(None, None)`` when there is nothing to resume.
+    """
     if spec is None:
         return None, None
     if spec == "auto":

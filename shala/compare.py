@@ -1,52 +1,63 @@
-"""Compare the training methods on the same data, model and budget.
+"""Compare the training methods on the same data, model and budget, over several seeds, with confidence intervals.
 
-``python -m shala.compare [shala.train options]`` trains each method in
-``--methods`` (default: shala, grpo-accuracy, sft-majority, sft-soft) with the
-same options (steps, batch size, learning rate, seed, data), evaluates the base
-model once, and writes ``OUTPUT/comparison.md`` and ``comparison.json``: one
-table with the base model, every trained method, and the uniform and
-label-prior baselines on the same held-out items.
+``python -m shala.compare [--methods M1,M2,...] [--seeds 0 1 2] [--output-dir DIR] [shala.train options]``
+trains each method once per seed (the training seed: rollouts, data order, LoRA
+init; the held-out items stay those of ``--split-seed``), evaluates the base
+model and the constant baselines (uniform, label prior) once, and writes
+``OUTPUT/comparison.md``, ``comparison.json`` and ``comparison.png``, for the
+held-out split and for every ``--eval-dataset``:
+
+* per method, mean ± std over seeds of JSD, KL, accuracy, macro-F1, BC and TV;
+* the paired difference in JSD against the label prior and against ``sft-soft``
+  (negative: lower JSD than the reference), with a 95% CI from a paired
+  bootstrap over items pooled across seeds: the items are resampled and every
+  seed's value of an item moves with it. A CI that excludes 0 is marked ``*``;
+* the input-dependence gap: the JSD of the model's own mean prediction used as a
+  constant for every item, less the model's JSD (positive: the prediction
+  depends on the input), with the same kind of CI;
+* JSD per ambiguity level (thirds of the items by the entropy of q).
+
+Every cell (method, seed) trains into ``OUTPUT/METHOD/seed-S``. A finished cell
+is not retrained, and an unfinished one resumes from its newest checkpoint, so a
+killed compare picks up where it stopped; a cell directory that holds a run with
+other options is refused unless ``--overwrite`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+import torch
+
+from shala import metrics
 from shala.choices import METHODS
 from shala.config import load_config
 from shala.distributed import Dist
 from shala.evaluate import write_json
+from shala.outputs import RunDir
 
-METRICS = ("jsd", "kl", "accuracy", "macro_f1")
+log = logging.getLogger("shala.compare")
 
-
-def markdown(columns: dict, seconds: dict) -> str:
-    lines = ["| model | JSD ↓ | KL ↓ | accuracy ↑ | macro-F1 ↑ | train time (s) |", "|---|---|---|---|---|---|"]
-    for name, m in columns.items():
-        cells = ["inf" if math.isinf(m[k]) else f"{m[k]:.4f}" for k in METRICS]
-        t = seconds.get(name)
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {'' if t is None else f'{t:.0f}'} |")
-    return "\n".join(lines)
+METRICS = ("jsd", "kl", "accuracy", "macro_f1", "bc", "tv")
+HEADERS = {"jsd": "JSD ↓", "kl": "KL ↓", "accuracy": "accuracy ↑", "macro_f1": "macro-F1 ↑", "bc": "BC ↑",
+           "tv": "TV ↓"}
+REFERENCE = "sft-soft"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--methods", default=",".join(METHODS),
-                     help="comma-separated methods to train (default: all four)")
+def parse_args(argv):
+    pre = argparse.ArgumentParser(prog="python -m shala.compare", add_help=False, allow_abbrev=False)
+    pre.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all four)")
+    pre.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds, one run per method and seed")
     pre.add_argument("--output-dir", default="runs/compare")
+    pre.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the confidence intervals")
     pre.add_argument("-h", "--help", action="store_true")
     known, rest = pre.parse_known_args(argv)
-    if known.help:
-        print(__doc__.strip() + "\n\nOptions: --methods M1,M2,... --output-dir DIR, then any option of "
-              "python -m shala.train (see python -m shala.train --help); --method is set per run.")
-        return {}
     methods = [m.strip() for m in known.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
@@ -54,40 +65,233 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     twice = sorted({m for m in methods if methods.count(m) > 1})
     if twice:
         raise ValueError(f"--methods lists {', '.join(twice)} twice: each method trains once, into its own folder")
-    if "--method" in rest:
-        raise ValueError("use --methods (plural) with shala.compare")
-    out = Path(known.output_dir)
+    if len(set(known.seeds)) != len(known.seeds):
+        raise ValueError(f"--seeds lists a seed twice: {known.seeds}")
+    for flag in ("--method", "--seed", "--resume"):
+        if any(a == flag or a.startswith(flag + "=") for a in rest):
+            raise ValueError(f"{flag} is set per cell by shala.compare (use --methods, --seeds; finished cells are "
+                             "kept and unfinished ones resume by themselves)")
+    if known.resamples < 100:
+        raise ValueError(f"--resamples must be >= 100, got {known.resamples}")
+    known.methods = methods
+    return known, rest
+
+
+def _cell_config(rest, method, seed, out: Path, eval_before: bool):
+    cfg = load_config([*rest, "--method", method, "--seed", str(seed), "--output-dir", str(out)]
+                      + ([] if eval_before else ["--no-eval-before"]))
+    run = RunDir(out)
+    summary = run.read_json("summary.json")
+    if summary and summary.get("run_id") == cfg.run_id() and (out / "eval_after.json").exists():
+        return cfg, True  # finished: read, never retrained
+    if run.holdings() and not cfg.overwrite:
+        saved = run.read_json("config.json")
+        if saved is not None and not cfg.resume_conflicts(saved):
+            cfg.resume = "auto"  # this very cell, killed before it finished
+    return cfg, False
+
+
+def run_cells(args, rest, dist) -> dict:
+    """Train (or read) every cell; return ``{method: {seed: cell directory}}`` and write base.json."""
     from shala.train import Trainer
 
-    columns, seconds, base = {}, {}, None
+    out = Path(args.output_dir)
+    base_file = out / "base.json"
+    cells = {}
+    for method in args.methods:
+        cells[method] = {}
+        for seed in args.seeds:
+            cell = out / method / f"seed-{seed}"
+            cfg, finished = _cell_config(rest, method, seed, cell, eval_before=not base_file.exists())
+            if not finished:
+                log.info("compare: training %s, seed %d, into %s", method, seed, cell)
+                summary = Trainer(cfg, dist).fit()
+                if summary.get("interrupted"):
+                    raise KeyboardInterrupt(f"interrupted in {cell}; run the same command again to resume")
+            else:
+                log.info("compare: %s, seed %d is done (%s)", method, seed, cell)
+            if dist.is_main and not base_file.exists() and (cell / "eval_before.json").exists():
+                base = {name.removeprefix("eval_before").lstrip("-") or "held-out": json.loads(p.read_text())
+                        for p in sorted(cell.glob("eval_before*.json")) for name in [p.stem]}
+                write_json(base_file, base)
+            cells[method][seed] = cell
+    return cells
+
+
+def _read_sets(cell: Path) -> dict:
+    """``{eval set: result}`` of a finished cell (held-out first)."""
+    sets = {"held-out": json.loads((cell / "eval_after.json").read_text())}
+    for path in sorted(cell.glob("eval_after-*.json")):
+        sets[path.stem.removeprefix("eval_after-")] = json.loads(path.read_text())
+    return sets
+
+
+def _predictions(result: dict) -> tuple:
+    q = torch.tensor([r["q"] for r in result["predictions"]], dtype=torch.float64)
+    p = torch.tensor([r["p"] for r in result["predictions"]], dtype=torch.float64)
+    return q, p
+
+
+def summarize_set(name: str, per_method: dict, base: Optional[dict], resamples: int) -> dict:
+    """The statistics of one evaluation set: ``per_method`` maps method -> list of seed results."""
+    first = next(iter(per_method.values()))[0]
+    q, _ = _predictions(first)
+    n, k = q.shape
+    prior = torch.tensor(first["prior"], dtype=torch.float64).expand(n, k)
+    levels, cuts, _ = metrics.ambiguity_levels(q)
+    items = {}
+    rows = {}
+    for method, results in per_method.items():
+        ps = torch.stack([_predictions(r)[1] for r in results])  # [S, n, K]
+        if any(not torch.equal(_predictions(r)[0], q) for r in results):
+            raise ValueError(f"compare: the {name} items differ between the runs of {method}; every cell must be "
+                             "evaluated on the same items (same --split-seed and --eval-dataset)")
+        per_seed = [metrics.distribution_metrics(q, p) for p in ps]
+        jsd = torch.stack([metrics.jsd_per_item(q, p) for p in ps])  # [S, n]
+        own = torch.stack([metrics.jsd_per_item(q, p.mean(0, keepdim=True).expand_as(p)) for p in ps])
+        items[method] = jsd
+        row = {"seeds": len(results)}
+        for m in METRICS:
+            values = torch.tensor([s[m] for s in per_seed], dtype=torch.float64)
+            row[m] = {"mean": float(values.mean()), "std": float(values.std(unbiased=True)) if len(values) > 1 else 0.0,
+                      "per_seed": values.tolist()}
+        row["vs_label_prior"] = metrics.paired_difference(jsd, metrics.jsd_per_item(q, prior).unsqueeze(0),
+                                                          resamples=resamples)
+        row["input_dependence_gap"] = metrics.paired_difference(own, jsd, resamples=resamples)
+        row["by_level"] = {lv: float(jsd[:, levels == i].mean()) for i, lv in enumerate(metrics.LEVELS)
+                           if (levels == i).any()}
+        row["by_level_std"] = {lv: float(jsd[:, levels == i].mean(1).std(unbiased=True)) if len(ps) > 1 else 0.0
+                               for i, lv in enumerate(metrics.LEVELS) if (levels == i).any()}
+        rows[method] = row
+    if REFERENCE in items:
+        for method, jsd in items.items():
+            if method != REFERENCE and jsd.shape == items[REFERENCE].shape:
+                rows[method]["vs_sft_soft"] = metrics.paired_difference(jsd, items[REFERENCE], resamples=resamples)
+    constants = {"uniform": torch.full((n, k), 1.0 / k, dtype=torch.float64), "label prior": prior}
+    fixed = {}
+    for label, p in constants.items():
+        fixed[label] = _fixed_row(q, p, levels, prior, resamples)
+    if base is not None and name in base:
+        bq, bp = _predictions(base[name])
+        if torch.equal(bq, q):
+            fixed["base model"] = _fixed_row(q, bp, levels, prior, resamples)
+    return {"n": n, "cut_points": cuts, "methods": rows, "fixed": fixed}
+
+
+def _fixed_row(q, p, levels, prior, resamples) -> dict:
+    """A prediction that does not depend on a seed (a baseline or the base model)."""
+    m = metrics.distribution_metrics(q, p)
+    jsd = metrics.jsd_per_item(q, p)
+    row = {k: {"mean": m[k], "std": 0.0} for k in METRICS}
+    row["vs_label_prior"] = metrics.paired_difference(jsd.unsqueeze(0), metrics.jsd_per_item(q, prior).unsqueeze(0),
+                                                      resamples=resamples)
+    own = metrics.jsd_per_item(q, p.mean(0, keepdim=True).expand_as(p))
+    row["input_dependence_gap"] = metrics.paired_difference(own.unsqueeze(0), jsd.unsqueeze(0), resamples=resamples)
+    row["by_level"] = {lv: float(jsd[levels == i].mean()) for i, lv in enumerate(metrics.LEVELS) if (levels == i).any()}
+    return row
+
+
+def _num(x: float) -> str:
+    return "inf" if math.isinf(x) else f"{x:.4f}"
+
+
+def _diff(d: Optional[dict]) -> str:
+    if not d:
+        return ""
+    return f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]" + (" *" if d["excludes_zero"] else "")
+
+
+def markdown(name: str, stats: dict, seeds: list) -> str:
+    n_seeds = len(seeds)
+    lines = [f"### {name} (n = {stats['n']}; {n_seeds} seed(s): {', '.join(map(str, seeds))})", "",
+             "| model | " + " | ".join(HEADERS[m] for m in METRICS)
+             + " | ΔJSD vs label prior [95% CI] | ΔJSD vs sft-soft [95% CI] | input-dependence gap [95% CI] |",
+             "|---" * (len(METRICS) + 4) + "|"]
+    for label, row in [*stats["methods"].items(), *stats["fixed"].items()]:
+        cells = []
+        for m in METRICS:
+            cell = _num(row[m]["mean"])
+            if row.get("seeds", 1) > 1 and not math.isinf(row[m]["mean"]):
+                cell += f" ± {row[m]['std']:.4f}"
+            cells.append(cell)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_diff(row.get('vs_label_prior'))} | "
+                     f"{_diff(row.get('vs_sft_soft'))} | {_diff(row.get('input_dependence_gap'))} |")
+    cuts = ", ".join(f"{c:.3f}" for c in stats["cut_points"])
+    lines += ["", f"JSD by ambiguity level (thirds by H(q)/ln K; cut points {cuts}):", "",
+              "| model | " + " | ".join(metrics.LEVELS) + " |", "|---" * (len(metrics.LEVELS) + 1) + "|"]
+    for label, row in [*stats["methods"].items(), *stats["fixed"].items()]:
+        std = row.get("by_level_std", {})
+        cells = [_num(row["by_level"][lv]) + (f" ± {std[lv]:.4f}" if lv in std and row.get("seeds", 1) > 1 else "")
+                 for lv in metrics.LEVELS if lv in row["by_level"]]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(all_stats: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(all_stats), figsize=(6.5 * len(all_stats), 4.2), squeeze=False)
+    for ax, (name, stats) in zip(axes[0], all_stats.items()):
+        rows = {**stats["methods"], **stats["fixed"]}
+        groups = ["all", *metrics.LEVELS]
+        width = 0.8 / len(rows)
+        for i, (label, row) in enumerate(rows.items()):
+            means = [row["jsd"]["mean"], *[row["by_level"].get(lv, math.nan) for lv in metrics.LEVELS]]
+            errs = [row["jsd"]["std"], *[row.get("by_level_std", {}).get(lv, 0.0) for lv in metrics.LEVELS]]
+            xs = [g + (i - (len(rows) - 1) / 2) * width for g in range(len(groups))]
+            ax.bar(xs, means, width, yerr=errs, capsize=2, label=label)
+        ax.set_xticks(range(len(groups)), ["all items", "low ambiguity", "mid", "high ambiguity"])
+        ax.set_ylabel("JS distance to the annotators (lower is better)")
+        ax.set_title(f"{name} (n = {stats['n']}); error bars: std over seeds")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = parse_args(argv)
+    if args.help:
+        print(__doc__.strip() + "\n\nOptions: --methods M1,M2,... --seeds S1 S2 ... --output-dir DIR --resamples N, "
+              "then any option of python -m shala.train (see python -m shala.train --help).")
+        return {}
+    out = Path(args.output_dir)
     with Dist.from_env(None) as dist:
-        for i, method in enumerate(methods):
-            cfg = load_config([*rest, "--method", method, "--output-dir", str(out / method)]
-                              + ([] if i == 0 else ["--no-eval-before"]))
-            t0 = time.perf_counter()
-            summary = Trainer(cfg, dist).fit()
-            if dist.is_main:
-                if i == 0 and summary.get("before"):
-                    base = summary["before"]
-                    columns["base model"] = base
-                columns[method] = summary["after"]
-                seconds[method] = summary.get("train_seconds", time.perf_counter() - t0)
+        cells = run_cells(args, rest, dist)
     if not dist.is_main:
         return {}
-    ref = columns[methods[-1]]
-    columns["uniform"] = ref["baselines"]["uniform"]
-    columns["label prior"] = ref["baselines"]["label_prior"]
-    table = markdown(columns, seconds)
-    print(table)
-    (out / "comparison.md").write_text(table + "\n")
-    write_json(out / "comparison.json", {"columns": {k: {m: v[m] for m in ("n", *METRICS)} for k, v in columns.items()},
-                                         "train_seconds": seconds, "argv": list(argv or sys.argv[1:])})
-    return {"table": table, "columns": columns}
+    base = json.loads((out / "base.json").read_text()) if (out / "base.json").exists() else None
+    results = {m: {s: _read_sets(c) for s, c in by_seed.items()} for m, by_seed in cells.items()}
+    set_names = list(next(iter(next(iter(results.values())).values())))
+    all_stats, tables = {}, []
+    for name in set_names:
+        per_method = {m: [by_seed[s][name] for s in args.seeds] for m, by_seed in results.items()}
+        all_stats[name] = summarize_set(name, per_method, base, args.resamples)
+        tables.append(markdown(name, all_stats[name], args.seeds))
+    seconds = {m: [json.loads((c / "summary.json").read_text()).get("train_seconds") for c in by_seed.values()]
+               for m, by_seed in cells.items()}
+    text = "\n\n".join(tables) + ("\n\nΔ: mean over seeds and items of the per-item difference in JSD, CI from a "
+                                  f"paired percentile bootstrap over items ({args.resamples} resamples) pooled "
+                                  "across seeds; * the CI excludes 0.\n")
+    print(text)
+    (out / "comparison.md").write_text(text)
+    write_json(out / "comparison.json", {"sets": all_stats, "seeds": args.seeds, "methods": args.methods,
+                                         "train_seconds": seconds, "argv": argv})
+    plot(all_stats, out / "comparison.png")
+    return {"table": text, "sets": all_stats}
 
 
 if __name__ == "__main__":
     try:
         main()
-    except ValueError as e:
+    except (ValueError, FileNotFoundError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
+    except KeyboardInterrupt as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        raise SystemExit(130)

@@ -47,7 +47,9 @@ class TrainConfig:
     dataset: str = _f(DEFAULT_DATASET, "KIND:PATH, or 'bundled' for the ChaosNLI-SNLI subset shipped with SHALA")
     data_option: list = _f(None, "KEY=VALUE option of the dataset kind (repeatable)", action="append", metavar="KEY=VALUE")
     skip_invalid: bool = _f(False, "drop malformed rows (counted and reported) instead of stopping")
-    eval_dataset: Optional[str] = _f(None, "evaluate on this KIND:PATH (all rows) instead of the held-out split")
+    eval_dataset: list = _f(None, "another evaluation set besides the held-out split, NAME=KIND:PATH or KIND:PATH "
+                                  "(all its rows; repeatable), e.g. a transfer set from another source: "
+                                  "bundled:ambient-crowd", action="append", metavar="[NAME=]KIND:PATH")
     eval_fraction: float = _f(0.2, "share of the dataset held out for evaluation")
     train_limit: Optional[int] = _f(None, "use at most N training rows")
     eval_limit: Optional[int] = _f(None, "evaluate on at most N held-out rows")
@@ -57,7 +59,9 @@ class TrainConfig:
                                        "reported) instead of stopping with an error")
     output_dir: str = _f("runs/shala", "where metrics, plots, checkpoints and the final adapter go")
     method: str = _f("shala", "shala | grpo-accuracy | sft-majority | sft-soft", choices=METHODS)
-    seed: int = _f(0, "seed of the split, data order, sampling and LoRA init")
+    seed: int = _f(0, "training seed: data order, sampling and LoRA init")
+    split_seed: int = _f(0, "seed of the train/held-out split (apart from --seed, so that runs of several seeds "
+                            "are evaluated on the same items)")
 
     # rollouts
     form: str = _f("answer", "rollout form: 'answer' (the answer token alone, drawn G times from one forward per "
@@ -204,7 +208,8 @@ class TrainConfig:
         terms = self.reward_weights()
         for mode, weight in terms.items():
             if weight <= 0:
-                raise ValueError(f"--reward {mode}={weight:g}: a reward weight must be > 0 (leave the term out instead)")
+                raise ValueError(f"--reward {mode}={weight:g}: a reward weight must be > 0 "
+                                 "(leave the term out instead)")
         if self.method in RL_METHODS and self.group_size < 2:
             raise ValueError(f"--group-size {self.group_size}: advantages are rewards minus their group's mean, so "
                              f"a group of one rollout has advantage 0 and {self.method} would learn nothing; use >= 2")

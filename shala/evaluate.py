@@ -3,8 +3,10 @@
 ``python -m shala.evaluate --dataset KIND:PATH`` reads ``p`` at the answer slot
 (prompt, then the answer cue; no sampling) for every item and reports JSD
 (distance, natural log, as ``scipy.spatial.distance.jensenshannon(q, p)``),
-KL(q||p), accuracy and macro-F1 against the majority label, beside the uniform
-and label-prior baselines. The label prior is fitted on the train part of the
+KL(q||p), accuracy and macro-F1 against the majority label, the Bhattacharyya
+coefficient and total variation, beside the uniform and label-prior baselines;
+with 95% bootstrap confidence intervals, every metric by ambiguity level, and
+the input-dependence check (:func:`shala.metrics.evaluation_report`). The label prior is fitted on the train part of the
 same seeded split when ``--split eval``, on the evaluated rows otherwise.
 """
 
@@ -35,7 +37,7 @@ from shala.prompts import PromptBuilder, fit_prompts
 
 log = logging.getLogger("shala.evaluate")
 
-__all__ = ["predict", "evaluate_dataset", "evaluate_sharded", "format_table", "write_json", "main"]
+__all__ = ["predict", "evaluate_dataset", "evaluate_sharded", "format_table", "format_report", "write_json", "main"]
 
 
 @torch.no_grad()
@@ -65,10 +67,12 @@ def predict(model, builder: PromptBuilder, rows, *, batch_size: int = 16, progre
 
 
 def evaluate_dataset(model, builder: PromptBuilder, rows, *, prior: Sequence[float], batch_size: int = 16,
-                     progress: bool = True, desc: str = "eval", precomputed=None) -> dict:
+                     progress: bool = True, desc: str = "eval", precomputed=None, resamples: int = 2000) -> dict:
     """Metrics of the model and of the baselines on ``rows`` (a dataset in the SHALA schema).
 
     ``precomputed``: ``(p, label_mass)`` already predicted (e.g. gathered from several processes).
+    The result is :func:`shala.metrics.evaluation_report` (CIs from ``resamples`` bootstrap
+    resamples, ambiguity levels, input dependence) plus the baselines and every item's q and p.
     """
     t0 = time.perf_counter()
     if precomputed is None:
@@ -76,7 +80,7 @@ def evaluate_dataset(model, builder: PromptBuilder, rows, *, prior: Sequence[flo
     else:
         p, mass = precomputed
     q = torch.tensor(list(rows["probs"]), dtype=torch.float64)
-    result = metrics.distribution_metrics(q, p)
+    result = metrics.evaluation_report(q, p, resamples=resamples)
     result["label_mass"] = float(mass.mean())
     result["baselines"] = metrics.baselines(q, prior)
     result["prior"] = list(prior)
@@ -109,7 +113,7 @@ def evaluate_sharded(model, builder: PromptBuilder, rows, *, prior: Sequence[flo
 def format_table(columns: dict) -> str:
     """A plain-text table: one column per named result (each a metrics dict), one row per metric."""
     names = list(columns)
-    keys = ["jsd", "kl", "accuracy", "macro_f1"]
+    keys = ["jsd", "kl", "accuracy", "macro_f1", "bc", "tv"]
     width = max(12, *(len(n) for n in names))
     lines = ["metric".ljust(10) + "".join(n.rjust(width + 2) for n in names)]
     for k in keys:
@@ -120,6 +124,26 @@ def format_table(columns: dict) -> str:
         lines.append(k.ljust(10) + "".join(cells))
     lines.append("n".ljust(10) + "".join(str(columns[n].get("n", "-")).rjust(width + 2) for n in names))
     return "\n".join(lines)
+
+
+def format_report(result: dict) -> str:
+    """The confidence intervals, ambiguity levels and input-dependence check of an evaluation, as text."""
+    ci = result["ci"]
+    lines = ["95% CI: " + ", ".join(f"{k} [{_num(ci[k][0])}, {_num(ci[k][1])}]" for k in ci)]
+    levels = result["by_level"]
+    cuts = ", ".join(f"{c:.3f}" for c in levels["cut_points"])
+    lines.append(f"by ambiguity H(q)/ln K (cut points {cuts}): " + "; ".join(
+        f"{name} n={levels[name]['n']} JSD {levels[name]['jsd']:.4f} acc {levels[name]['accuracy']:.3f}"
+        for name in metrics.LEVELS if name in levels))
+    dep = result["input_dependence"]
+    verdict = "depends on the input" if dep["gap_ci"][0] > 0 else "no dependence on the input shown"
+    lines.append(f"input dependence: JSD of the model's own mean prediction {dep['jsd_own_mean']:.4f}, gap "
+                 f"{dep['gap']:+.4f} [{dep['gap_ci'][0]:+.4f}, {dep['gap_ci'][1]:+.4f}] ({verdict})")
+    return "\n".join(lines)
+
+
+def _num(v: float) -> str:
+    return "inf" if math.isinf(v) else f"{v:.4f}"
 
 
 def load_eval_rows(spec: str, *, split: str, seed: int, eval_fraction: float, options: dict,
@@ -164,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the longest prompt allowed (default: the model's context length less one)")
     p.add_argument("--truncate-prompts", action="store_true",
                    help="cut the longest input field of a prompt over the limit instead of stopping")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the confidence intervals")
     p.add_argument("--output", default=None, help="write the metrics (and per-item p) to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -175,6 +200,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     default_threads()
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.resamples < 100:
+        raise ValueError(f"--resamples must be >= 100, got {args.resamples}")
     check_device(args.device)
     if args.output:
         check_output_file(args.output, option="--output")
@@ -195,12 +222,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             rows = rows.map(lambda r, i: {"inputs": inputs[i]}, with_indices=True)
     model = load_model(args.model, dtype=args.dtype, adapter=args.adapter, device=args.device)
     result = evaluate_dataset(model, builder, rows, prior=shala_data.label_prior(prior_rows),
-                              batch_size=args.batch_size, progress=not args.no_progress)
+                              batch_size=args.batch_size, progress=not args.no_progress, resamples=args.resamples)
     result.update(model=args.model, adapter=args.adapter, dataset=args.dataset, split=args.split, seed=args.seed,
                   prior_fitted_on="train split" if args.split == "eval" else "evaluated rows")
     name = "model" if args.adapter is None else "model+adapter"
     print(format_table({name: result, "uniform": result["baselines"]["uniform"],
                         "label prior": result["baselines"]["label_prior"]}))
+    print(format_report(result))
     if args.output:
         write_json(args.output, result)
         print(f"wrote {args.output}")

@@ -48,14 +48,20 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor, *
 
 def jsd_term(slot_logits: torch.Tensor, label_ids, q: torch.Tensor, weights: Optional[torch.Tensor], *,
              n_rows: int, normalize: str = "labels", mass_weight: float = 0.0) -> tuple:
-    """Weighted JS divergence of the label distributions at ``slot_logits`` [s, V] to ``q`` [s, K], summed / ``n_rows``."""
+    """Weighted JS divergence of the label distributions at ``slot_logits`` [s, V] to ``q`` [s, K].
+
+    Summed over rows, divided by ``n_rows``.
+    """
     loss = label_jsd_loss(slot_logits, label_ids, q.to(slot_logits.dtype), weights=weights, reduction="sum",
                           normalize=normalize, mass_weight=mass_weight) / n_rows
     return loss, {"aux_jsd": float(loss.detach())}
 
 
 def majority_label_loss(slot_logits: torch.Tensor, label_ids: torch.Tensor, q: torch.Tensor, *, n_rows: int) -> tuple:
-    """Cross-entropy of the majority label's token (first class on ties) at ``slot_logits`` [s, V], summed / ``n_rows``."""
+    """Cross-entropy of the majority label's token (first class on ties) at ``slot_logits`` [s, V].
+
+    Summed over rows, divided by ``n_rows``.
+    """
     gold = label_ids[q.argmax(-1)]  # [s]
     loss = F.cross_entropy(slot_logits, gold, reduction="sum") / n_rows
     return loss, {"loss": float(loss.detach())}

@@ -8,6 +8,15 @@
   Ties (in q or in p) go to the class listed first in the dataset's label
   order, so results never depend on sort stability. Macro-F1 averages over the
   classes that occur as gold or as prediction (scikit-learn's default).
+* ``bc``: the Bhattacharyya coefficient ``sum_k sqrt(p_k q_k)`` (1: identical),
+  and ``tv``: total variation ``1/2 sum_k |p_k - q_k|``, each averaged over items.
+
+:func:`evaluation_report` adds what a careful table needs: 95% bootstrap
+confidence intervals over items (seeded, vectorised), every metric by ambiguity
+level (thirds of the items by the entropy of q), and the input-dependence check:
+the model's own mean prediction used as a constant for every item. A model that
+learned per-item distributions beats its own mean (a positive gap); one that
+learned only the label marginal does not.
 """
 
 from __future__ import annotations
@@ -19,7 +28,12 @@ import torch
 
 from shala.divergence import js_divergence
 
-__all__ = ["distribution_metrics", "jsd_per_item", "kl_per_item", "majority", "macro_f1", "baselines"]
+__all__ = ["distribution_metrics", "jsd_per_item", "kl_per_item", "tv_per_item", "bc_per_item", "majority", "macro_f1",
+           "baselines", "bootstrap_indices", "percentile_ci", "resampled_macro_f1", "ambiguity_levels",
+           "evaluation_report", "paired_difference", "LEVELS"]
+
+CI_METRICS = ("jsd", "kl", "accuracy", "macro_f1", "bc", "tv")
+LEVELS = ("low", "mid", "high")  # ambiguity thirds: high agreement first
 
 
 def _as_probs(x, name: str) -> torch.Tensor:
@@ -45,6 +59,18 @@ def kl_per_item(q, p) -> torch.Tensor:
     q, p = _as_probs(q, "q"), _as_probs(p, "p")
     ratio = torch.where(q > 0, q * (q.log() - p.log()), torch.zeros_like(q))
     return ratio.sum(-1)
+
+
+def tv_per_item(q, p) -> torch.Tensor:
+    """Total variation ``1/2 sum |p - q|`` per item (0: identical, 1: disjoint)."""
+    q, p = _as_probs(q, "q"), _as_probs(p, "p")
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def bc_per_item(q, p) -> torch.Tensor:
+    """Bhattacharyya coefficient ``sum sqrt(p q)`` per item (1: identical, 0: disjoint)."""
+    q, p = _as_probs(q, "q"), _as_probs(p, "p")
+    return (p * q).sqrt().sum(-1)
 
 
 def majority(probs: torch.Tensor) -> torch.Tensor:
@@ -82,6 +108,8 @@ def distribution_metrics(q, p) -> dict:
         "kl": float(kl.mean()) if torch.isfinite(kl).all() else math.inf,
         "accuracy": float((gold == pred).double().mean()),
         "macro_f1": macro_f1(gold, pred, q.shape[1]),
+        "bc": float(bc_per_item(q, p).mean()),
+        "tv": float(tv_per_item(q, p).mean()),
     }
 
 
@@ -96,3 +124,108 @@ def baselines(q, prior: Sequence[float]) -> dict:
         "uniform": distribution_metrics(q, torch.full((n, k), 1.0 / k, dtype=torch.float64)),
         "label_prior": distribution_metrics(q, prior_t.expand(n, k)),
     }
+
+
+# ---- statistics: bootstrap intervals, ambiguity levels, input dependence ----
+
+
+def bootstrap_indices(n: int, *, resamples: int = 2000, seed: int = 0) -> torch.Tensor:
+    """``[resamples, n]`` item indices drawn with replacement (seeded: the same draws for the same n and seed)."""
+    if n < 1:
+        raise ValueError("cannot resample an empty set of items")
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(n, (resamples, n), generator=g)
+
+
+def percentile_ci(stats: torch.Tensor, level: float = 0.95) -> list:
+    """The percentile interval ``[low, high]`` of resampled statistics ``stats`` [R]."""
+    stats = stats.double()
+    if not torch.isfinite(stats).all():
+        return [math.inf, math.inf] if (stats == math.inf).all() else [math.nan, math.nan]
+    tail = (1.0 - level) / 2
+    low, high = torch.quantile(stats, torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
+    return [float(low), float(high)]
+
+
+def resampled_macro_f1(gold: torch.Tensor, pred: torch.Tensor, idx: torch.Tensor, k: int,
+                       chunk: int = 256) -> torch.Tensor:
+    """Macro-F1 of each resample ``idx`` [R, n] of (gold, pred) [n], vectorised: ``[R]``."""
+    out = []
+    for part in torch.split(idx, chunk):
+        g = torch.nn.functional.one_hot(gold[part], k).bool()  # [r, n, K]
+        p = torch.nn.functional.one_hot(pred[part], k).bool()
+        tp, fp, fn = (g & p).sum(1), (~g & p).sum(1), (g & ~p).sum(1)  # [r, K]
+        seen = (tp + fp + fn) > 0
+        f1 = torch.where(seen, 2 * tp / (2 * tp + fp + fn).clamp_min(1), torch.zeros_like(tp, dtype=torch.float64))
+        out.append(f1.sum(1) / seen.sum(1).clamp_min(1))
+    return torch.cat(out)
+
+
+def ambiguity_levels(q) -> tuple:
+    """Items split into thirds by the ambiguity ``H(q) / ln K`` of their target: ``(level [n] in 0..2, cuts)``.
+
+    Thirds by rank (ties broken by item order), so the sizes differ by at most one;
+    ``cuts`` are the largest ambiguity of the low and of the mid third.
+    """
+    q = _as_probs(q, "q")
+    a = -torch.special.xlogy(q, q).sum(-1) / math.log(q.shape[1])
+    order = torch.argsort(a, stable=True)
+    level = torch.empty(len(a), dtype=torch.long)
+    parts = torch.tensor_split(order, 3)
+    for i, part in enumerate(parts):
+        level[part] = i
+    cuts = [float(a[part].max()) if len(part) else math.nan for part in parts[:2]]
+    return level, cuts, a
+
+
+def _per_item(q: torch.Tensor, p: torch.Tensor) -> dict:
+    return {"jsd": jsd_per_item(q, p), "kl": kl_per_item(q, p), "bc": bc_per_item(q, p), "tv": tv_per_item(q, p),
+            "accuracy": (majority(q) == majority(p)).double()}
+
+
+def _intervals(q, p, idx: torch.Tensor, level: float) -> dict:
+    items = _per_item(q, p)
+    ci = {k: percentile_ci(v[idx].mean(1), level) for k, v in items.items()}
+    ci["macro_f1"] = percentile_ci(resampled_macro_f1(majority(q), majority(p), idx, q.shape[1]), level)
+    return {k: ci[k] for k in CI_METRICS}
+
+
+def evaluation_report(q, p, *, resamples: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Metrics with bootstrap CIs, by ambiguity level, and the input-dependence check (see the module docstring).
+
+    Returns ``distribution_metrics`` plus ``ci`` ({metric: [low, high]}), ``by_level``
+    ({"low"|"mid"|"high": metrics with ``n`` and the level's ambiguity range}, and
+    ``cut_points``), and ``input_dependence``: the model's mean prediction, the JSD of
+    that constant, ``gap`` = JSD(own mean) - JSD(model) and its CI.
+    """
+    q, p = _as_probs(q, "q"), _as_probs(p, "p")
+    out = distribution_metrics(q, p)
+    idx = bootstrap_indices(len(q), resamples=resamples, seed=seed)
+    out["ci"] = _intervals(q, p, idx, level)
+    out["ci_method"] = f"percentile bootstrap over items, {resamples} resamples, seed {seed}, level {level}"
+    lv, cuts, a = ambiguity_levels(q)
+    out["by_level"] = {"cut_points": cuts}
+    for i, name in enumerate(LEVELS):
+        mask = lv == i
+        if mask.any():
+            out["by_level"][name] = {**distribution_metrics(q[mask], p[mask]),
+                                     "ambiguity": [float(a[mask].min()), float(a[mask].max())]}
+    mean = p.mean(0, keepdim=True).expand_as(p)
+    own = jsd_per_item(q, mean)
+    diff = own - jsd_per_item(q, p)  # [n]: > 0 where the input moved p toward q
+    out["input_dependence"] = {"mean_prediction": p.mean(0).tolist(), "jsd_own_mean": float(own.mean()),
+                               "gap": float(diff.mean()), "gap_ci": percentile_ci(diff[idx].mean(1), level)}
+    return out
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor, *, resamples: int = 2000, seed: int = 0,
+                      level: float = 0.95) -> dict:
+    """Mean of ``a - b`` over seeds and items, with a paired percentile-bootstrap CI over items.
+
+    ``a`` [S, n] per-item values of S seeds; ``b`` [S, n] or [1, n] (a baseline with one value per
+    item). Items are resampled, every seed's values of an item move together.
+    """
+    d = (a.double() - b.double()).mean(0)  # [n]: the seed mean per item
+    idx = bootstrap_indices(d.numel(), resamples=resamples, seed=seed)
+    ci = percentile_ci(d[idx].mean(1), level)
+    return {"mean": float(d.mean()), "ci": ci, "excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}

@@ -26,7 +26,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from shala.evaluate import format_table, write_json
+from shala.batches import HELD_OUT
+from shala.evaluate import format_report, format_table, write_json
 
 __all__ = ["RunDir", "OutputDirError"]
 
@@ -40,7 +41,7 @@ MARKERS = ("config.json", "metrics.jsonl", "checkpoints", "final", "summary.json
 class OutputDirError(ValueError):
     """An output directory that holds another run, or that cannot be written."""
 
-TABLE_METRICS = ("n", "jsd", "kl", "accuracy", "macro_f1")
+TABLE_METRICS = ("n", "jsd", "kl", "accuracy", "macro_f1", "bc", "tv")
 
 
 class RunDir:
@@ -128,6 +129,21 @@ class RunDir:
         if self.is_main:
             write_json(self.path / name, obj)
 
+    @staticmethod
+    def evaluation_file(prefix: str, name: str) -> str:
+        """``eval_after.json`` for the held-out split, ``eval_after-NAME.json`` for another set."""
+        return f"{prefix}.json" if name == HELD_OUT else f"{prefix}-{name}.json"
+
+    def read_evaluations(self, prefix: str) -> Optional[dict]:
+        """``{set: result}`` of the evaluations a run wrote (None when it wrote none)."""
+        held = self.read_json(f"{prefix}.json")
+        if held is None:
+            return None
+        found = {HELD_OUT: held}
+        for path in sorted(self.path.glob(f"{prefix}-*.json")):
+            found[path.stem.removeprefix(f"{prefix}-")] = json.loads(path.read_text())
+        return found
+
     def read_json(self, name: str) -> Optional[dict]:
         path = self.path / name
         return json.loads(path.read_text()) if path.exists() else None
@@ -161,27 +177,37 @@ class RunDir:
 
     def summarize(self, before: Optional[dict], after: Optional[dict], *, method: str, plot: bool,
                   extra: dict) -> Optional[str]:
-        """Print and write the table (base, trained, uniform, label prior) and the plots; return the table."""
+        """Print and write a table per evaluation set (base, trained, uniform, label prior) and the plots.
+
+        ``before`` and ``after`` map set names to results. Returns the printed text.
+        """
         if not self.is_main:
             return None
-        columns = {}
-        if before:
-            columns["base"] = before
-        if after:
-            columns[f"trained ({method})"] = after
-        ref = after or before
-        table = None
-        if ref:
+        before, after = before or {}, after or {}
+        texts, sets = [], {}
+        for name in dict.fromkeys([*after, *before]):
+            columns = {}
+            if name in before:
+                columns["base"] = before[name]
+            if name in after:
+                columns[f"trained ({method})"] = after[name]
+            ref = after.get(name) or before[name]
             columns["uniform"] = ref["baselines"]["uniform"]
             columns["label prior"] = ref["baselines"]["label_prior"]
-            table = format_table(columns)
+            texts.append(f"{name} (n = {ref['n']})\n{format_table(columns)}\n{format_report(ref)}")
+            sets[name] = {k: {m: v[m] for m in TABLE_METRICS if m in v} for k, v in columns.items()}
+            for k in ("base", f"trained ({method})"):
+                if k in columns:
+                    sets[name][k].update(ci=columns[k]["ci"], input_dependence=columns[k]["input_dependence"])
+        table = "\n\n".join(texts) if texts else None
+        if table:
             print(table)
-        rows = {k: {m: v[m] for m in TABLE_METRICS} for k, v in columns.items()}
-        write_json(self.path / "summary.json", {**extra, **({"table": table} if table else {}), **rows})
+        write_json(self.path / "summary.json", {**extra, **({"table": table} if table else {}), "sets": sets,
+                                                **sets.get(HELD_OUT, {})})
         if plot:
             from shala import plots
 
             plots.training_curves(self.metrics, self.path / "training.png")
-            if after:
-                plots.predictions(before, after, self.path / "predictions.png")
+            if HELD_OUT in after:
+                plots.predictions(before.get(HELD_OUT), after[HELD_OUT], self.path / "predictions.png")
         return table

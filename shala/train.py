@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from shala import checkpoint as ckpt
 from shala.advantages import group_advantages
-from shala.batches import Batch, PromptSampler, TrainData
+from shala.batches import HELD_OUT, Batch, PromptSampler, TrainData
 from shala.choices import RL_METHODS
 from shala.config import TrainConfig, load_config
 from shala.distributed import Dist
@@ -183,11 +183,8 @@ class Trainer:
     def _fit(self, stop_after: Optional[int]) -> dict:
         cfg, dist, run, state = self.cfg, self.dist, self.run, self.state
         state.begin(cfg, run)
-        summary = {}
-        if cfg.eval_before and state.step == 0:
-            summary["before"] = self.evaluate("eval_before")
-        else:
-            summary["before"] = run.read_json("eval_before.json")
+        before = self.evaluate("eval_before") if cfg.eval_before and state.step == 0 else run.read_evaluations(
+            "eval_before")
         shown = ("reward", "slot_jsd") if cfg.method in RL_METHODS else ("loss", "slot_jsd")  # RL loss is ~0
         start_step, t_start = state.step, time.perf_counter()
         with GracefulStop() as stop, tqdm(total=cfg.steps, initial=state.step, desc=cfg.method,
@@ -216,10 +213,11 @@ class Trainer:
             "base_model": cfg.model, "task": self.data.task, "label_names": self.data.label_names,
             "method": cfg.method, "form": cfg.form, "steps": state.step})
         dist.barrier()
-        if cfg.eval_after:
-            summary["after"] = self.evaluate("eval_after")
+        after = self.evaluate("eval_after") if cfg.eval_after else None
         out["adapter_checksums"] = dist.gather_object(self.policy.checksum())
-        table = run.summarize(summary["before"], summary.get("after"), method=cfg.method, plot=cfg.plot, extra=out)
+        table = run.summarize(before, after, method=cfg.method, plot=cfg.plot, extra=out)
+        summary = {"before": (before or {}).get(HELD_OUT), "after": (after or {}).get(HELD_OUT),
+                   "evaluations": {"before": before, "after": after}}
         return {**summary, **out, **({"table": table} if table else {})}
 
     def _log(self, metrics: dict) -> None:
@@ -231,13 +229,15 @@ class Trainer:
             self.state.metrics_lines += 1
         self.last_metrics = metrics
 
-    def evaluate(self, name: str) -> Optional[dict]:
-        """Evaluate on the held-out rows, sharded across processes; the main process returns the result."""
-        result = evaluate_sharded(self.policy.core, self.builder, self.data.eval_rows, prior=self.data.prior,
-                                  dist=self.dist, batch_size=self.cfg.eval_batch_size, progress=self.cfg.progress,
-                                  desc=name)
-        self.run.write_json(f"{name}.json", result)
-        return result
+    def evaluate(self, prefix: str) -> Optional[dict]:
+        """``{set: result}`` for every evaluation set, sharded across processes (the main process gets it)."""
+        results = {}
+        for name, rows in self.data.eval_sets.items():
+            results[name] = evaluate_sharded(self.policy.core, self.builder, rows, prior=self.data.prior,
+                                             dist=self.dist, batch_size=self.cfg.eval_batch_size,
+                                             progress=self.cfg.progress, desc=f"{prefix} {name}")
+            self.run.write_json(self.run.evaluation_file(prefix, name), results[name])
+        return results if self.dist.is_main else None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

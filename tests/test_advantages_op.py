@@ -196,7 +196,8 @@ def test_bad_input_messages(case):
 
 def test_python_only_checks():
     # a value check reads the weights, which the op never does (no host sync on a GPU)
-    with pytest.raises(ValueError, match=r"weights must be >= 0 \(a non-finite one flags its group\); group 1 has -0\.5"):
+    message = r"weights must be >= 0 \(a non-finite one flags its group\); group 1 has -0\.5"
+    with pytest.raises(ValueError, match=message):
         shala.group_advantages(torch.rand(8), 4, weights=torch.tensor([1.0, -0.5]))
     out = shala.group_advantages(torch.rand(8), 4, weights=torch.tensor([1.0, float("nan")]))
     assert out.valid.tolist() == [True, False]  # a non-finite weight flags its group, as documented

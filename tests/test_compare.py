@@ -1,4 +1,4 @@
-"""python -m shala.compare: several methods, one table, on a tiny model."""
+"""python -m shala.compare: several methods and seeds, one table with CIs, resumable, on a tiny model."""
 
 import json
 
@@ -9,23 +9,47 @@ from tests.test_train import FAST
 from tests.tiny import save_tiny
 
 
-def test_compare_two_methods_one_table(tmp_path):
+def test_compare_two_methods_two_seeds_one_table_and_resume(tmp_path, monkeypatch):
     model = save_tiny(tmp_path / "tiny")
-    res = compare.main(["--methods", "shala,sft-soft", "--output-dir", str(tmp_path / "cmp"), "--model", model,
-                        *FAST, "--steps", "2", "--no-plot"])
-    table = (tmp_path / "cmp" / "comparison.md").read_text()
-    for name in ("base model", "shala", "sft-soft", "uniform", "label prior"):
-        assert f"| {name} |" in table
-    data = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
-    assert set(data["columns"]) == {"base model", "shala", "sft-soft", "uniform", "label prior"}
-    assert len({c["n"] for c in data["columns"].values()}) == 1  # the same held-out items for every column
-    assert res["table"] == table.strip()
-    assert not (tmp_path / "cmp" / "sft-soft" / "eval_before.json").exists()  # the base model is evaluated once
+    out = tmp_path / "cmp"
+    argv = ["--methods", "shala,sft-soft", "--seeds", "0", "1", "--output-dir", str(out), "--model", model, *FAST,
+            "--steps", "2", "--no-plot", "--resamples", "200"]
+    res = compare.main(argv)
+    table = (out / "comparison.md").read_text()
+    for name in ("shala", "sft-soft", "base model", "uniform", "label prior", "ΔJSD vs label prior",
+                 "input-dependence gap", "JSD by ambiguity level"):
+        assert name in table, name
+    data = json.loads((out / "comparison.json").read_text())
+    held = data["sets"]["held-out"]
+    assert set(held["methods"]) == {"shala", "sft-soft"} and held["methods"]["shala"]["seeds"] == 2
+    assert len(held["methods"]["shala"]["jsd"]["per_seed"]) == 2
+    assert "vs_sft_soft" in held["methods"]["shala"] and "vs_label_prior" in held["fixed"]["base model"]
+    assert set(held["methods"]["shala"]["by_level"]) == {"low", "mid", "high"}
+    assert (out / "comparison.png").stat().st_size > 1000
+    assert res["table"] == table
+    # the base model was evaluated once, in the first cell only
+    assert sorted(p.parent.name for p in out.glob("*/seed-*/eval_before.json")) == ["seed-0"]
+    # a second call retrains nothing; a cell that did not finish resumes
+    from shala import train
+
+    trained = []
+    real = train.Trainer.fit
+    monkeypatch.setattr(train.Trainer, "fit", lambda self, *a, **k: (trained.append(str(self.run.path)),
+                                                                      real(self, *a, **k))[1])
+    compare.main(argv)
+    assert trained == []
+    (out / "sft-soft" / "seed-1" / "summary.json").unlink()
+    again = compare.main(argv)
+    assert trained == [str(out / "sft-soft" / "seed-1")]
+    assert again["sets"]["held-out"]["methods"]["shala"]["jsd"] == held["methods"]["shala"]["jsd"]
 
 
 @pytest.mark.parametrize("argv, message", [(["--methods", "shala,ppo"], "--methods must list"),
                                            (["--methods", "shala,sft-soft,shala"], "--methods lists shala twice"),
-                                           (["--method", "shala"], "use --methods")])
+                                           (["--seeds", "0", "0"], "--seeds lists a seed twice"),
+                                           (["--method", "shala"], "--method is set per cell"),
+                                           (["--seed", "3"], "--seed is set per cell"),
+                                           (["--resume", "auto"], "--resume is set per cell")])
 def test_compare_errors(argv, message):
     with pytest.raises(ValueError, match=message):
         compare.main(argv)

@@ -21,8 +21,17 @@ def test_evaluate_cli_writes_metrics_that_agree_with_scipy(tiny_dir, tmp_path, c
     result = evaluate.main(["--model", tiny_dir, "--limit", "12", "--batch-size", "5", "--output", str(out),
                             "--no-progress"])
     printed = capsys.readouterr().out
-    assert "jsd" in printed and "label prior" in printed
+    for words in ("jsd", "label prior", "bc ", "tv ", "95% CI: jsd [", "by ambiguity H(q)/ln K (cut points",
+                  "low n=4", "mid n=4", "high n=4", "input dependence: JSD of the model's own mean prediction"):
+        assert words in printed, words
     saved = json.loads(out.read_text())
+    for key in ("bc", "tv", "ci", "by_level", "input_dependence"):
+        assert key in saved, key
+    assert set(saved["ci"]) == {"jsd", "kl", "accuracy", "macro_f1", "bc", "tv"}
+    assert saved["ci"]["jsd"][0] <= saved["jsd"] <= saved["ci"]["jsd"][1]
+    assert set(saved["by_level"]) == {"cut_points", "low", "mid", "high"}
+    dep = saved["input_dependence"]
+    assert dep["gap"] == pytest.approx(dep["jsd_own_mean"] - saved["jsd"])
     for key in ("n", "jsd", "kl", "accuracy", "macro_f1"):
         assert saved[key] == result[key]
     assert saved["n"] == 12

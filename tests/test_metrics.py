@@ -75,3 +75,62 @@ def test_baselines():
 def test_metric_errors(q, p, message):
     with pytest.raises(ValueError, match=message):
         M.distribution_metrics(q, p)
+
+
+# ---- the statistics of issue "evaluation you can trust" ----
+
+
+def test_bootstrap_ci_of_a_mean_matches_the_normal_theory_interval():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, generator=g, dtype=torch.float64) * 2.0 + 5.0
+    idx = M.bootstrap_indices(len(x), resamples=4000, seed=3)
+    low, high = M.percentile_ci(x[idx].mean(1))
+    half = 1.959964 * x.std(unbiased=True).item() / math.sqrt(len(x))  # the closed-form 95% interval
+    assert low == pytest.approx(x.mean().item() - half, abs=0.03)
+    assert high == pytest.approx(x.mean().item() + half, abs=0.03)
+    assert torch.equal(idx, M.bootstrap_indices(len(x), resamples=4000, seed=3))  # seeded
+
+
+def test_resampled_macro_f1_equals_macro_f1_of_each_resample():
+    gold = torch.tensor([0, 1, 2, 2, 1, 0, 0, 2])
+    pred = torch.tensor([0, 2, 2, 1, 1, 0, 1, 2])
+    idx = M.bootstrap_indices(8, resamples=50, seed=0)
+    fast = M.resampled_macro_f1(gold, pred, idx, 3, chunk=7)
+    slow = torch.tensor([M.macro_f1(gold[i], pred[i], 3) for i in idx], dtype=torch.float64)
+    torch.testing.assert_close(fast, slow)
+
+
+def test_ambiguity_levels_on_a_hand_made_set():
+    q = torch.tensor([[1.0, 0, 0], [1 / 3, 1 / 3, 1 / 3], [0.9, 0.1, 0], [0.5, 0.5, 0], [0.6, 0.2, 0.2],
+                      [0.98, 0.01, 0.01]], dtype=torch.float64)
+    level, cuts, a = M.ambiguity_levels(q)
+    assert level.tolist() == [0, 2, 1, 1, 2, 0]  # thirds by H(q)/ln K
+    assert cuts == [pytest.approx(a[5].item()), pytest.approx(a[3].item())]
+    report = M.evaluation_report(q, q, resamples=200)
+    assert [report["by_level"][k]["n"] for k in M.LEVELS] == [2, 2, 2]
+    assert report["by_level"]["low"]["ambiguity"] == [0.0, pytest.approx(a[5].item())]
+
+
+def test_input_dependence_gap_is_zero_for_a_constant_model_and_positive_for_an_oracle():
+    g = torch.Generator().manual_seed(0)
+    q = torch.softmax(torch.randn(120, 3, generator=g, dtype=torch.float64) * 2, -1)
+    constant = M.evaluation_report(q, torch.tensor([[0.5, 0.3, 0.2]], dtype=torch.float64).expand(120, 3),
+                                   resamples=300)["input_dependence"]
+    assert constant["gap"] == pytest.approx(0.0, abs=1e-12) and constant["gap_ci"] == pytest.approx([0.0, 0.0])
+    oracle = M.evaluation_report(q, q, resamples=300)
+    assert oracle["jsd"] == pytest.approx(0.0, abs=1e-7) and oracle["bc"] == pytest.approx(1.0)
+    dep = oracle["input_dependence"]
+    assert dep["gap"] > 0.1 and dep["gap_ci"][0] > 0
+    assert dep["mean_prediction"] == pytest.approx(q.mean(0).tolist())
+
+
+def test_bc_and_tv_by_hand_and_paired_difference():
+    q = torch.tensor([[0.5, 0.5, 0.0]], dtype=torch.float64)
+    p = torch.tensor([[0.0, 0.5, 0.5]], dtype=torch.float64)
+    assert M.bc_per_item(q, p).item() == pytest.approx(0.5)
+    assert M.tv_per_item(q, p).item() == pytest.approx(0.5)
+    a = torch.tensor([[0.2, 0.4, 0.3], [0.4, 0.2, 0.3]], dtype=torch.float64)  # 2 seeds, 3 items
+    d = M.paired_difference(a, torch.zeros(1, 3, dtype=torch.float64), resamples=500)
+    assert d["mean"] == pytest.approx(0.3) and d["ci"][0] > 0 and d["excludes_zero"]
+    same = M.paired_difference(a, a, resamples=200)
+    assert same["mean"] == 0.0 and not same["excludes_zero"]

@@ -217,7 +217,7 @@ def test_training_prompts_longer_than_the_context_stop_the_run_or_are_cut_and_co
     real = train.Policy.__init__
     monkeypatch.setattr(train.Policy, "__init__", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     args = ["--dataset", f"chaosnli:{data}", "--steps", "1", *QUIET]
-    with pytest.raises(ValueError, match=r"(train|eval) prompts: 1 prompt\(s\) longer than 511 tokens.*u5 "
+    with pytest.raises(ValueError, match=r"(train|held-out) prompts: 1 prompt\(s\) longer than 511 tokens.*u5 "
                                          r"\(\d+ tokens\).*--truncate-prompts"):
         run(tiny_dir, tmp_path / "a", *args)
     assert calls == []  # refused before the model was loaded

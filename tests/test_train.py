@@ -63,6 +63,26 @@ def test_default_run_outputs_and_adapter_evaluates(tiny_dir, tmp_path):
     assert ev["n"] == 4
 
 
+def test_extra_evaluation_sets_are_evaluated_beside_the_held_out_split(tiny_dir, tmp_path):
+    lines = [json.dumps({"uid": f"t{i}", "label_counter": {"c": i + 1, "e": 2},
+                         "example": {"premise": "A dog runs.", "hypothesis": f"An animal moves {i}."}})
+             for i in range(5)]
+    extra = tmp_path / "transfer.jsonl"
+    extra.write_text("\n".join(lines) + "\n")
+    res = run(tiny_dir, tmp_path / "run", "--steps", "1", "--eval-dataset", f"far={'chaosnli:' + str(extra)}",
+              "--eval-dataset", "bundled:ambient-crowd")
+    for name in ("eval_before-far.json", "eval_after-far.json", "eval_after-ambient-crowd.json", "eval_after.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    far = json.loads((tmp_path / "run" / "eval_after-far.json").read_text())
+    assert far["n"] == 5 and far["prior"] == res["after"]["prior"]  # the training label prior on every set
+    assert "far (n = 5)" in res["table"] and "held-out (n = 8)" in res["table"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert set(summary["sets"]) == {"held-out", "far", "ambient-crowd"}
+    with pytest.raises(ValueError, match="the name 'far' is taken"):
+        run(tiny_dir, tmp_path / "b", "--steps", "1", "--eval-dataset", f"far=chaosnli:{extra}",
+            "--eval-dataset", f"far=chaosnli:{extra}")
+
+
 def test_plots_are_written(tiny_dir, tmp_path):
     run(tiny_dir, tmp_path, "--steps", "2", "--plot")
     assert (tmp_path / "training.png").stat().st_size > 1000
@@ -289,3 +309,20 @@ def test_dist_context_waits_for_the_others_only_after_a_clean_run(monkeypatch, f
                 raise RuntimeError("a step failed")
     # after an error the other process may never reach a barrier: leave without one
     assert calls == (["destroy"] if fail else ["barrier", "destroy"])
+
+
+def test_an_evaluation_set_with_its_labels_in_another_order_is_aligned(tmp_path):
+    from shala.batches import align_labels, parse_eval_dataset
+    from shala.data import load_labelled
+
+    path = tmp_path / "g.jsonl"
+    path.write_text('{"text": "t", "counts": {"b": 3, "a": 1}}\n')
+    ds = load_labelled(f"generic:{path}", label_names="b,a")
+    aligned = align_labels(ds, ["a", "b"], where="test")
+    assert aligned[0]["label_names"] == ["a", "b"] and aligned[0]["counts"] == [1.0, 3.0]
+    assert aligned[0]["probs"] == [0.25, 0.75]
+    with pytest.raises(ValueError, match=r"test has labels \['b', 'a'\]; training has \['a', 'c'\]"):
+        align_labels(ds, ["a", "c"], where="test")
+    assert parse_eval_dataset("far=chaosnli:x/y.jsonl") == ("far", "chaosnli:x/y.jsonl")
+    assert parse_eval_dataset("chaosnli:x/pk2019.jsonl") == ("pk2019", "chaosnli:x/pk2019.jsonl")
+    assert parse_eval_dataset("bundled:ambient-crowd") == ("ambient-crowd", "bundled:ambient-crowd")

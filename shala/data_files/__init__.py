@@ -3,7 +3,8 @@
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BUNDLED = {"chaosnli-snli": f"chaosnli:{HERE / 'chaosnli_snli_subset.jsonl'}"}
+BUNDLED = {"chaosnli-snli": f"chaosnli:{HERE / 'chaosnli_snli_subset.jsonl'}",
+           "ambient-crowd": f"chaosnli:{HERE / 'ambient_crowd.jsonl'}"}
 DEFAULT_DATASET = "bundled"
 
 
