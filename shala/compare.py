@@ -48,20 +48,25 @@ METRICS = ("jsd", "kl", "accuracy", "macro_f1", "bc", "tv")
 HEADERS = {"jsd": "JSD ↓", "kl": "KL ↓", "accuracy": "accuracy ↑", "macro_f1": "macro-F1 ↑", "bc": "BC ↑",
            "tv": "TV ↓"}
 REFERENCE = "sft-soft"
+#: Compare's names for a method in a rollout form other than the default: shala.train options.
+ALIASES = {"shala-verbalized": ["--method", "shala", "--form", "verbalized"],
+           "sft-verbalized": ["--method", "sft-verbalized", "--form", "verbalized"]}
+CHOICES = tuple(dict.fromkeys([*METHODS, *ALIASES]))
 
 
 def parse_args(argv):
     pre = argparse.ArgumentParser(prog="python -m shala.compare", add_help=False, allow_abbrev=False)
-    pre.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all four)")
+    pre.add_argument("--methods", default="shala,grpo-accuracy,sft-majority,sft-soft",
+                     help=f"comma-separated methods of {list(CHOICES)} (default: the first four)")
     pre.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds, one run per method and seed")
     pre.add_argument("--output-dir", default="runs/compare")
     pre.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the confidence intervals")
     pre.add_argument("-h", "--help", action="store_true")
     known, rest = pre.parse_known_args(argv)
     methods = [m.strip() for m in known.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in CHOICES]
     if bad or not methods:
-        raise ValueError(f"--methods must list methods from {list(METHODS)}, got {known.methods!r}")
+        raise ValueError(f"--methods must list methods from {list(CHOICES)}, got {known.methods!r}")
     twice = sorted({m for m in methods if methods.count(m) > 1})
     if twice:
         raise ValueError(f"--methods lists {', '.join(twice)} twice: each method trains once, into its own folder")
@@ -78,8 +83,8 @@ def parse_args(argv):
 
 
 def _cell_config(rest, method, seed, out: Path, eval_before: bool):
-    cfg = load_config([*rest, "--method", method, "--seed", str(seed), "--output-dir", str(out)]
-                      + ([] if eval_before else ["--no-eval-before"]))
+    cfg = load_config([*rest, *ALIASES.get(method, ["--method", method]), "--seed", str(seed), "--output-dir",
+                       str(out)] + ([] if eval_before else ["--no-eval-before"]))
     run = RunDir(out)
     summary = run.read_json("summary.json")
     if summary and summary.get("run_id") == cfg.run_id() and (out / "eval_after.json").exists():
@@ -127,8 +132,10 @@ def _read_sets(cell: Path) -> dict:
 
 
 def _predictions(result: dict) -> tuple:
-    q = torch.tensor([r["q"] for r in result["predictions"]], dtype=torch.float64)
-    p = torch.tensor([r["p"] for r in result["predictions"]], dtype=torch.float64)
+    """``(q, p)`` of a result: p is the method's own distribution (the verbalized one for that form)."""
+    primary = result["forms"][result["primary"]] if result.get("primary") else result
+    q = torch.tensor([r["q"] for r in primary["predictions"]], dtype=torch.float64)
+    p = torch.tensor([r["p"] for r in primary["predictions"]], dtype=torch.float64)
     return q, p
 
 

@@ -30,6 +30,7 @@ from shala.data_files import DEFAULT_DATASET
 from shala.models import DEFAULT_MODEL
 from shala.rewards import parse_reward_terms
 from shala.rollout import FORMS, check_form_options
+from shala.verbalized import GRANULARITIES
 
 log = logging.getLogger("shala.config")
 
@@ -65,8 +66,11 @@ class TrainConfig:
 
     # rollouts
     form: str = _f("answer", "rollout form: 'answer' (the answer token alone, drawn G times from one forward per "
-                             "prompt) or 'rationale' (a generated rationale, then 'Answer: <label>')",
+                             "prompt), 'rationale' (a generated rationale, then 'Answer: <label>') or 'verbalized' "
+                             "(the distribution written as text, 'entailment: 30%, neutral: 50%, ...')",
                    choices=tuple(FORMS))
+    verbal_format: str = _f("percent", "numbers of the verbalized form: 'percent' (integers 0-100) or 'tenths' "
+                                       "(one digit per label)", choices=tuple(GRANULARITIES))
     group_size: int = _f(64, "G: completions sampled per prompt (in the answer form they cost a draw each, "
                               "not a forward)")
     batch_size: int = _f(8, "prompts per step (per process under torchrun)")
@@ -77,9 +81,11 @@ class TrainConfig:
                                       "decoding); its log-prob is the label-renormalised one")
 
     # rewards (method shala; grpo-accuracy uses accuracy alone)
-    reward: list = _f(None, "reward terms as MODE=WEIGHT (repeatable; modes: slot, histogram, sampled, accuracy); "
-                            "default slot=1", action="append", metavar="MODE=WEIGHT")
+    reward: list = _f(None, "reward terms as MODE=WEIGHT (repeatable; modes: slot, histogram, sampled, accuracy, "
+                            "verbal); default slot=1, verbal=1 for --form verbalized", action="append",
+                      metavar="MODE=WEIGHT")
     format_penalty: float = _f(1.0, "subtracted from the reward of a completion with no parsable label")
+    sum_penalty: float = _f(0.0, "verbalized form: subtracted times |sum of the numbers / 100 - 1| from the reward")
     normalize: str = _f("labels", "the drop-in JSD loss (sft-soft, --aux-jsd): 'labels' (JS divergence of the label "
                                   "distribution) or 'vocab' (plus --mass-weight * -log label mass)",
                     choices=NORMALIZE_MODES)
@@ -118,6 +124,8 @@ class TrainConfig:
 
     # bookkeeping
     eval_batch_size: int = _f(16, "batch size of the before/after evaluation")
+    eval_samples: int = _f(0, "verbalized form: also evaluate the mean of N sampled answers per item (0: greedy "
+                              "only)")
     eval_before: bool = _f(True, "evaluate the base model before training")
     eval_after: bool = _f(True, "evaluate the trained model after training")
     save_every: int = _f(25, "write a checkpoint every N steps (0: only at the end)")
@@ -134,7 +142,7 @@ class TrainConfig:
         """``{mode: weight}`` of the reward terms (``grpo-accuracy``: accuracy alone)."""
         if self.method == "grpo-accuracy":
             return {"accuracy": 1.0}
-        return parse_reward_terms(self.reward)
+        return parse_reward_terms(self.reward, default=FORMS[self.form].default_reward)
 
     @property
     def weighting_used(self) -> str:
@@ -143,7 +151,8 @@ class TrainConfig:
 
     #: Options a resumed run may change: where and how often things are written and shown. Every other
     #: option defines what the run computes, and so its identity (:meth:`run_id`).
-    RUN_FREE = ("output_dir", "resume", "overwrite", "device", "eval_batch_size", "eval_before", "eval_after",
+    RUN_FREE = ("output_dir", "resume", "overwrite", "device", "eval_batch_size", "eval_samples", "eval_before",
+                "eval_after",
                 "save_every", "keep_checkpoints", "log_every", "plot", "progress", "max_bad_steps")
 
     def run_options(self) -> dict:
@@ -160,88 +169,107 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the first bad option and what it expects; log options that will be ignored."""
-        choices = {"method": METHODS, "form": tuple(FORMS), "scale": ADVANTAGE_SCALES, "weighting": WEIGHTINGS,
-                   "lr_schedule": LR_SCHEDULES, "normalize": NORMALIZE_MODES, "dtype": DTYPES}
-        for name, valid in choices.items():
-            if getattr(self, name) not in valid:
-                raise ValueError(f"--{name.replace('_', '-')} must be one of {list(valid)}, got {getattr(self, name)!r}")
-        positive = ["group_size", "batch_size", "steps", "ppo_epochs", "micro_batch_size", "eval_batch_size",
-                    "max_bad_steps", "log_every"]
-        for name in positive:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
-        for name in ["lr", "temperature", "lora_alpha"]:
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v > 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be a number > 0, got {v!r}")
-        for name in ["weight_decay", "clip_low", "clip_high", "kl_coef", "aux_jsd", "max_grad_norm", "format_penalty",
-                     "mass_weight", "adv_eps", "weight_alpha", "lora_dropout"]:
-            v = getattr(self, name)
-            if not (math.isfinite(v) and v >= 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be a number >= 0, got {v!r}")
-        if not 0 < self.eval_fraction < 1:
-            raise ValueError(f"--eval-fraction must be in (0, 1), got {self.eval_fraction!r}")
-        if self.clip_low >= 1:
-            raise ValueError(f"--clip-low must be < 1, got {self.clip_low}")
-        if self.weighting == "dynamic" and self.weight_alpha > 1:
-            raise ValueError(f"--weight-alpha must be in [0, 1] with --weighting dynamic, got {self.weight_alpha}")
-        if self.lora_r < 0:
-            raise ValueError(f"--lora-r must be >= 0 (0: full fine-tuning), got {self.lora_r}")
-        if self.lora_dropout >= 1:
-            raise ValueError(f"--lora-dropout must be < 1, got {self.lora_dropout}")
-        for name in ["save_every", "warmup_steps", "weight_warmup"]:
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"--keep-checkpoints must be >= 1, got {self.keep_checkpoints}")
-        for name in ["train_limit", "eval_limit", "max_prompt_tokens"]:
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
-        if self.resume is not None and not self.resume.strip():
-            raise ValueError("--resume must be 'auto' or a checkpoint directory, got an empty string")
-        if self.resume is not None and self.overwrite:
-            raise ValueError("--resume continues the run in --output-dir and --overwrite moves it aside: pass one")
-        check_device(self.device)
-        check_form_options(self.form, max_new_tokens=self.max_new_tokens)
-        terms = self.reward_weights()
-        for mode, weight in terms.items():
-            if weight <= 0:
-                raise ValueError(f"--reward {mode}={weight:g}: a reward weight must be > 0 "
-                                 "(leave the term out instead)")
-        if self.method in RL_METHODS and self.group_size < 2:
-            raise ValueError(f"--group-size {self.group_size}: advantages are rewards minus their group's mean, so "
-                             f"a group of one rollout has advantage 0 and {self.method} would learn nothing; use >= 2")
-        for note in self.ignored_options():
-            log.warning("warning: %s", note)
-        return self
+        return validate(self)
 
     def ignored_options(self) -> list:
         """What this method or model setting ignores among the options given (each a sentence)."""
-        notes, default = [], TrainConfig.__dataclass_fields__
-        given = {k for k, f in default.items() if getattr(self, k) != f.default}
-        if self.method not in RL_METHODS:
-            rl_only = ["reward", "kl_coef", "form", "group_size", "max_new_tokens", "temperature", "constrain_answer",
-                       "scale", "format_penalty", "aux_jsd", "ppo_epochs", "clip_low", "clip_high"]
-            notes += [f"--{k.replace('_', '-')} does not apply to --method {self.method} (it samples no rollouts); "
-                      "ignored" for k in rl_only if k in given]
-        if self.method == "grpo-accuracy" and "reward" in given:
-            notes.append("--reward does not apply to --method grpo-accuracy (its reward is accuracy alone); ignored")
-        if self.method not in WEIGHTED_METHODS:
-            notes += [f"--{k.replace('_', '-')} does not apply to --method {self.method} (no ambiguity weighting); "
-                      "ignored" for k in ("weighting", "weight_alpha", "weight_temperature", "weight_warmup")
-                      if k in given]
-        if self.lora_r == 0:
-            notes += [f"--{k.replace('_', '-')} does not apply with --lora-r 0 (full fine-tuning); ignored"
-                      for k in ("lora_alpha", "lora_dropout", "lora_targets") if k in given]
-        if self.warmup_steps > self.steps:
-            notes.append(f"--warmup-steps {self.warmup_steps} is longer than the run (--steps {self.steps}): the "
-                         "learning rate never reaches --lr")
-        return notes
+        return ignored_options(self)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def validate(cfg: "TrainConfig") -> "TrainConfig":
+    """Raise ValueError naming the first bad option and what it expects; log options that will be ignored."""
+    choices = {"method": METHODS, "form": tuple(FORMS), "scale": ADVANTAGE_SCALES, "weighting": WEIGHTINGS,
+               "lr_schedule": LR_SCHEDULES, "normalize": NORMALIZE_MODES, "dtype": DTYPES,
+               "verbal_format": tuple(GRANULARITIES)}
+    for name, valid in choices.items():
+        if getattr(cfg, name) not in valid:
+            raise ValueError(f"--{name.replace('_', '-')} must be one of {list(valid)}, got {getattr(cfg, name)!r}")
+    positive = ["group_size", "batch_size", "steps", "ppo_epochs", "micro_batch_size", "eval_batch_size",
+                "max_bad_steps", "log_every"]
+    for name in positive:
+        v = getattr(cfg, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
+    for name in ["lr", "temperature", "lora_alpha"]:
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a number > 0, got {v!r}")
+    for name in ["weight_decay", "clip_low", "clip_high", "kl_coef", "aux_jsd", "max_grad_norm", "format_penalty",
+                 "sum_penalty",
+                 "mass_weight", "adv_eps", "weight_alpha", "lora_dropout"]:
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and v >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be a number >= 0, got {v!r}")
+    if not 0 < cfg.eval_fraction < 1:
+        raise ValueError(f"--eval-fraction must be in (0, 1), got {cfg.eval_fraction!r}")
+    if cfg.clip_low >= 1:
+        raise ValueError(f"--clip-low must be < 1, got {cfg.clip_low}")
+    if cfg.weighting == "dynamic" and cfg.weight_alpha > 1:
+        raise ValueError(f"--weight-alpha must be in [0, 1] with --weighting dynamic, got {cfg.weight_alpha}")
+    if cfg.lora_r < 0:
+        raise ValueError(f"--lora-r must be >= 0 (0: full fine-tuning), got {cfg.lora_r}")
+    if cfg.lora_dropout >= 1:
+        raise ValueError(f"--lora-dropout must be < 1, got {cfg.lora_dropout}")
+    for name in ["save_every", "warmup_steps", "weight_warmup", "eval_samples"]:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.keep_checkpoints < 1:
+        raise ValueError(f"--keep-checkpoints must be >= 1, got {cfg.keep_checkpoints}")
+    for name in ["train_limit", "eval_limit", "max_prompt_tokens"]:
+        v = getattr(cfg, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if cfg.resume is not None and not cfg.resume.strip():
+        raise ValueError("--resume must be 'auto' or a checkpoint directory, got an empty string")
+    if cfg.resume is not None and cfg.overwrite:
+        raise ValueError("--resume continues the run in --output-dir and --overwrite moves it aside: pass one")
+    check_device(cfg.device)
+    check_form_options(cfg.form, max_new_tokens=cfg.max_new_tokens)
+    terms = cfg.reward_weights()
+    for mode, weight in terms.items():
+        if weight <= 0:
+            raise ValueError(f"--reward {mode}={weight:g}: a reward weight must be > 0 "
+                             "(leave the term out instead)")
+    if "verbal" in terms and cfg.form != "verbalized":
+        raise ValueError("--reward verbal scores distributions the rollouts write: it needs --form verbalized")
+    if cfg.method == "sft-verbalized" and cfg.form != "verbalized":
+        raise ValueError("--method sft-verbalized trains on the text of the target distribution: it needs "
+                         "--form verbalized")
+    if cfg.method in RL_METHODS and cfg.group_size < 2:
+        raise ValueError(f"--group-size {cfg.group_size}: advantages are rewards minus their group's mean, so "
+                         f"a group of one rollout has advantage 0 and {cfg.method} would learn nothing; use >= 2")
+    for note in ignored_options(cfg):
+        log.warning("warning: %s", note)
+    return cfg
+
+
+def ignored_options(cfg: "TrainConfig") -> list:
+    """What this method or model setting ignores among the options given (each a sentence)."""
+    notes, default = [], TrainConfig.__dataclass_fields__
+    given = {k for k, f in default.items() if getattr(cfg, k) != f.default}
+    if cfg.method not in RL_METHODS:
+        rl_only = ["reward", "kl_coef", "form", "group_size", "max_new_tokens", "temperature", "constrain_answer",
+                   "scale", "format_penalty", "aux_jsd", "ppo_epochs", "clip_low", "clip_high", "sum_penalty"]
+        if cfg.method == "sft-verbalized":
+            rl_only.remove("form")  # the form of the text it trains on
+        notes += [f"--{k.replace('_', '-')} does not apply to --method {cfg.method} (it samples no rollouts); "
+                  "ignored" for k in rl_only if k in given]
+    if cfg.method == "grpo-accuracy" and "reward" in given:
+        notes.append("--reward does not apply to --method grpo-accuracy (its reward is accuracy alone); ignored")
+    if cfg.method not in WEIGHTED_METHODS:
+        notes += [f"--{k.replace('_', '-')} does not apply to --method {cfg.method} (no ambiguity weighting); "
+                  "ignored" for k in ("weighting", "weight_alpha", "weight_temperature", "weight_warmup")
+                  if k in given]
+    if cfg.lora_r == 0:
+        notes += [f"--{k.replace('_', '-')} does not apply with --lora-r 0 (full fine-tuning); ignored"
+                  for k in ("lora_alpha", "lora_dropout", "lora_targets") if k in given]
+    if cfg.warmup_steps > cfg.steps:
+        notes.append(f"--warmup-steps {cfg.warmup_steps} is longer than the run (--steps {cfg.steps}): the "
+                     "learning rate never reaches --lr")
+    return notes
 
 
 def parse_bool(text: str) -> bool:
@@ -324,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML file of options (keys as below, with underscores); flags win")
     for f in fields(TrainConfig):
         meta = dict(f.metadata)
-        help_text = meta.pop("help")
+        help_text = meta.pop("help").replace("%", "%%")  # argparse formats help with %
         meta.pop("expects", None)
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):

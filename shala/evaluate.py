@@ -34,10 +34,13 @@ from shala.label_jsd import label_reward
 from shala.lm import next_token_logits
 from shala.models import DEFAULT_MODEL, context_length, default_threads, load_model, load_tokenizer
 from shala.prompts import PromptBuilder, fit_prompts
+from shala.rollout import FORMS, make_form
+from shala.verbalized import GRANULARITIES
 
 log = logging.getLogger("shala.evaluate")
 
-__all__ = ["predict", "evaluate_dataset", "evaluate_sharded", "format_table", "format_report", "write_json", "main"]
+__all__ = ["predict", "evaluate_dataset", "evaluate_sharded", "add_form_predictions", "format_table", "format_report",
+           "write_json", "main"]
 
 
 @torch.no_grad()
@@ -92,6 +95,29 @@ def evaluate_dataset(model, builder: PromptBuilder, rows, *, prior: Sequence[flo
     return result
 
 
+def add_form_predictions(result: dict, form, model, rows, *, samples: int = 0, batch_size: int = 16) -> dict:
+    """Add the distributions a rollout form writes (the verbalized ones) to an evaluation ``result``.
+
+    Each gets the report of :func:`shala.metrics.evaluation_report`, its share of parsable answers
+    and its agreement with the answer slot's distribution (mean JS distance between the two); the
+    first becomes the result's ``primary`` distribution, the one a comparison reports.
+    """
+    found = form.predictions(model, rows, samples=samples, batch_size=batch_size)
+    if not found:
+        return result
+    q = torch.tensor(list(rows["probs"]), dtype=torch.float64)
+    slot = torch.tensor([r["p"] for r in result["predictions"]], dtype=torch.float64)
+    result["forms"] = {}
+    for name, (p, parsable) in found.items():
+        report = metrics.evaluation_report(q, p)
+        report.update(parsable=parsable, agreement_with_slot_jsd=float(metrics.jsd_per_item(slot, p).mean()),
+                      predictions=[{"id": i, "q": qi, "p": pi} for i, qi, pi in zip(rows["id"], q.tolist(),
+                                                                                   p.tolist())])
+        result["forms"][name] = report
+    result["primary"] = next(iter(found))
+    return result
+
+
 def evaluate_sharded(model, builder: PromptBuilder, rows, *, prior: Sequence[float], dist, batch_size: int = 16,
                      progress: bool = True, desc: str = "eval") -> Optional[dict]:
     """:func:`evaluate_dataset` with the rows sharded across processes; the main process returns the result."""
@@ -139,6 +165,12 @@ def format_report(result: dict) -> str:
     verdict = "depends on the input" if dep["gap_ci"][0] > 0 else "no dependence on the input shown"
     lines.append(f"input dependence: JSD of the model's own mean prediction {dep['jsd_own_mean']:.4f}, gap "
                  f"{dep['gap']:+.4f} [{dep['gap_ci'][0]:+.4f}, {dep['gap_ci'][1]:+.4f}] ({verdict})")
+    for name, form in result.get("forms", {}).items():
+        lines.append(f"{name}: JSD {form['jsd']:.4f} [{form['ci']['jsd'][0]:.4f}, {form['ci']['jsd'][1]:.4f}], "
+                     f"KL {_num(form['kl'])}, accuracy {form['accuracy']:.3f}, macro-F1 {form['macro_f1']:.3f}, "
+                     f"BC {form['bc']:.4f}, TV {form['tv']:.4f}, parsable {form['parsable']:.3f}, gap "
+                     f"{form['input_dependence']['gap']:+.4f}, JSD to the slot's distribution "
+                     f"{form['agreement_with_slot_jsd']:.4f}")
     return "\n".join(lines)
 
 
@@ -189,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate-prompts", action="store_true",
                    help="cut the longest input field of a prompt over the limit instead of stopping")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the confidence intervals")
+    p.add_argument("--form", default="answer", choices=list(FORMS),
+                   help="also read what this rollout form writes: 'verbalized' adds the distribution the model "
+                        "writes as text (greedy, and the mean of --samples answers)")
+    p.add_argument("--verbal-format", default="percent", choices=list(GRANULARITIES))
+    p.add_argument("--samples", type=int, default=0, help="verbalized: the mean of N sampled answers per item too")
+    p.add_argument("--temperature", type=float, default=1.0, help="verbalized: the sampling temperature")
+    p.add_argument("--constrain-answer", action=argparse.BooleanOptionalAction, default=True,
+                   help="verbalized: force the format and sample only the numbers")
     p.add_argument("--output", default=None, help="write the metrics (and per-item p) to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -202,6 +242,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.resamples < 100:
         raise ValueError(f"--resamples must be >= 100, got {args.resamples}")
+    if args.samples < 0 or (args.samples and args.form != "verbalized"):
+        raise ValueError(f"--samples {args.samples}: a number >= 0, for --form verbalized")
     check_device(args.device)
     if args.output:
         check_output_file(args.output, option="--output")
@@ -223,6 +265,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     model = load_model(args.model, dtype=args.dtype, adapter=args.adapter, device=args.device)
     result = evaluate_dataset(model, builder, rows, prior=shala_data.label_prior(prior_rows),
                               batch_size=args.batch_size, progress=not args.no_progress, resamples=args.resamples)
+    form = make_form(args.form, builder, group_size=max(1, args.samples), temperature=args.temperature,
+                     constrain_answer=args.constrain_answer, device=args.device, verbal_format=args.verbal_format)
+    add_form_predictions(result, form, model, rows, samples=args.samples, batch_size=args.batch_size)
     result.update(model=args.model, adapter=args.adapter, dataset=args.dataset, split=args.split, seed=args.seed,
                   prior_fitted_on="train split" if args.split == "eval" else "evaluated rows")
     name = "model" if args.adapter is None else "model+adapter"

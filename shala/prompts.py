@@ -172,9 +172,25 @@ class PromptBuilder:
 
         ``rationale=True`` asks for a short explanation before the cue (and implies ``cue=False``).
         """
-        if rationale:
-            cue = False
-        messages = [{"role": "user", "content": self.user_message(inputs, rationale=rationale)}]
+        ids = self._chat(self.user_message(inputs, rationale=rationale))
+        return ids + (list(self.cue_ids) if cue and not rationale else [])
+
+    def verbal_message(self, inputs: Mapping[str, str], granularity: str = "percent") -> str:
+        """The task's question, asking for the share of annotators per label in the verbalized format."""
+        question = self.user_message(inputs).rsplit(" Answer ", 1)[0]
+        number = "N%" if granularity == "percent" else "N"
+        what = "percentages that sum to 100" if granularity == "percent" else "tenths, one digit from 0 to 9 each"
+        layout = ", ".join(f"{w}: {number}" for w in self.words)
+        return (f"{question} Estimate how a crowd of annotators would split over the answers "
+                f"{_join_options(self.words)}, and reply only with the share of annotators for each, as {what}: "
+                f"{layout}")
+
+    def verbal_prompt_ids(self, inputs: Mapping[str, str], granularity: str = "percent") -> list:
+        """Token ids up to where the assistant writes its verbalized distribution."""
+        return self._chat(self.verbal_message(inputs, granularity))
+
+    def _chat(self, user: str) -> list:
+        messages = [{"role": "user", "content": user}]
         if self.system:
             messages.insert(0, {"role": "system", "content": self.system})
         if getattr(self.tokenizer, "chat_template", None):
@@ -185,7 +201,7 @@ class PromptBuilder:
         if self.tokenizer.bos_token_id is not None and getattr(self.tokenizer, "add_bos_token", False):
             if not ids or ids[0] != self.tokenizer.bos_token_id:
                 ids = [self.tokenizer.bos_token_id] + ids
-        return ids + (list(self.cue_ids) if cue else [])
+        return ids
 
     # -- completions ------------------------------------------------------------------------
     def locate(self, prompt: Sequence[int], completion: Sequence[int]) -> Rollout:

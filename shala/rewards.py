@@ -19,9 +19,13 @@ Each term is per rollout; ``--reward MODE=WEIGHT`` (repeatable) sums them with w
 * ``sampled``: ``q[y]``, the annotators' share of the sampled label (on its own
   it is maximised by always answering the majority label; a shaping term).
 * ``accuracy``: 1 for the majority label (the GRPO baseline's reward).
+* ``verbal``: the verbalized form's reward, ``1 - d(p_verbal, q) / sqrt(ln 2)`` for the
+  distribution the rollout wrote (its numbers renormalised to sum to 1); each rollout
+  of a group carries its own. ``sum_penalty`` subtracts ``|sum of the numbers / 100 - 1|``
+  times its weight.
 
-A completion without a parsable label gets ``-format_penalty`` added and 0 from
-the label terms.
+A completion without a parsable label (or distribution) gets ``-format_penalty`` added
+and 0 from the label terms.
 """
 
 from __future__ import annotations
@@ -34,13 +38,14 @@ import torch
 from shala.choices import REWARD_MODES
 from shala.divergence import SQRT_LN2, js_divergence
 
-__all__ = ["parse_reward_terms", "slot_rewards", "histogram_rewards", "compose_rewards"]
+__all__ = ["parse_reward_terms", "slot_rewards", "histogram_rewards", "verbal_rewards", "compose_rewards",
+           "score_rollouts"]
 
 
-def parse_reward_terms(items: Optional[Iterable[str]], *, option: str = "--reward") -> dict:
-    """``{mode: weight}`` from ``["histogram=1", "slot=0.5"]`` (default ``slot=1``); a repeated mode adds up."""
+def parse_reward_terms(items: Optional[Iterable[str]], *, option: str = "--reward", default: str = "slot=1") -> dict:
+    """``{mode: weight}`` from ``["histogram=1", "slot=0.5"]`` (none given: ``default``); a repeated mode adds up."""
     out = {}
-    for item in items or ["slot=1"]:
+    for item in items or [default]:
         mode, sep, value = str(item).partition("=")
         mode = mode.strip()
         if mode not in REWARD_MODES:
@@ -102,11 +107,15 @@ def compose_rewards(
     slot_probs: Optional[torch.Tensor],
     slot_dist: Optional[torch.Tensor],
     format_penalty: float,
+    verbal: Optional[torch.Tensor] = None,
+    sum_error: Optional[torch.Tensor] = None,
+    sum_penalty: float = 0.0,
 ) -> tuple:
     """Total reward [B, G] and each term's mean (plain floats, for logging).
 
     labels [B, G]; q [B, K]; slot_probs [B, G, K] and slot_dist [B, G] (NaN
-    where the slot logits were not finite, which the advantage op then flags).
+    where the slot logits were not finite, which the advantage op then flags);
+    verbal [B, G, K] and sum_error [B, G] from the verbalized form (NaN rows: unparsable).
     """
     q = q.to(torch.float64)
     valid = labels >= 0
@@ -124,10 +133,58 @@ def compose_rewards(
         elif mode == "accuracy":
             majority = q.argmax(-1, keepdim=True)  # first maximal class on ties
             r = (labels == majority).to(torch.float64)
+        elif mode == "verbal":
+            if verbal is None:
+                raise ValueError("the verbal reward needs distributions written by the rollouts: --form verbalized")
+            r = verbal_rewards(verbal, q)
         else:
             raise ValueError(f"unknown reward mode {mode!r}")
         total = total + w * r
         parts[mode] = float(r.nanmean()) if r.numel() else math.nan
     total = total - format_penalty * (~valid).to(torch.float64)
+    if sum_error is not None and sum_penalty:
+        total = total - sum_penalty * torch.where(valid, sum_error.to(total), torch.zeros_like(total))
     parts["format_ok"] = float(valid.double().mean())
+    if sum_error is not None:
+        parts["sum_error"] = float(sum_error.nanmean()) if bool(valid.any()) else math.nan
     return total, parts
+
+
+def verbal_rewards(verbal: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``1 - d(p_verbal, q) / sqrt(ln 2)`` per rollout: verbal [B, G, K], q [B, K] -> [B, G]; 0 where unparsable."""
+    ok = ~torch.isnan(verbal).any(-1)
+    p = torch.where(ok.unsqueeze(-1), verbal.to(torch.float64), torch.full_like(verbal, 1.0 / verbal.shape[-1]))
+    d = js_divergence(p, q.to(torch.float64).unsqueeze(1).expand_as(p)).sqrt()
+    return torch.where(ok, 1.0 - d / SQRT_LN2, torch.zeros_like(d))
+
+
+def score_rollouts(rollouts, q: torch.Tensor, weights: dict, label_ids, *, format_penalty: float,
+                   sum_penalty: float = 0.0) -> tuple:
+    """Rewards [B, G] of a :class:`shala.rollout.RolloutBatch` of B groups, and what to log about them.
+
+    The label distribution at each answer slot comes from the fused kernel (one row per distinct
+    slot, mapped to its rollouts), the distributions the rollouts wrote from the batch itself.
+    """
+    from shala.label_jsd import label_reward
+
+    B, K = q.shape
+    G = rollouts.size // B
+    device = q.device
+    metrics, slot_probs, slot_dist = {}, None, None
+    if rollouts.slot_logits is not None:
+        slot = label_reward(rollouts.slot_logits, label_ids, q[rollouts.slot_item], normalize="vocab")
+        slot_probs = slot.probs[rollouts.slot_of].reshape(B, G, K)
+        slot_dist = slot.js_dist[rollouts.slot_of].reshape(B, G)
+        metrics.update(slot_jsd=float(slot.js_dist.nanmean()), label_mass_slot=float(slot.label_mass.nanmean()))
+    verbal = sum_error = None
+    if rollouts.verbal is not None:
+        verbal = rollouts.verbal.to(device).reshape(B, G, K)
+        sum_error = rollouts.sum_error.to(device).reshape(B, G)
+        ok = ~torch.isnan(verbal).any(-1)
+        d = js_divergence(verbal[ok], q.to(torch.float64).unsqueeze(1).expand_as(verbal)[ok]).sqrt()
+        metrics["verbal_jsd"] = float(d.mean()) if d.numel() else math.nan
+    rewards, parts = compose_rewards(weights, labels=rollouts.labels.reshape(B, G).to(device), q=q,
+                                     slot_probs=slot_probs, slot_dist=slot_dist, verbal=verbal, sum_error=sum_error,
+                                     format_penalty=format_penalty, sum_penalty=sum_penalty)
+    metrics.update({f"reward_{k}": v for k, v in parts.items()})
+    return rewards, metrics

@@ -11,6 +11,11 @@ form is adding a class to :data:`FORMS`.
   the answer cue. One forward per prompt serves its G rollouts (what
   ``generate`` computes for one new token); with one optimisation pass per
   batch that forward, with its graph, is also the update's.
+* :class:`VerbalizedForm` (``--form verbalized``): the completion is the label
+  distribution written as text, ``entailment: 30%, neutral: 50%, contradiction: 20%``
+  (:mod:`shala.verbalized`), so every rollout of a group carries its own
+  distribution and its own reward. Under the constraint the label names,
+  separators and ``%`` are forced and only the numbers are sampled and scored.
 * :class:`RationaleForm` (``--form rationale``): G completions of up to
   ``max_new_tokens`` tokens from one batched ``generate`` with KV cache, a
   short rationale then ``Answer: <label>``; each answer slot is located after
@@ -59,6 +64,10 @@ class RolloutBatch:
     old_logp: Optional[torch.Tensor] = None  # [B*G, T] at sampling time; None: the update's first forward's own
     n_tokens: int = 0  # tokens one forward over the batch processes
     shares_forward: bool = False  # the sampling forward, with its graph, is the first update pass's
+    verbal: Optional[torch.Tensor] = None  # [B*G, K] float64 distributions the rollouts wrote (NaN: unparsable)
+    sum_error: Optional[torch.Tensor] = None  # [B*G] |sum of the numbers / 100 - 1| (NaN: unparsable)
+    parse_errors: Optional[dict] = None  # why unparsable completions were refused, and how many
+    slot_prompts: Optional[list] = None  # [S] the answer-slot prompts of a form whose completion has no slot
     _live: Optional[torch.Tensor] = None  # that forward's [B, V] logits, until the update takes them
 
     @property
@@ -76,8 +85,8 @@ class TokenLogProbs:
 
     logp: torch.Tensor  # [n, T] log-probs of the sampled tokens under the sampling distribution
     mask: torch.Tensor  # [n, T] bool: the tokens that count in the loss
-    slot_logits: torch.Tensor  # [s, V] float32 logits at these rollouts' slots
-    slot_rows: torch.Tensor  # [s] their rows in RolloutBatch.slot_logits
+    slot_logits: Optional[torch.Tensor]  # [s, V] float32 logits at these rollouts' slots (None: no slots)
+    slot_rows: Optional[torch.Tensor]  # [s] their rows in RolloutBatch.slot_logits
 
 
 def _sampleable(probs: torch.Tensor) -> torch.Tensor:
@@ -104,14 +113,18 @@ class RolloutForm:
             may stand in for the sampling log-probs (ratio 1).
         max_new_tokens: the most tokens a completion may have (None: the form's default).
         device: where the model runs.
+        need_slots: the verbalized form reads the answer slot only when a reward or loss term needs it
+            (the other forms always have one).
+        verbal_format: the verbalized form's numbers, ``percent`` or ``tenths`` (the other forms write none).
     """
 
     name = ""
     default_max_new_tokens = 1
+    default_reward = "slot=1"  # the reward when --reward is not given
 
     def __init__(self, builder, *, group_size: int, temperature: float = 1.0, constrain_answer: bool = True,
                  micro_batch_size: int = 8, single_pass: bool = True, max_new_tokens: Optional[int] = None,
-                 device="cpu"):
+                 device="cpu", need_slots: bool = True, verbal_format: str = "percent"):
         self.check_options(max_new_tokens=max_new_tokens)
         self.max_new_tokens = max_new_tokens or self.default_max_new_tokens
         self.builder, self.G, self.temperature = builder, group_size, temperature
@@ -139,6 +152,10 @@ class RolloutForm:
     def sample(self, policy, rows: Sequence[dict]) -> RolloutBatch:
         """G rollouts for each item of ``rows`` from ``policy`` (a :class:`shala.policy.Policy`)."""
         raise NotImplementedError
+
+    def predictions(self, model, rows, *, samples: int = 0, batch_size: int = 16) -> dict:
+        """Distributions the form reads besides the answer slot's, ``{name: (p [N, K], parsable share)}``."""
+        return {}
 
     def microbatches(self, batch: RolloutBatch) -> list:
         """Rollout indices (device tensors) of each forward of an update pass."""
@@ -419,7 +436,169 @@ class RationaleForm(RolloutForm):
         return TokenLogProbs(logp, cmask, slot_logits, batch.slot_of[idx])
 
 
-FORMS = {form.name: form for form in (AnswerForm, RationaleForm)}
+class VerbalizedForm(RolloutForm):
+    """The completion is the label distribution as text (see :mod:`shala.verbalized`)."""
+
+    name = "verbalized"
+    default_reward = "verbal=1"
+
+    def __init__(self, builder, *, verbal_format: str = "percent", need_slots: bool = False, **kw):
+        from shala.verbalized import VerbalGrammar
+
+        self.grammar = VerbalGrammar(builder.tokenizer, builder.words, verbal_format)
+        self.default_max_new_tokens = self.grammar.max_tokens  # the grammar's longest answer
+        super().__init__(builder, **kw)
+        self.verbal_format, self.need_slots = verbal_format, need_slots
+        self.eos_id = builder.tokenizer.eos_token_id
+
+    def prompt(self, inputs) -> list:
+        return self.builder.verbal_prompt_ids(inputs, self.verbal_format)
+
+    @torch.no_grad()
+    def sample(self, policy, rows: Sequence[dict], *, greedy: bool = False, group_size: Optional[int] = None):
+        from transformers import InfNanRemoveLogitsProcessor, LogitsProcessorList
+
+        G, core = group_size or self.G, policy.core
+        core.eval()
+        prompts = [self.prompt(r["inputs"]) for r in rows]
+        ids, mask = pad_left(prompts, self.pad_id, self.device)
+        processors = LogitsProcessorList([InfNanRemoveLogitsProcessor()])
+        if self.constrain_answer:
+            processors.append(self.grammar.processor(ids.shape[1]))
+        sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=self.temperature, top_k=0,
+                                                              top_p=1.0)
+        out = core.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
+                            num_return_sequences=G, use_cache=True, logits_processor=processors,
+                            remove_invalid_values=False, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
+                            **sampling)  # [B*G, P + T]
+        comps = []
+        for seq in out[:, ids.shape[1]:].tolist():
+            comps.append(seq[: seq.index(self.eos_id) + 1] if self.eos_id in seq else seq)
+        verbal, sum_error, errors = self.read(comps)
+        n, B = len(comps), len(rows)
+        labels = torch.where(torch.isnan(verbal).any(-1), -1, verbal.nan_to_num(-1.0).argmax(-1))
+        plen = torch.tensor([len(p) for p in prompts]).repeat_interleave(G)
+        batch = RolloutBatch(
+            tokens=[prompts[i // G] + c for i, c in enumerate(comps)], prompt_lens=plen,
+            completion_lens=torch.tensor([len(c) for c in comps]), labels=labels, slots=plen - 1,
+            slot_of=torch.arange(n, device=self.device) // G, slot_item=torch.arange(B, device=self.device),
+            n_tokens=sum(len(p) for p in prompts) + sum(len(c) for c in comps), verbal=verbal, sum_error=sum_error,
+            parse_errors=errors)
+        if self.need_slots:
+            batch.slot_prompts = [self.builder.prompt_ids(r["inputs"]) for r in rows]
+            batch.slot_logits = next_token_logits(core, batch.slot_prompts, self.pad_id).float()  # [B, V]
+        if not self.single_pass:  # the sampling log-probs, for the ratio of later passes
+            width = int(batch.completion_lens.max())
+            olds = [self.log_probs(core, batch, mb, slots=False).logp for mb in self.microbatches(batch)]
+            batch.old_logp = torch.cat([F.pad(lp, (0, width - lp.shape[1])) for lp in olds])
+        return batch
+
+    def teacher_batch(self, rows: Sequence[dict], q: torch.Tensor) -> RolloutBatch:
+        """One rollout per item whose completion writes the item's target ``q`` [B, K], rounded (soft-label SFT)."""
+        from shala.verbalized import rounded
+
+        prompts = [self.prompt(r["inputs"]) for r in rows]
+        comps = [self.grammar.encode(rounded(qi, self.verbal_format)) for qi in q.tolist()]
+        plen = torch.tensor([len(p) for p in prompts])
+        n = len(rows)
+        return RolloutBatch(tokens=[p + c for p, c in zip(prompts, comps)], prompt_lens=plen,
+                            completion_lens=torch.tensor([len(c) for c in comps]), labels=q.argmax(-1).cpu(),
+                            slots=plen - 1, slot_of=torch.arange(n, device=self.device),
+                            slot_item=torch.arange(n, device=self.device))
+
+    @torch.no_grad()
+    def predictions(self, model, rows, *, samples: int = 0, batch_size: int = 16) -> dict:
+        """The verbalized distributions of ``rows`` [N, K]: greedy, and the mean of ``samples`` sampled answers.
+
+        An answer that does not parse (possible without the constraint) counts as uniform; the
+        share of parsable answers is returned beside each distribution.
+        """
+        from types import SimpleNamespace
+
+        policy, k = SimpleNamespace(core=model), len(self.builder.words)
+        out = {}
+        for name, greedy, g in (("verbalized greedy", True, 1), (f"verbalized, mean of {samples} samples", False,
+                                                                  samples)):
+            if g < 1:
+                continue
+            probs, ok = [], []
+            for start in range(0, len(rows), max(1, batch_size // g)):
+                part = [rows[i] for i in range(start, min(len(rows), start + max(1, batch_size // g)))]
+                v = self.sample(policy, part, greedy=greedy, group_size=g).verbal.reshape(len(part), g, k)
+                good = ~torch.isnan(v).any(-1)  # [b, g]
+                mean = torch.where(good.unsqueeze(-1), v, torch.zeros_like(v)).sum(1) / good.sum(1, keepdim=True)
+                probs.append(torch.where(good.any(1, keepdim=True), mean, torch.full_like(mean, 1.0 / k)))
+                ok.append(good.double().mean(1))
+            out[name] = (torch.cat(probs), float(torch.cat(ok).mean()))
+        return out
+
+    def read(self, completions) -> tuple:
+        """``(verbal [n, K] float64, sum_error [n], {reason: count})`` of the completions (NaN: unparsable)."""
+        from shala.verbalized import GRANULARITIES, ParseError, parse_text
+
+        k, total = len(self.builder.words), GRANULARITIES[self.verbal_format]
+        verbal = torch.full((len(completions), k), float("nan"), dtype=torch.float64)
+        sum_error = torch.full((len(completions),), float("nan"), dtype=torch.float64)
+        errors: dict = {}
+        for i, comp in enumerate(completions):
+            if self.constrain_answer:
+                values = self.grammar.values(comp)
+                if values is None:
+                    why = "the answer did not end within --max-new-tokens"
+                elif sum(values) == 0:
+                    why = "every number is 0"
+                else:
+                    verbal[i] = torch.tensor(values, dtype=torch.float64) / sum(values)
+                    sum_error[i] = abs(sum(values) / total - 1.0)
+                    continue
+            else:
+                text = self.builder.tokenizer.decode(comp, skip_special_tokens=True)
+                try:
+                    p, err = parse_text(text, self.builder.words, self.verbal_format)
+                except ParseError as e:
+                    why = str(e)
+                else:
+                    verbal[i], sum_error[i] = torch.tensor(p, dtype=torch.float64), err
+                    continue
+            errors[why] = errors.get(why, 0) + 1
+        return verbal, sum_error, errors
+
+    def log_probs(self, model, batch: RolloutBatch, idx: torch.Tensor, *, reuse: bool = False,
+                  slots: bool = True) -> TokenLogProbs:
+        mb = idx.tolist()
+        logits = completion_logits(model, [batch.tokens[i] for i in mb],
+                                   [int(batch.prompt_lens[i]) for i in mb]).float()  # [n, wc + 1, V]
+        tc = int(batch.completion_lens[mb].max())
+        z = logits[:, :tc] / self.temperature  # [n, T, V]
+        target = torch.zeros(len(mb), tc, dtype=torch.long)
+        choose = torch.zeros(len(mb), tc, dtype=torch.bool)
+        allowed = torch.full((len(mb), tc, 11), -1, dtype=torch.long)  # at most 10 digits and an end token
+        for row, i in enumerate(mb):
+            p, c = int(batch.prompt_lens[i]), int(batch.completion_lens[i])
+            comp = batch.tokens[i][p : p + c]
+            target[row, :c] = torch.as_tensor(comp)
+            if not self.constrain_answer:
+                choose[row, :c] = True
+                continue
+            for j, ids in enumerate(self.grammar.choices(comp)):
+                if ids is not None:
+                    choose[row, j] = True
+                    allowed[row, j, : len(ids)] = torch.as_tensor(ids)
+        target, choose, allowed = target.to(self.device), choose.to(self.device), allowed.to(self.device)
+        logp = torch.log_softmax(z, -1).gather(2, target.unsqueeze(-1)).squeeze(-1)  # [n, T]
+        if self.constrain_answer:  # renormalised over the tokens the grammar offered there
+            among = z.gather(2, allowed.clamp_min(0)).masked_fill(allowed < 0, float("-inf"))  # [n, T, 11]
+            norm = torch.where(choose, torch.logsumexp(among, -1), torch.zeros_like(logp))
+            logp = z.gather(2, target.unsqueeze(-1)).squeeze(-1) - norm
+        slot_logits = slot_rows = None
+        if slots and self.need_slots:
+            slot_rows = batch.slot_of[idx].unique_consecutive()
+            slot_logits = next_token_logits(model, [batch.slot_prompts[int(s)] for s in slot_rows],
+                                            self.pad_id).float()
+        return TokenLogProbs(logp, choose, slot_logits, slot_rows)
+
+
+FORMS = {form.name: form for form in (AnswerForm, RationaleForm, VerbalizedForm)}
 
 
 def _form(name: str) -> type:

@@ -29,7 +29,7 @@ from shala.batches import HELD_OUT, Batch, PromptSampler, TrainData
 from shala.choices import RL_METHODS
 from shala.config import TrainConfig, load_config
 from shala.distributed import Dist
-from shala.evaluate import evaluate_sharded
+from shala.evaluate import add_form_predictions, evaluate_sharded
 from shala.label_jsd import label_reward
 from shala.lm import next_token_logits
 from shala.losses import jsd_term, kl_penalty, majority_label_loss, policy_loss
@@ -37,7 +37,7 @@ from shala.models import context_length, default_threads, load_tokenizer
 from shala.outputs import RunDir
 from shala.policy import Policy
 from shala.prompts import PromptBuilder
-from shala.rewards import compose_rewards
+from shala.rewards import score_rollouts
 from shala.rollout import make_form
 from shala.signals import GracefulStop
 from shala.state import TrainingError, TrainState
@@ -58,20 +58,21 @@ class Trainer:
         self.run.claim(cfg)  # before anything slow: a directory of another run is refused here
         self.dist.barrier()
         torch.manual_seed(cfg.seed)
+        self.rewards = cfg.reward_weights()
         self.data = TrainData.from_config(cfg, self.device)
         self.tokenizer = load_tokenizer(cfg.model)
         self.builder = PromptBuilder(self.tokenizer, self.data.task, self.data.label_names)
         self.label_ids = torch.tensor(self.builder.label_ids, device=self.device)
         self.form = make_form(cfg.form, self.builder, group_size=cfg.group_size, temperature=cfg.temperature,
                               constrain_answer=cfg.constrain_answer, micro_batch_size=cfg.micro_batch_size,
-                              single_pass=cfg.ppo_epochs == 1, max_new_tokens=cfg.max_new_tokens, device=self.device)
+                              single_pass=cfg.ppo_epochs == 1, max_new_tokens=cfg.max_new_tokens, device=self.device,
+                              verbal_format=cfg.verbal_format, need_slots="slot" in self.rewards or cfg.aux_jsd > 0)
         self.truncated = self.data.fit_prompts(self.builder, self.form, context=context_length(cfg.model),
                                                max_prompt_tokens=cfg.max_prompt_tokens, truncate=cfg.truncate_prompts)
         self.policy = Policy(cfg, self.dist)
         torch.manual_seed(cfg.seed + 7919 * self.dist.rank)  # rollouts differ across processes
         sampler = PromptSampler(len(self.data), cfg.batch_size, self.dist.world, self.dist.rank, cfg.seed)
         self.state = TrainState(self.policy, sampler, self.dist)
-        self.rewards = cfg.reward_weights()
         self.weighting = AmbiguityWeighting(cfg.weighting_used, alpha=cfg.weight_alpha,
                                             temperature=cfg.weight_temperature, warmup=cfg.weight_warmup)
         self.last_metrics: dict = {}
@@ -82,25 +83,19 @@ class Trainer:
     # -- one step ---------------------------------------------------------------------------------
     def rl_step(self, batch: Batch) -> dict:
         """Sample, score, update (see the module docstring)."""
-        cfg, dist, G, B = self.cfg, self.dist, self.cfg.group_size, len(batch.rows)
-        K = len(self.data.label_names)
+        cfg, dist, G = self.cfg, self.dist, self.cfg.group_size
         t0 = time.perf_counter()
         rollouts = self.form.sample(self.policy, batch.rows)  # B*G rollouts, prompt-major
         t1 = time.perf_counter()
 
-        slot = label_reward(rollouts.slot_logits, self.label_ids, batch.q[rollouts.slot_item], normalize="vocab")
-        rewards, parts = compose_rewards(
-            self.rewards, labels=rollouts.labels.reshape(B, G).to(self.device), q=batch.q,
-            slot_probs=slot.probs[rollouts.slot_of].reshape(B, G, K),
-            slot_dist=slot.js_dist[rollouts.slot_of].reshape(B, G), format_penalty=cfg.format_penalty)  # [B, G]
+        rewards, metrics = score_rollouts(rollouts, batch.q, self.rewards, self.label_ids,
+                                          format_penalty=cfg.format_penalty, sum_penalty=cfg.sum_penalty)  # [B, G]
         w = self.weighting(batch.ambiguity, self.state.step)  # [B] or None
         adv = group_advantages(rewards.flatten().float(), G, weights=None if w is None else w.float(),
                                scale=cfg.scale, eps=cfg.adv_eps)
-        metrics = {"reward": float(rewards[adv.valid].mean()) if bool(adv.valid.any()) else math.nan,
-                   "reward_std": float(adv.reward_std), "slot_jsd": float(slot.js_dist.nanmean()),
-                   "label_mass_slot": float(slot.label_mass.nanmean()), "zero_std_frac": float(adv.zero_std_frac),
-                   "invalid_groups": float((~adv.valid).sum()), "adv_abs_mean": float(adv.advantages.abs().mean()),
-                   **{f"reward_{k}": v for k, v in parts.items()}}
+        metrics.update(reward=float(rewards[adv.valid].mean()) if bool(adv.valid.any()) else math.nan,
+                       reward_std=float(adv.reward_std), zero_std_frac=float(adv.zero_std_frac),
+                       invalid_groups=float((~adv.valid).sum()), adv_abs_mean=float(adv.advantages.abs().mean()))
         valid = adv.valid.repeat_interleave(G).to(self.device)  # [B*G]
         advantages = adv.advantages.to(self.device)  # [B*G]
         t2 = time.perf_counter()
@@ -155,6 +150,13 @@ class Trainer:
         units = [list(range(s, min(n, s + cfg.micro_batch_size))) for s in range(0, n, cfg.micro_batch_size)]
         total, seen = 0.0, []
         for j, mb in enumerate(units):
+            if cfg.method == "sft-verbalized":  # teacher forcing on the text of the rounded target
+                target = self.form.teacher_batch([batch.rows[i] for i in mb], batch.q[mb])
+                scored = self.form.log_probs(self.policy.model, target, torch.arange(len(mb), device=self.device))
+                loss = -(scored.logp * scored.mask).sum() / scored.mask.sum() * len(mb) / n
+                self.policy.backward(loss, last=j == len(units) - 1)
+                total += float(loss.detach())
+                continue
             logits = next_token_logits(self.policy.model, [prompts[i] for i in mb],
                                        self.tokenizer.pad_token_id).float()  # [b, V]
             if cfg.method == "sft-soft":
@@ -167,9 +169,11 @@ class Trainer:
             seen.append(logits.detach())
         norm, ok = self.policy.step()
         self.policy.scheduler.step()
-        slot = label_reward(torch.cat(seen), self.label_ids, batch.q, normalize="vocab")
-        return {"loss": total, "grad_norm": norm, "ok": ok, "time_update": time.perf_counter() - t0,
-                "slot_jsd": float(slot.js_dist.nanmean()), "label_mass_slot": float(slot.label_mass.nanmean())}
+        out = {"loss": total, "grad_norm": norm, "ok": ok, "time_update": time.perf_counter() - t0}
+        if seen:
+            slot = label_reward(torch.cat(seen), self.label_ids, batch.q, normalize="vocab")
+            out.update(slot_jsd=float(slot.js_dist.nanmean()), label_mass_slot=float(slot.label_mass.nanmean()))
+        return out
 
     # -- the run ----------------------------------------------------------------------------------
     def fit(self, stop_after: Optional[int] = None) -> dict:
@@ -185,7 +189,7 @@ class Trainer:
         state.begin(cfg, run)
         before = self.evaluate("eval_before") if cfg.eval_before and state.step == 0 else run.read_evaluations(
             "eval_before")
-        shown = ("reward", "slot_jsd") if cfg.method in RL_METHODS else ("loss", "slot_jsd")  # RL loss is ~0
+        shown = ("reward", "slot_jsd", "verbal_jsd") if cfg.method in RL_METHODS else ("loss", "slot_jsd")
         start_step, t_start = state.step, time.perf_counter()
         with GracefulStop() as stop, tqdm(total=cfg.steps, initial=state.step, desc=cfg.method,
                                           disable=not (cfg.progress and dist.is_main)) as bar:
@@ -194,7 +198,7 @@ class Trainer:
                 state.record(dist.all(metrics.pop("ok")))
                 self._log(metrics)
                 bar.update(1)
-                bar.set_postfix({k: f"{self.last_metrics[k]:.3f}" for k in shown})
+                bar.set_postfix({k: f"{self.last_metrics[k]:.3f}" for k in shown if k in self.last_metrics})
                 state.check(cfg.max_bad_steps)
                 interrupted = dist.any(stop.requested)
                 done_here = stop_after is not None and state.step - start_step >= stop_after
@@ -236,6 +240,9 @@ class Trainer:
             results[name] = evaluate_sharded(self.policy.core, self.builder, rows, prior=self.data.prior,
                                              dist=self.dist, batch_size=self.cfg.eval_batch_size,
                                              progress=self.cfg.progress, desc=f"{prefix} {name}")
+            if self.dist.is_main:  # what the form writes, besides the answer slot (the main process alone)
+                add_form_predictions(results[name], self.form, self.policy.core, rows, samples=self.cfg.eval_samples,
+                                     batch_size=self.cfg.eval_batch_size)
             self.run.write_json(self.run.evaluation_file(prefix, name), results[name])
         return results if self.dist.is_main else None
 

@@ -30,8 +30,8 @@ FORM_CASES = [pytest.param(name, single_pass, id=f"{name}-{'one' if single_pass 
 @pytest.mark.parametrize("name, single_pass", FORM_CASES)
 def test_form_samples_a_flat_batch_and_scores_its_own_tokens(parts, name, single_pass):
     builder, policy = parts
-    form = make_form(name, builder, group_size=G, micro_batch_size=2, single_pass=single_pass, max_new_tokens=None
-                     if name == "answer" else 5)
+    form = make_form(name, builder, group_size=G, micro_batch_size=2, single_pass=single_pass,
+                     max_new_tokens=5 if name == "rationale" else None, need_slots=True)
     assert isinstance(form, RolloutForm) and form.name == name
     torch.manual_seed(0)
     batch = form.sample(policy, ROWS)
@@ -46,13 +46,16 @@ def test_form_samples_a_flat_batch_and_scores_its_own_tokens(parts, name, single
     scored = [form.log_probs(policy.model, batch, idx, reuse=True) for idx in units]
     for idx, s in zip(units, scored):
         assert s.logp.shape == s.mask.shape and s.logp.shape[0] == len(idx)
-        assert bool((s.logp[s.mask] <= 0).all()) and torch.equal(s.mask.sum(1).cpu(), batch.completion_lens[idx.cpu()])
+        scored_tokens = s.mask.sum(1).cpu()  # the verbalized form scores only the numbers it chose
+        assert bool((s.logp[s.mask] <= 0).all()) and (scored_tokens <= batch.completion_lens[idx.cpu()]).all()
+        if name != "verbalized":
+            assert torch.equal(scored_tokens, batch.completion_lens[idx.cpu()])
         torch.testing.assert_close(s.slot_logits.detach(), batch.slot_logits[s.slot_rows], rtol=1e-5, atol=1e-5)
         if batch.old_logp is not None:  # the sampling log-probs are the same model's
             old = batch.old_logp[idx][:, : s.logp.shape[1]]
             torch.testing.assert_close(s.logp.detach()[s.mask], old[s.mask], rtol=1e-5, atol=1e-5)
-    if name == "answer":
-        assert batch.n_slots == len(ROWS)  # one forward per prompt serves its G rollouts
+    if name in ("answer", "verbalized"):
+        assert batch.n_slots == len(ROWS)  # one answer slot per prompt serves its G rollouts
     else:
         assert batch.n_slots == n and (batch.completion_lens <= 5).all()
     if not single_pass:
