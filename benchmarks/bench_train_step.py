@@ -10,7 +10,7 @@ steps after one untimed warm-up step:
 
 * ``shala``: ``shala.train.Trainer`` built from ``shala.config.load_config`` (no
   evaluation, no plots, no checkpoints); each step is ``trainer.rl_step`` on the
-  batch ``trainer._batch()`` draws. Its own timers split the step into generation,
+  batch ``trainer.next_batch()`` draws. Its own timers split the step into generation,
   scoring (reward and grouped advantages) and update.
 * ``trl``: ``trl.GRPOTrainer`` on the same model object, loaded the same way. Its
   dataset holds the rows shala draws for those steps, in that order (no shuffling),

@@ -36,6 +36,7 @@ from typing import Optional, Sequence
 import torch
 
 from shala import metrics
+from shala.metrics import format_value
 from shala.choices import METHODS
 from shala.config import load_config
 from shala.distributed import Dist
@@ -44,7 +45,7 @@ from shala.outputs import RunDir
 
 log = logging.getLogger("shala.compare")
 
-METRICS = ("jsd", "kl", "accuracy", "macro_f1", "bc", "tv")
+METRICS = metrics.CI_METRICS
 HEADERS = {"jsd": "JSD ↓", "kl": "KL ↓", "accuracy": "accuracy ↑", "macro_f1": "macro-F1 ↑", "bc": "BC ↑",
            "tv": "TV ↓"}
 REFERENCE = "sft-soft"
@@ -198,10 +199,6 @@ def _fixed_row(q, p, levels, prior, resamples) -> dict:
     return row
 
 
-def _num(x: float) -> str:
-    return "inf" if math.isinf(x) else f"{x:.4f}"
-
-
 def _diff(d: Optional[dict]) -> str:
     if not d:
         return ""
@@ -217,7 +214,7 @@ def markdown(name: str, stats: dict, seeds: list) -> str:
     for label, row in [*stats["methods"].items(), *stats["fixed"].items()]:
         cells = []
         for m in METRICS:
-            cell = _num(row[m]["mean"])
+            cell = format_value(row[m]["mean"])
             if row.get("seeds", 1) > 1 and not math.isinf(row[m]["mean"]):
                 cell += f" ± {row[m]['std']:.4f}"
             cells.append(cell)
@@ -228,7 +225,8 @@ def markdown(name: str, stats: dict, seeds: list) -> str:
               "| model | " + " | ".join(metrics.LEVELS) + " |", "|---" * (len(metrics.LEVELS) + 1) + "|"]
     for label, row in [*stats["methods"].items(), *stats["fixed"].items()]:
         std = row.get("by_level_std", {})
-        cells = [_num(row["by_level"][lv]) + (f" ± {std[lv]:.4f}" if lv in std and row.get("seeds", 1) > 1 else "")
+        spread = row.get("seeds", 1) > 1
+        cells = [format_value(row["by_level"][lv]) + (f" ± {std[lv]:.4f}" if lv in std and spread else "")
                  for lv in metrics.LEVELS if lv in row["by_level"]]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -233,11 +233,12 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
         if weight <= 0:
             raise ValueError(f"--reward {mode}={weight:g}: a reward weight must be > 0 "
                              "(leave the term out instead)")
-    if "verbal" in terms and cfg.form != "verbalized":
-        raise ValueError("--reward verbal scores distributions the rollouts write: it needs --form verbalized")
-    if cfg.method == "sft-verbalized" and cfg.form != "verbalized":
-        raise ValueError("--method sft-verbalized trains on the text of the target distribution: it needs "
-                         "--form verbalized")
+    writers = ", ".join(name for name, form in FORMS.items() if form.writes_distribution)
+    if "verbal" in terms and not FORMS[cfg.form].writes_distribution:
+        raise ValueError(f"--reward verbal scores distributions the rollouts write: it needs --form {writers}")
+    if cfg.method == "sft-verbalized" and not FORMS[cfg.form].writes_distribution:
+        raise ValueError(f"--method sft-verbalized trains on the text of the target distribution: it needs "
+                         f"--form {writers}")
     if cfg.method in RL_METHODS and cfg.group_size < 2:
         raise ValueError(f"--group-size {cfg.group_size}: advantages are rewards minus their group's mean, so "
                          f"a group of one rollout has advantage 0 and {cfg.method} would learn nothing; use >= 2")

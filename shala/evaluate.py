@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 import time
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 
 from shala import data as shala_data
 from shala import metrics
+from shala.metrics import format_value
 from shala.choices import DTYPES
 from shala.data_files import DEFAULT_DATASET, resolve_dataset
 from shala.distributed import check_device
@@ -139,14 +139,14 @@ def evaluate_sharded(model, builder: PromptBuilder, rows, *, prior: Sequence[flo
 def format_table(columns: dict) -> str:
     """A plain-text table: one column per named result (each a metrics dict), one row per metric."""
     names = list(columns)
-    keys = ["jsd", "kl", "accuracy", "macro_f1", "bc", "tv"]
+    keys = metrics.CI_METRICS
     width = max(12, *(len(n) for n in names))
     lines = ["metric".ljust(10) + "".join(n.rjust(width + 2) for n in names)]
     for k in keys:
         cells = []
         for n in names:
             v = columns[n].get(k)
-            cells.append(("-" if v is None else ("inf" if math.isinf(v) else f"{v:.4f}")).rjust(width + 2))
+            cells.append(("-" if v is None else format_value(v)).rjust(width + 2))
         lines.append(k.ljust(10) + "".join(cells))
     lines.append("n".ljust(10) + "".join(str(columns[n].get("n", "-")).rjust(width + 2) for n in names))
     return "\n".join(lines)
@@ -155,7 +155,7 @@ def format_table(columns: dict) -> str:
 def format_report(result: dict) -> str:
     """The confidence intervals, ambiguity levels and input-dependence check of an evaluation, as text."""
     ci = result["ci"]
-    lines = ["95% CI: " + ", ".join(f"{k} [{_num(ci[k][0])}, {_num(ci[k][1])}]" for k in ci)]
+    lines = ["95% CI: " + ", ".join(f"{k} [{format_value(ci[k][0])}, {format_value(ci[k][1])}]" for k in ci)]
     levels = result["by_level"]
     cuts = ", ".join(f"{c:.3f}" for c in levels["cut_points"])
     lines.append(f"by ambiguity H(q)/ln K (cut points {cuts}): " + "; ".join(
@@ -167,15 +167,12 @@ def format_report(result: dict) -> str:
                  f"{dep['gap']:+.4f} [{dep['gap_ci'][0]:+.4f}, {dep['gap_ci'][1]:+.4f}] ({verdict})")
     for name, form in result.get("forms", {}).items():
         lines.append(f"{name}: JSD {form['jsd']:.4f} [{form['ci']['jsd'][0]:.4f}, {form['ci']['jsd'][1]:.4f}], "
-                     f"KL {_num(form['kl'])}, accuracy {form['accuracy']:.3f}, macro-F1 {form['macro_f1']:.3f}, "
-                     f"BC {form['bc']:.4f}, TV {form['tv']:.4f}, parsable {form['parsable']:.3f}, gap "
-                     f"{form['input_dependence']['gap']:+.4f}, JSD to the slot's distribution "
+                     f"KL {format_value(form['kl'])}, accuracy {form['accuracy']:.3f}, "
+                     f"macro-F1 {form['macro_f1']:.3f}, BC {form['bc']:.4f}, TV {form['tv']:.4f}, "
+                     f"parsable {form['parsable']:.3f}, gap {form['input_dependence']['gap']:+.4f}, "
+                     f"JSD to the slot's distribution "
                      f"{form['agreement_with_slot_jsd']:.4f}")
     return "\n".join(lines)
-
-
-def _num(v: float) -> str:
-    return "inf" if math.isinf(v) else f"{v:.4f}"
 
 
 def load_eval_rows(spec: str, *, split: str, seed: int, eval_fraction: float, options: dict,
@@ -242,8 +239,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.resamples < 100:
         raise ValueError(f"--resamples must be >= 100, got {args.resamples}")
-    if args.samples < 0 or (args.samples and args.form != "verbalized"):
-        raise ValueError(f"--samples {args.samples}: a number >= 0, for --form verbalized")
+    if args.samples < 0 or (args.samples and not FORMS[args.form].writes_distribution):
+        raise ValueError(f"--samples {args.samples}: a number >= 0, for a form that writes its distribution "
+                         f"({', '.join(n for n, f in FORMS.items() if f.writes_distribution)})")
     check_device(args.device)
     if args.output:
         check_output_file(args.output, option="--output")

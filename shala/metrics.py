@@ -27,12 +27,18 @@ from typing import Sequence
 import torch
 
 from shala.divergence import js_divergence
+from shala.weighting import ambiguity
 
 __all__ = ["distribution_metrics", "jsd_per_item", "kl_per_item", "tv_per_item", "bc_per_item", "majority", "macro_f1",
            "baselines", "bootstrap_indices", "percentile_ci", "resampled_macro_f1", "ambiguity_levels",
            "evaluation_report", "paired_difference", "LEVELS"]
 
-CI_METRICS = ("jsd", "kl", "accuracy", "macro_f1", "bc", "tv")
+CI_METRICS = ("jsd", "kl", "accuracy", "macro_f1", "bc", "tv")  # every per-item metric, in table order
+
+
+def format_value(x: float) -> str:
+    """A metric as a table cell: 4 decimals, or inf."""
+    return "inf" if math.isinf(x) else f"{x:.4f}"
 LEVELS = ("low", "mid", "high")  # ambiguity thirds: high agreement first
 
 
@@ -168,7 +174,7 @@ def ambiguity_levels(q) -> tuple:
     ``cuts`` are the largest ambiguity of the low and of the mid third.
     """
     q = _as_probs(q, "q")
-    a = -torch.special.xlogy(q, q).sum(-1) / math.log(q.shape[1])
+    a = ambiguity(q)
     order = torch.argsort(a, stable=True)
     level = torch.empty(len(a), dtype=torch.long)
     parts = torch.tensor_split(order, 3)

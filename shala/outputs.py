@@ -28,6 +28,7 @@ from typing import Optional
 
 from shala.batches import HELD_OUT
 from shala.evaluate import format_report, format_table, write_json
+from shala.metrics import CI_METRICS
 
 __all__ = ["RunDir", "OutputDirError"]
 
@@ -41,7 +42,7 @@ MARKERS = ("config.json", "metrics.jsonl", "checkpoints", "final", "summary.json
 class OutputDirError(ValueError):
     """An output directory that holds another run, or that cannot be written."""
 
-TABLE_METRICS = ("n", "jsd", "kl", "accuracy", "macro_f1", "bc", "tv")
+TABLE_METRICS = ("n", *CI_METRICS)
 
 
 class RunDir:

@@ -33,12 +33,14 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from shala.lm import completion_logits, next_token_logits, pad_left
+from shala.verbalized import GRANULARITIES, ParseError, VerbalGrammar, parse_text, rounded
 
 __all__ = ["RolloutBatch", "TokenLogProbs", "RolloutForm", "AnswerForm", "RationaleForm", "FORMS", "make_form",
            "check_form_options"]
@@ -121,6 +123,7 @@ class RolloutForm:
     name = ""
     default_max_new_tokens = 1
     default_reward = "slot=1"  # the reward when --reward is not given
+    writes_distribution = False  # the completion states a distribution (the ``verbal`` reward can read it)
 
     def __init__(self, builder, *, group_size: int, temperature: float = 1.0, constrain_answer: bool = True,
                  micro_batch_size: int = 8, single_pass: bool = True, max_new_tokens: Optional[int] = None,
@@ -164,6 +167,10 @@ class RolloutForm:
     def log_probs(self, model, batch: RolloutBatch, idx: torch.Tensor, *, reuse: bool = False) -> TokenLogProbs:
         """Log-probs of rollouts ``idx``'s sampled tokens under ``model``; ``reuse``: the sampling forward may serve."""
         raise NotImplementedError
+
+    def teacher_batch(self, rows: Sequence[dict], q: torch.Tensor) -> RolloutBatch:
+        """One rollout per item whose completion is the text of its target ``q`` [B, K] (forms that write one)."""
+        raise ValueError(f"--form {self.name} writes no distribution as text, so it has no target text to train on")
 
     # -- shared pieces ------------------------------------------------------------------------------
     def _label_lookup(self, vocab: int) -> torch.Tensor:
@@ -441,10 +448,9 @@ class VerbalizedForm(RolloutForm):
 
     name = "verbalized"
     default_reward = "verbal=1"
+    writes_distribution = True
 
     def __init__(self, builder, *, verbal_format: str = "percent", need_slots: bool = False, **kw):
-        from shala.verbalized import VerbalGrammar
-
         self.grammar = VerbalGrammar(builder.tokenizer, builder.words, verbal_format)
         self.default_max_new_tokens = self.grammar.max_tokens  # the grammar's longest answer
         super().__init__(builder, **kw)
@@ -495,8 +501,6 @@ class VerbalizedForm(RolloutForm):
 
     def teacher_batch(self, rows: Sequence[dict], q: torch.Tensor) -> RolloutBatch:
         """One rollout per item whose completion writes the item's target ``q`` [B, K], rounded (soft-label SFT)."""
-        from shala.verbalized import rounded
-
         prompts = [self.prompt(r["inputs"]) for r in rows]
         comps = [self.grammar.encode(rounded(qi, self.verbal_format)) for qi in q.tolist()]
         plen = torch.tensor([len(p) for p in prompts])
@@ -513,8 +517,6 @@ class VerbalizedForm(RolloutForm):
         An answer that does not parse (possible without the constraint) counts as uniform; the
         share of parsable answers is returned beside each distribution.
         """
-        from types import SimpleNamespace
-
         policy, k = SimpleNamespace(core=model), len(self.builder.words)
         out = {}
         for name, greedy, g in (("verbalized greedy", True, 1), (f"verbalized, mean of {samples} samples", False,
@@ -534,8 +536,6 @@ class VerbalizedForm(RolloutForm):
 
     def read(self, completions) -> tuple:
         """``(verbal [n, K] float64, sum_error [n], {reason: count})`` of the completions (NaN: unparsable)."""
-        from shala.verbalized import GRANULARITIES, ParseError, parse_text
-
         k, total = len(self.builder.words), GRANULARITIES[self.verbal_format]
         verbal = torch.full((len(completions), k), float("nan"), dtype=torch.float64)
         sum_error = torch.full((len(completions),), float("nan"), dtype=torch.float64)

@@ -8,8 +8,9 @@ the clipped-ratio policy loss with token-level averaging, optional KL to the fro
 reference and drop-in JSD term (:mod:`shala.losses`), several passes per batch,
 gradient accumulation over micro-batches, clipping, a learning-rate schedule.
 
-The baselines (``--method grpo-accuracy | sft-majority | sft-soft``) run through
-the same loop on the same data, model and budget.
+The baselines run through the same loop on the same data, model and budget:
+``--method grpo-accuracy`` through this step, the supervised ones (``sft-soft``,
+``sft-majority``, ``sft-verbalized``) through :mod:`shala.sft`.
 """
 
 from __future__ import annotations
@@ -30,15 +31,14 @@ from shala.choices import RL_METHODS
 from shala.config import TrainConfig, load_config
 from shala.distributed import Dist
 from shala.evaluate import add_form_predictions, evaluate_sharded
-from shala.label_jsd import label_reward
-from shala.lm import next_token_logits
-from shala.losses import jsd_term, kl_penalty, majority_label_loss, policy_loss
+from shala.losses import jsd_term, kl_penalty, policy_loss
 from shala.models import context_length, default_threads, load_tokenizer
 from shala.outputs import RunDir
 from shala.policy import Policy
 from shala.prompts import PromptBuilder
 from shala.rewards import score_rollouts
 from shala.rollout import make_form
+from shala.sft import SupervisedStep
 from shala.signals import GracefulStop
 from shala.state import TrainingError, TrainState
 from shala.weighting import AmbiguityWeighting
@@ -75,6 +75,7 @@ class Trainer:
         self.state = TrainState(self.policy, sampler, self.dist)
         self.weighting = AmbiguityWeighting(cfg.weighting_used, alpha=cfg.weight_alpha,
                                             temperature=cfg.weight_temperature, warmup=cfg.weight_warmup)
+        self.sft = None if cfg.method in RL_METHODS else SupervisedStep(cfg, self.policy, self.form, self.label_ids)
         self.last_metrics: dict = {}
 
     def next_batch(self) -> Batch:
@@ -143,37 +144,8 @@ class Trainer:
         return metrics
 
     def sft_step(self, batch: Batch) -> dict:
-        """One supervised step at the answer slot: soft-label JSD or majority-label cross-entropy."""
-        cfg, n, t0 = self.cfg, len(batch.rows), time.perf_counter()
-        prompts = [self.builder.prompt_ids(r["inputs"]) for r in batch.rows]
-        w = self.weighting(batch.ambiguity, self.state.step)
-        units = [list(range(s, min(n, s + cfg.micro_batch_size))) for s in range(0, n, cfg.micro_batch_size)]
-        total, seen = 0.0, []
-        for j, mb in enumerate(units):
-            if cfg.method == "sft-verbalized":  # teacher forcing on the text of the rounded target
-                target = self.form.teacher_batch([batch.rows[i] for i in mb], batch.q[mb])
-                scored = self.form.log_probs(self.policy.model, target, torch.arange(len(mb), device=self.device))
-                loss = -(scored.logp * scored.mask).sum() / scored.mask.sum() * len(mb) / n
-                self.policy.backward(loss, last=j == len(units) - 1)
-                total += float(loss.detach())
-                continue
-            logits = next_token_logits(self.policy.model, [prompts[i] for i in mb],
-                                       self.tokenizer.pad_token_id).float()  # [b, V]
-            if cfg.method == "sft-soft":
-                loss, _ = jsd_term(logits, self.label_ids, batch.q[mb], None if w is None else w[mb], n_rows=n,
-                                   normalize=cfg.normalize, mass_weight=cfg.mass_weight)
-            else:
-                loss, _ = majority_label_loss(logits, self.label_ids, batch.q[mb], n_rows=n)
-            self.policy.backward(loss, last=j == len(units) - 1)  # mean over this process's rows
-            total += float(loss.detach())
-            seen.append(logits.detach())
-        norm, ok = self.policy.step()
-        self.policy.scheduler.step()
-        out = {"loss": total, "grad_norm": norm, "ok": ok, "time_update": time.perf_counter() - t0}
-        if seen:
-            slot = label_reward(torch.cat(seen), self.label_ids, batch.q, normalize="vocab")
-            out.update(slot_jsd=float(slot.js_dist.nanmean()), label_mass_slot=float(slot.label_mass.nanmean()))
-        return out
+        """One step of a supervised baseline (:mod:`shala.sft`)."""
+        return self.sft(batch, self.weighting(batch.ambiguity, self.state.step))
 
     # -- the run ----------------------------------------------------------------------------------
     def fit(self, stop_after: Optional[int] = None) -> dict:

@@ -47,3 +47,27 @@ def test_no_import_circle():
     for module in sorted(graph):
         visit(module)
     assert "shala.train" in graph and "shala.reference" in graph["shala.label_jsd"]
+
+
+def test_the_orchestrator_and_every_class_stay_small():
+    assert len((SHALA / "train.py").read_text().splitlines()) <= 250
+    big = [f"{p.name}:{n.name} ({n.end_lineno - n.lineno + 1} lines)" for p in SHALA.rglob("*.py")
+           for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.ClassDef)
+           and n.end_lineno - n.lineno + 1 > 200]
+    assert not big
+
+
+def test_only_rollout_py_tells_the_forms_apart():
+    """Elsewhere a form is used through its interface and class attributes, never by its name."""
+    from shala.rollout import FORMS
+
+    names = set(FORMS)
+    found = []
+    for path in SHALA.rglob("*.py"):
+        if path.name == "rollout.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare) and any(isinstance(c, ast.Constant) and c.value in names
+                                                     for c in [node.left, *node.comparators]):
+                found.append(f"{path.name}:{node.lineno}")
+    assert not found, "the rollout form compared by name in " + ", ".join(found)
