@@ -94,6 +94,12 @@ def test_bad_output_and_foreign_adapter_are_refused_before_the_model_loads(tiny_
     with pytest.raises(ValueError, match=r"--adapter .* was trained on task 'sarcasm' with labels \['1', '2', '3'\]; "
                                          r"the dataset has task 'nli'"):
         evaluate.main(["--model", tiny_dir, "--adapter", str(adapter), "--limit", "2", "--no-progress"])
+    # the same task with other labels (or another order of them) is another label space too
+    (adapter / "shala.json").write_text(json.dumps({"task": "nli", "label_names": ["contradiction", "neutral",
+                                                                                   "entailment"]}))
+    with pytest.raises(ValueError, match=r"trained on task 'nli' with labels \['contradiction', 'neutral', "
+                                         r"'entailment'\]; the dataset has task 'nli' with labels \['entailment'"):
+        evaluate.main(["--model", tiny_dir, "--adapter", str(adapter), "--limit", "2", "--no-progress"])
 
 
 def test_long_prompts_are_refused_or_cut_and_counted(tiny_dir, tmp_path, caplog):

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from shala.data import DataError, load_labelled
+from shala.data import DataError, FileError, load_labelled
 from tests.conftest import FIXTURES
 
 MSP = dict(item="FileName", rater="WorkerID", label="EmoClass", text="Transcript")
@@ -25,11 +25,14 @@ CASES = [
     ("lewidi2023", "ConvAbuse_fixture.json", {}),
     ("lewidi2025", "VariErrNLI_fixture.json", {}),
     ("lewidi2025", "CSC_fixture.json", {}),
+    ("lewidi2025", "MP_fixture.json", {}),
+    ("lewidi2025", "Paraphrase_fixture.json", {}),
     ("ambient", "ambient_dev.jsonl", {}),
     ("ambient", "ambient_linguist.jsonl", {}),
     ("goemotions", "goemotions_raw.csv", {}),
     ("rater_table", "msp_podcast_labels.csv", MSP),
     ("generic", "generic_labels.jsonl", {}),
+    ("generic", "generic_counts.jsonl", {}),
     ("generic", "generic.csv", {}),
 ]
 MUTANTS_PER_FILE = 30
@@ -122,7 +125,9 @@ def test_mutated_files_load_or_fail_with_a_located_data_error(tmp_path, kind, na
             try:
                 ds = load_labelled(f"{kind}:{path}", skip_invalid=skip, **options)
             except DataError as err:
-                assert str(err).startswith(str(path)), f"case {case}: no location in {err}"
+                assert str(err).startswith(str(path)), f"case {case}: no file in {err}"
+                # a row's error names the row (the file's own errors need not)
+                assert isinstance(err, FileError) or err.row, f"case {case}: no row in {err}"
                 outcomes["refused"] += 1
             except Exception as err:  # noqa: BLE001  (the point: nothing else may escape)
                 pytest.fail(f"case {case} ({path.read_bytes()[:300]!r}, skip_invalid={skip}): "

@@ -526,6 +526,14 @@ def test_module_construction_errors(args, message):
         shala.LabelJSDLoss(**args)
 
 
+@pytest.mark.parametrize("weights", [[1.0, -1.0, 1.0], [1.0, math.nan, 1.0]])
+def test_module_refuses_weights_that_are_not_finite_and_non_negative(force_triton, weights):
+    good = _good()
+    w = torch.tensor(weights + [1.0] * (good["logits"].shape[0] - len(weights)))
+    with pytest.raises(ValueError, match=r"weights must be finite and >= 0; row 1 is (-1\.0|nan)"):
+        shala.LabelJSDLoss(good["label_ids"])(good["logits"], good["target"], w)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none on this machine")
 def test_device_mismatch_cuda(force_triton):
     logits = torch.randn(N, V, device="cuda")

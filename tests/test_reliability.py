@@ -3,6 +3,7 @@
 Each case is one a careless or hostile user can make, on a tiny model.
 """
 
+import json
 import logging
 import os
 import signal
@@ -58,6 +59,23 @@ def test_another_run_in_the_same_directory_is_refused_and_nothing_changes(tiny_d
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 3
 
 
+def test_a_new_run_interrupted_in_an_old_runs_directory_resumes_from_its_own_checkpoint(tiny_dir, tmp_path):
+    """An old 10-step run, then another run there (--overwrite) stopped after step 3, then --resume auto."""
+    out = tmp_path / "run"
+    run(tiny_dir, out, "--steps", "10", "--save-every", "5", *QUIET)
+    new = ["--steps", "5", "--save-every", "2", "--no-eval-before", "--no-eval-after", "--lr", "1e-3"]
+    cfg = train.load_config(["--model", tiny_dir, "--output-dir", str(out), *FAST, *new, "--overwrite"])
+    assert train.Trainer(cfg).fit(stop_after=3) == {"stopped": True, "step": 3}  # as a SIGTERM after step 3 leaves it
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step-00000002", "step-00000003"]
+    resumed = run(tiny_dir, out, *new, "--resume", "auto")
+    straight = run(tiny_dir, tmp_path / "straight", *new)
+    assert resumed["steps"] == 5 and resumed["adapter_checksums"] == straight["adapter_checksums"]
+    assert json.loads((out / "config.json").read_text())["lr"] == 1e-3
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5]
+    (aside,) = tmp_path.glob("run.replaced-*")  # the old run, whole
+    assert [p.name for p in ckpt.list_checkpoints(aside / "checkpoints")] == ["step-00000005", "step-00000010"]
+
+
 @pytest.mark.parametrize("option, value, shown", [("--lr", "1e-3", "--lr 0.005 (now 0.001)"),
                                                    ("--lora-alpha", "8", "--lora-alpha 32 (now 8)"),
                                                    ("--dtype", "bfloat16", "--dtype 'float32' (now 'bfloat16')"),
@@ -110,7 +128,6 @@ def test_checkpoint_files_that_verify_but_are_not_a_training_state(tmp_path):
     zeros = b"\0" * 4096  # zeroed bytes with a manifest made to match them
     (path / ckpt.STATE).write_bytes(zeros)
     import hashlib
-    import json
 
     (path / ckpt.MANIFEST).write_text(json.dumps({"step": 1, "files": {ckpt.STATE: {
         "bytes": len(zeros), "sha256": hashlib.sha256(zeros).hexdigest()}}}))
@@ -206,7 +223,6 @@ def test_an_interrupted_run_exits_non_zero_after_its_checkpoint(tiny_dir, tmp_pa
 
 def test_training_prompts_longer_than_the_context_stop_the_run_or_are_cut_and_counted(tiny_dir, tmp_path,
                                                                                       monkeypatch):
-    import json
 
     rows = [{"uid": f"u{i}", "label_counter": {"e": 3, "n": 1, "c": i % 3},
              "example": {"premise": "A man walks." + (" and walks" * 3000 if i == 5 else ""),

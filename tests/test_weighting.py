@@ -49,6 +49,8 @@ def test_ambiguity_outside_the_unit_interval_is_refused_and_nan_flags_one_item()
         ambiguity_weights(torch.tensor([-0.1, 0.5]), mode="dynamic")
     with pytest.raises(ValueError, match="alpha must be a finite number >= 0, got nan"):
         ambiguity_weights(torch.tensor([0.5]), alpha=float("nan"))
+    with pytest.raises(ValueError, match="alpha must be a finite number >= 0, got -1"):
+        ambiguity_weights(torch.tensor([0.5]), alpha=-1.0)
     a = torch.tensor([0.1, float("nan"), 0.9, 0.5])
     w = ambiguity_weights(a, mode="dynamic", temperature=0.5)
     assert torch.isnan(w[1]) and torch.isfinite(w[[0, 2, 3]]).all()
