@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -44,24 +45,55 @@ def parse_eval_dataset(spec: str) -> tuple:
     return (path if kind == "bundled" else Path(path).stem) or spec, spec
 
 
-def align_labels(ds, label_names: list, *, where: str):
-    """``ds`` with its classes in the order of ``label_names`` (the same names, any order); ValueError otherwise."""
-    task, names, _ = shala_data.label_space(ds)
-    if names == list(label_names):
+def parse_label_map(pairs) -> dict:
+    """``["OLD=NEW", ...]`` (``--eval-label-map``) -> ``{OLD: NEW}``; ValueError naming a malformed pair."""
+    out = {}
+    for pair in pairs or ():
+        old, sep, new = str(pair).partition("=")
+        if not sep or not old.strip() or not new.strip():
+            raise ValueError(f"--eval-label-map {pair!r}: expected OLD=NEW (an evaluation set's label, then a "
+                             "training label)")
+        out[old.strip()] = new.strip()
+    return out
+
+
+def align_labels(ds, label_names: list, *, where: str, mapping: Optional[dict] = None):
+    """``ds`` with its classes mapped onto the training labels ``label_names``, in their order.
+
+    A class goes to the training label ``mapping`` names for it (``--eval-label-map OLD=NEW``), else to
+    the training label of the same name, case aside. Several classes may go to one label (their votes
+    add up); a training label no class goes to gets no votes. A class that goes nowhere, or a mapping to
+    a label training does not have, is a ValueError naming it.
+    """
+    names = shala_data.label_space(ds).label_names
+    mapping, lower = dict(mapping or {}), {n.lower(): n for n in label_names}
+    bad = sorted(set(mapping.values()) - set(label_names))
+    if bad:
+        raise ValueError(f"--eval-label-map maps onto {bad}, which are not training labels {list(label_names)}")
+    to = {n: mapping.get(n, lower.get(n.lower())) for n in names}
+    lost = [n for n, t in to.items() if t is None]
+    if lost:
+        raise ValueError(f"{where} has labels {names}; training has {list(label_names)}: map {lost} onto training "
+                         "labels with --eval-label-map OLD=NEW (repeatable)")
+    if names == list(label_names) and all(to[n] == n for n in names):
         return ds
-    if sorted(names) != sorted(label_names):
-        raise ValueError(f"{where} has labels {names}; training has {list(label_names)}: an evaluation set must "
-                         "have the training label space (the same label names, in any order)")
-    order = [names.index(n) for n in label_names]
-    return ds.map(lambda r: {"label_names": list(label_names), "counts": [r["counts"][i] for i in order],
-                             "probs": [r["probs"][i] for i in order]})
+    index = [label_names.index(to[n]) for n in names]
+
+    def mapped(r):
+        counts = [0.0] * len(label_names)
+        for i, c in zip(index, r["counts"]):
+            counts[i] += c
+        return {"label_names": list(label_names), "counts": counts, "probs": [c / sum(counts) for c in counts]}
+
+    return ds.map(mapped)
 
 
 class TrainData:
     """Train rows, the evaluation sets (the held-out split first), the training label prior and the label space."""
 
     def __init__(self, *, dataset: str, data_option=None, skip_invalid: bool = False, eval_fraction: float = 0.2,
-                 split_seed: int = 0, eval_dataset=None, train_limit=None, eval_limit=None, device="cpu"):
+                 split_seed: int = 0, eval_dataset=None, eval_label_map=None, train_limit=None, eval_limit=None,
+                 device="cpu"):
         options = shala_data.parse_data_options(data_option)
         ds = shala_data.load_labelled(resolve_dataset(dataset), skip_invalid=skip_invalid, **options)
         parts = shala_data.split_dataset(ds, eval_fraction=eval_fraction, seed=split_seed)
@@ -70,6 +102,7 @@ class TrainData:
             train = train.select(range(min(train_limit, len(train))))
         self.task, self.label_names, _ = shala_data.label_space(train)
         self.eval_sets = {HELD_OUT: parts["eval"]}
+        mapping = parse_label_map(eval_label_map)
         for spec in eval_dataset or ():
             name, source = parse_eval_dataset(spec)
             if name in self.eval_sets:
@@ -78,7 +111,8 @@ class TrainData:
             task = shala_data.label_space(extra).task
             if task != self.task:
                 raise ValueError(f"--eval-dataset {spec} has task {task!r}, training has {self.task!r}")
-            self.eval_sets[name] = align_labels(extra, self.label_names, where=f"--eval-dataset {spec}")
+            self.eval_sets[name] = align_labels(extra, self.label_names, where=f"--eval-dataset {spec}",
+                                                mapping=mapping)
         if eval_limit:
             self.eval_sets = {k: v.select(range(min(eval_limit, len(v)))) for k, v in self.eval_sets.items()}
         self.train_rows = train.to_list()
@@ -95,6 +129,7 @@ class TrainData:
     def from_config(cls, cfg, device="cpu") -> "TrainData":
         return cls(dataset=cfg.dataset, data_option=cfg.data_option, skip_invalid=cfg.skip_invalid,
                    eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed, eval_dataset=cfg.eval_dataset,
+                   eval_label_map=cfg.eval_label_map,
                    train_limit=cfg.train_limit, eval_limit=cfg.eval_limit, device=device)
 
     def __len__(self) -> int:

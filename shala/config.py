@@ -26,6 +26,7 @@ import yaml
 from shala.choices import (ADVANTAGE_SCALES, DTYPES, LR_SCHEDULES, METHODS, NORMALIZE_MODES, RL_METHODS,
                            WEIGHTED_METHODS, WEIGHTINGS)
 from shala.distributed import check_device
+from shala.batches import parse_label_map
 from shala.data_files import DEFAULT_DATASET
 from shala.models import DEFAULT_MODEL
 from shala.rewards import parse_reward_terms
@@ -51,6 +52,9 @@ class TrainConfig:
     eval_dataset: list = _f(None, "another evaluation set besides the held-out split, NAME=KIND:PATH or KIND:PATH "
                                   "(all its rows; repeatable), e.g. a transfer set from another source: "
                                   "bundled:ambient-crowd", action="append", metavar="[NAME=]KIND:PATH")
+    eval_label_map: list = _f(None, "OLD=NEW: count an --eval-dataset label OLD as the training label NEW "
+                                    "(repeatable; labels of the same name, case aside, need none)", action="append",
+                              metavar="OLD=NEW")
     eval_fraction: float = _f(0.2, "share of the dataset held out for evaluation")
     train_limit: Optional[int] = _f(None, "use at most N training rows")
     eval_limit: Optional[int] = _f(None, "evaluate on at most N held-out rows")
@@ -152,7 +156,7 @@ class TrainConfig:
     #: Options a resumed run may change: where and how often things are written and shown. Every other
     #: option defines what the run computes, and so its identity (:meth:`run_id`).
     RUN_FREE = ("output_dir", "resume", "overwrite", "device", "eval_batch_size", "eval_samples", "eval_before",
-                "eval_after",
+                "eval_after", "eval_label_map",
                 "save_every", "keep_checkpoints", "log_every", "plot", "progress", "max_bad_steps")
 
     def run_options(self) -> dict:
@@ -227,6 +231,7 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
     if cfg.resume is not None and cfg.overwrite:
         raise ValueError("--resume continues the run in --output-dir and --overwrite moves it aside: pass one")
     check_device(cfg.device)
+    parse_label_map(cfg.eval_label_map)
     check_form_options(cfg.form, max_new_tokens=cfg.max_new_tokens)
     terms = cfg.reward_weights()
     for mode, weight in terms.items():

@@ -159,7 +159,7 @@ def format_report(result: dict) -> str:
     levels = result["by_level"]
     cuts = ", ".join(f"{c:.3f}" for c in levels["cut_points"])
     lines.append(f"by ambiguity H(q)/ln K (cut points {cuts}): " + "; ".join(
-        f"{name} n={levels[name]['n']} JSD {levels[name]['jsd']:.4f} acc {levels[name]['accuracy']:.3f}"
+        f"{name} n={levels[name]['n']} " + " ".join(f"{k} {format_value(levels[name][k])}" for k in metrics.CI_METRICS)
         for name in metrics.LEVELS if name in levels))
     dep = result["input_dependence"]
     verdict = "depends on the input" if dep["gap_ci"][0] > 0 else "no dependence on the input shown"

@@ -144,12 +144,21 @@ def bootstrap_indices(n: int, *, resamples: int = 2000, seed: int = 0) -> torch.
 
 
 def percentile_ci(stats: torch.Tensor, level: float = 0.95) -> list:
-    """The percentile interval ``[low, high]`` of resampled statistics ``stats`` [R]."""
+    """The percentile interval ``[low, high]`` of resampled statistics ``stats`` [R].
+
+    Where some resamples are infinite (a KL with an item the model gives probability 0), the bounds
+    are the order statistics next to the percentiles, so a bound is infinite only where that share of
+    the resamples is; NaN in any resample gives ``[nan, nan]``.
+    """
     stats = stats.double()
-    if not torch.isfinite(stats).all():
-        return [math.inf, math.inf] if (stats == math.inf).all() else [math.nan, math.nan]
     tail = (1.0 - level) / 2
-    low, high = torch.quantile(stats, torch.tensor([tail, 1.0 - tail], dtype=torch.float64))
+    where = torch.tensor([tail, 1.0 - tail], dtype=torch.float64)
+    if torch.isnan(stats).any():
+        return [math.nan, math.nan]
+    if not torch.isfinite(stats).all():
+        return [float(torch.quantile(stats, where[0], interpolation="lower")),
+                float(torch.quantile(stats, where[1], interpolation="higher"))]
+    low, high = torch.quantile(stats, where)
     return [float(low), float(high)]
 
 

@@ -89,6 +89,11 @@ def test_bootstrap_ci_of_a_mean_matches_the_normal_theory_interval():
     assert low == pytest.approx(x.mean().item() - half, abs=0.03)
     assert high == pytest.approx(x.mean().item() + half, abs=0.03)
     assert torch.equal(idx, M.bootstrap_indices(len(x), resamples=4000, seed=3))  # seeded
+    # a few infinite resamples (a KL where the model gave 0 to a class people chose) leave the low bound finite
+    stats = torch.cat([torch.linspace(0.1, 0.9, 95, dtype=torch.float64), torch.full((5,), math.inf)])
+    low, high = M.percentile_ci(stats)
+    assert math.isfinite(low) and low == pytest.approx(0.1 + 0.8 * 2 / 94) and high == math.inf
+    assert all(math.isnan(b) for b in M.percentile_ci(torch.tensor([0.1, math.nan, 0.3])))
 
 
 def test_resampled_macro_f1_equals_macro_f1_of_each_resample():

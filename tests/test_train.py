@@ -321,8 +321,19 @@ def test_an_evaluation_set_with_its_labels_in_another_order_is_aligned(tmp_path)
     aligned = align_labels(ds, ["a", "b"], where="test")
     assert aligned[0]["label_names"] == ["a", "b"] and aligned[0]["counts"] == [1.0, 3.0]
     assert aligned[0]["probs"] == [0.25, 0.75]
-    with pytest.raises(ValueError, match=r"test has labels \['b', 'a'\]; training has \['a', 'c'\]"):
+    with pytest.raises(ValueError, match=r"test has labels \['b', 'a'\]; training has \['a', 'c'\]: map \['b'\] "
+                                         r"onto training labels with --eval-label-map OLD=NEW"):
         align_labels(ds, ["a", "c"], where="test")
+    # mapped: b counts as c; names differing in case only need no mapping
+    mapped = align_labels(ds, ["A", "c"], where="test", mapping={"b": "c"})
+    assert mapped[0]["label_names"] == ["A", "c"] and mapped[0]["counts"] == [1.0, 3.0]
+    # several classes onto one label add up; a label nothing maps to gets no votes
+    merged = align_labels(ds, ["x", "y"], where="test", mapping={"a": "y", "b": "y"})
+    assert merged[0]["counts"] == [0.0, 4.0] and merged[0]["probs"] == [0.0, 1.0]
+    with pytest.raises(ValueError, match=r"--eval-label-map maps onto \['z'\], which are not training labels"):
+        align_labels(ds, ["a", "b"], where="test", mapping={"b": "z"})
+    with pytest.raises(ValueError, match="--eval-label-map 'b': expected OLD=NEW"):
+        load_config(["--eval-label-map", "b"])
     assert parse_eval_dataset("far=chaosnli:x/y.jsonl") == ("far", "chaosnli:x/y.jsonl")
     assert parse_eval_dataset("chaosnli:x/pk2019.jsonl") == ("pk2019", "chaosnli:x/pk2019.jsonl")
     assert parse_eval_dataset("bundled:ambient-crowd") == ("ambient-crowd", "bundled:ambient-crowd")
