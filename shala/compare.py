@@ -83,9 +83,15 @@ def parse_args(argv):
     return known, rest
 
 
-def _cell_config(rest, method, seed, out: Path, eval_before: bool):
+def _base_file(root: Path, form: str) -> Path:
+    """Where the base model's evaluation in ``form`` is kept (its slot reading is the same in every form)."""
+    return root / ("base.json" if form == "answer" else f"base-{form}.json")
+
+
+def _cell_config(rest, method, seed, out: Path):
     cfg = load_config([*rest, *ALIASES.get(method, ["--method", method]), "--seed", str(seed), "--output-dir",
-                       str(out)] + ([] if eval_before else ["--no-eval-before"]))
+                       str(out)])
+    cfg.eval_before = not _base_file(out.parent.parent, cfg.form).exists()  # the base model, once per form
     run = RunDir(out)
     summary = run.read_json("summary.json")
     if summary and summary.get("run_id") == cfg.run_id() and (out / "eval_after.json").exists():
@@ -98,17 +104,17 @@ def _cell_config(rest, method, seed, out: Path, eval_before: bool):
 
 
 def run_cells(args, rest, dist) -> dict:
-    """Train (or read) every cell; return ``{method: {seed: cell directory}}`` and write base.json."""
+    """Train (or read) every cell; return ``{method: {seed: cell directory}}``; write the base model's results."""
     from shala.train import Trainer
 
     out = Path(args.output_dir)
-    base_file = out / "base.json"
     cells = {}
     for method in args.methods:
         cells[method] = {}
         for seed in args.seeds:
             cell = out / method / f"seed-{seed}"
-            cfg, finished = _cell_config(rest, method, seed, cell, eval_before=not base_file.exists())
+            cfg, finished = _cell_config(rest, method, seed, cell)
+            base_file = _base_file(out, cfg.form)
             if not finished:
                 log.info("compare: training %s, seed %d, into %s", method, seed, cell)
                 summary = Trainer(cfg, dist).fit()
@@ -134,14 +140,19 @@ def _read_sets(cell: Path) -> dict:
 
 def _predictions(result: dict) -> tuple:
     """``(q, p)`` of a result: p is the method's own distribution (the verbalized one for that form)."""
-    primary = result["forms"][result["primary"]] if result.get("primary") else result
-    q = torch.tensor([r["q"] for r in primary["predictions"]], dtype=torch.float64)
-    p = torch.tensor([r["p"] for r in primary["predictions"]], dtype=torch.float64)
+    return _reading(result["forms"][result["primary"]] if result.get("primary") else result)
+
+
+def _reading(result: dict) -> tuple:
+    """``(q, p)`` [n, K] of one reading of the items (the slot's, or one a form writes)."""
+    q = torch.tensor([r["q"] for r in result["predictions"]], dtype=torch.float64)
+    p = torch.tensor([r["p"] for r in result["predictions"]], dtype=torch.float64)
     return q, p
 
 
-def summarize_set(name: str, per_method: dict, base: Optional[dict], resamples: int) -> dict:
-    """The statistics of one evaluation set: ``per_method`` maps method -> list of seed results."""
+def summarize_set(name: str, per_method: dict, base: Sequence[dict], resamples: int) -> dict:
+    """The statistics of one evaluation set: ``per_method`` maps method -> list of seed results; ``base``
+    the base model's evaluations (one per rollout form), each ``{set: result}``."""
     first = next(iter(per_method.values()))[0]
     q, _ = _predictions(first)
     n, k = q.shape
@@ -179,10 +190,12 @@ def summarize_set(name: str, per_method: dict, base: Optional[dict], resamples: 
     fixed = {}
     for label, p in constants.items():
         fixed[label] = _fixed_row(q, p, levels, prior, resamples)
-    if base is not None and name in base:
-        bq, bp = _predictions(base[name])
-        if torch.equal(bq, q):
-            fixed["base model"] = _fixed_row(q, bp, levels, prior, resamples)
+    for result in (b[name] for b in base if name in b):  # the slot's reading, then what each form writes
+        readings = {"base model": result, **{f"base model, {k}": v for k, v in result.get("forms", {}).items()}}
+        for label, reading in readings.items():
+            bq, bp = _reading(reading)
+            if label not in fixed and torch.equal(bq, q):
+                fixed[label] = _fixed_row(q, bp, levels, prior, resamples)
     return {"n": n, "cut_points": cuts, "methods": rows, "fixed": fixed}
 
 
@@ -270,7 +283,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         cells = run_cells(args, rest, dist)
     if not dist.is_main:
         return {}
-    base = json.loads((out / "base.json").read_text()) if (out / "base.json").exists() else None
+    base = [json.loads(p.read_text()) for p in sorted(out.glob("base*.json"))]
     results = {m: {s: _read_sets(c) for s, c in by_seed.items()} for m, by_seed in cells.items()}
     set_names = list(next(iter(next(iter(results.values())).values())))
     all_stats, tables = {}, []

@@ -259,8 +259,8 @@ def ignored_options(cfg: "TrainConfig") -> list:
     if cfg.method not in RL_METHODS:
         rl_only = ["reward", "kl_coef", "form", "group_size", "max_new_tokens", "temperature", "constrain_answer",
                    "scale", "format_penalty", "aux_jsd", "ppo_epochs", "clip_low", "clip_high", "sum_penalty"]
-        if cfg.method == "sft-verbalized":
-            rl_only.remove("form")  # the form of the text it trains on
+        if cfg.method == "sft-verbalized":  # the text it trains on: its form, and how its numbers are scored
+            rl_only = [k for k in rl_only if k not in ("form", "temperature", "constrain_answer")]
         notes += [f"--{k.replace('_', '-')} does not apply to --method {cfg.method} (it samples no rollouts); "
                   "ignored" for k in rl_only if k in given]
     if cfg.method == "grpo-accuracy" and "reward" in given:

@@ -30,6 +30,7 @@ and 0 from the label terms.
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Iterable, Optional
 
@@ -40,6 +41,8 @@ from shala.divergence import SQRT_LN2, js_divergence
 
 __all__ = ["parse_reward_terms", "slot_rewards", "histogram_rewards", "verbal_rewards", "compose_rewards",
            "score_rollouts"]
+
+log = logging.getLogger("shala.train")
 
 
 def parse_reward_terms(items: Optional[Iterable[str]], *, option: str = "--reward", default: str = "slot=1") -> dict:
@@ -187,4 +190,7 @@ def score_rollouts(rollouts, q: torch.Tensor, weights: dict, label_ids, *, forma
                                      slot_probs=slot_probs, slot_dist=slot_dist, verbal=verbal, sum_error=sum_error,
                                      format_penalty=format_penalty, sum_penalty=sum_penalty)
     metrics.update({f"reward_{k}": v for k, v in parts.items()})
+    if rollouts.parse_errors:  # the format penalty was applied to these; say why they did not parse
+        log.info("%d of %d completions unparsable: %s", sum(rollouts.parse_errors.values()), rollouts.size,
+                 "; ".join(f"{why} ({n})" for why, n in sorted(rollouts.parse_errors.items(), key=lambda x: -x[1])))
     return rewards, metrics

@@ -452,7 +452,8 @@ class VerbalizedForm(RolloutForm):
 
     def __init__(self, builder, *, verbal_format: str = "percent", need_slots: bool = False, **kw):
         self.grammar = VerbalGrammar(builder.tokenizer, builder.words, verbal_format)
-        self.default_max_new_tokens = self.grammar.max_tokens  # the grammar's longest answer
+        # the grammar's longest answer; free text gets twice that room (decimals, other spacing)
+        self.default_max_new_tokens = self.grammar.max_tokens * (1 if kw.get("constrain_answer", True) else 2)
         super().__init__(builder, **kw)
         self.verbal_format, self.need_slots = verbal_format, need_slots
         self.eos_id = builder.tokenizer.eos_token_id
@@ -551,6 +552,8 @@ class VerbalizedForm(RolloutForm):
                     verbal[i] = torch.tensor(values, dtype=torch.float64) / sum(values)
                     sum_error[i] = abs(sum(values) / total - 1.0)
                     continue
+            elif not comp or comp[-1] != self.eos_id:  # cut off: its last number may be cut too
+                why = "the answer did not end within --max-new-tokens"
             else:
                 text = self.builder.tokenizer.decode(comp, skip_special_tokens=True)
                 try:

@@ -73,7 +73,9 @@ class SupervisedStep:
         return loss, logits
 
     def _verbal(self, batch, mb, w, n):
-        """Negative mean log-likelihood of the target text's number tokens (forced tokens are masked out)."""
+        """Negative log-likelihood of the target text's number tokens, a mean per item (forced tokens are
+        masked out), weighted by ``w`` and averaged over the batch's ``n`` items."""
         target = self.form.teacher_batch([batch.rows[i] for i in mb], batch.q[mb])
         scored = self.form.log_probs(self.policy.model, target, torch.arange(len(mb), device=self.label_ids.device))
-        return -(scored.logp * scored.mask).sum() / scored.mask.sum() * len(mb) / n, None
+        nll = -(scored.logp * scored.mask).sum(1) / scored.mask.sum(1).clamp_min(1)  # [b]
+        return (nll if w is None else nll * w.to(nll)).sum() / n, None

@@ -53,3 +53,19 @@ def test_compare_two_methods_two_seeds_one_table_and_resume(tmp_path, monkeypatc
 def test_compare_errors(argv, message):
     with pytest.raises(ValueError, match=message):
         compare.main(argv)
+
+
+def test_compare_with_the_verbalized_form_reads_the_base_model_in_each_form(tmp_path):
+    model = save_tiny(tmp_path / "tiny")
+    out = tmp_path / "cmp"
+    compare.main(["--methods", "shala,shala-verbalized,sft-verbalized", "--seeds", "0", "--output-dir", str(out),
+                  "--model", model, *FAST, "--steps", "1", "--no-plot", "--resamples", "200",
+                  "--verbal-format", "tenths"])
+    assert sorted(p.name for p in out.glob("base*.json")) == ["base-verbalized.json", "base.json"]
+    held = json.loads((out / "comparison.json").read_text())["sets"]["held-out"]
+    assert set(held["methods"]) == {"shala", "shala-verbalized", "sft-verbalized"}
+    assert {"base model", "base model, verbalized greedy"} <= set(held["fixed"])
+    assert held["fixed"]["base model, verbalized greedy"]["jsd"] != held["fixed"]["base model"]["jsd"]
+    cell = json.loads((out / "shala-verbalized" / "seed-0" / "eval_after.json").read_text())
+    assert held["methods"]["shala-verbalized"]["jsd"]["mean"] == cell["forms"]["verbalized greedy"]["jsd"]
+    assert "base model, verbalized greedy" in (out / "comparison.md").read_text()

@@ -137,6 +137,32 @@ def test_unconstrained_answers_that_do_not_parse_are_counted_and_penalised(parts
     assert metrics["reward_format_ok"] == pytest.approx(1 - unparsable.double().mean().item())
 
 
+def test_an_unconstrained_answer_cut_off_by_the_token_limit_is_unparsable(parts):
+    builder, _ = parts
+    form = make_form("verbalized", builder, group_size=1, constrain_answer=False)
+    assert form.max_new_tokens == 2 * form.grammar.max_tokens  # free text gets room for decimals
+    tok = builder.tokenizer
+    text = "entailment: 30%, neutral: 50%, contradiction: 20"  # would parse, but the model had not finished
+    whole = tok.encode(text, add_special_tokens=False)
+    verbal, _, errors = form.read([whole, whole + [tok.eos_token_id]])
+    assert torch.isnan(verbal[0]).all() and errors == {"the answer did not end within --max-new-tokens": 1}
+    assert verbal[1].tolist() == pytest.approx([0.3, 0.5, 0.2])
+
+
+def test_soft_label_sft_on_the_text_weighs_each_item(parts):
+    from shala.sft import SupervisedStep
+
+    builder, policy = parts
+    form = make_form("verbalized", builder, group_size=1)
+    step = SupervisedStep(SimpleNamespace(method="sft-verbalized", micro_batch_size=2), policy, form,
+                          torch.tensor(builder.label_ids))
+    batch = SimpleNamespace(rows=ROWS, q=torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]]))
+    with torch.no_grad():
+        each = [step.loss(batch, [i], None, 1)[0] for i in range(2)]  # each item's own NLL
+        weighted = step.loss(batch, [0, 1], torch.tensor([2.0, 0.5]), 2)[0]
+    assert weighted.item() == pytest.approx((2.0 * each[0] + 0.5 * each[1]).item() / 2, rel=1e-5)
+
+
 def test_training_in_the_verbalized_form_resumes_exactly_and_evaluates_both_ways(tiny_dir, tmp_path):
     args = ["--model", tiny_dir, *FAST, "--form", "verbalized", "--verbal-format", "tenths", "--steps", "3",
             "--no-eval-before", "--lr", "5e-3", "--save-every", "0", "--eval-samples", "2"]
@@ -167,6 +193,10 @@ def test_soft_label_sft_on_the_verbalized_text(tiny_dir, tmp_path):
     assert res["after"]["primary"] == "verbalized greedy"
     with pytest.raises(ValueError, match="needs --form verbalized"):
         train.load_config(["--method", "sft-verbalized"])
+    # the temperature and the constraint shape the scored text's log-probs: not ignored
+    notes = train.load_config(["--method", "sft-verbalized", "--form", "verbalized", "--temperature", "0.7",
+                               "--no-constrain-answer", "--group-size", "4"]).ignored_options()
+    assert notes == ["--group-size does not apply to --method sft-verbalized (it samples no rollouts); ignored"]
     with pytest.raises(ValueError, match="--reward verbal .* needs --form verbalized"):
         train.load_config(["--reward", "verbal=1"])
 
