@@ -1,9 +1,11 @@
 """Compare the training methods on the same data, model and budget, over several seeds, with confidence intervals.
 
-``python -m shala.compare [--methods M1,M2,...] [--seeds 0 1 2] [--output-dir DIR] [shala.train options]``
-trains each method once per seed (the training seed: rollouts, data order, LoRA
-init; the held-out items stay those of ``--split-seed``), evaluates the base
-model and the constant baselines (uniform, label prior) once, and writes
+``python -m shala.compare [--methods M1,M2,...] [--arm NAME=OPTIONS ...] [--seeds 0 1 2] [--output-dir DIR]
+[shala.train options]`` trains each method, and each arm (a named set of further
+``shala.train`` options, e.g. ``--arm 'unweighted=--weighting none'``: the rows
+of a sweep), once per seed (the training seed: rollouts, data order, LoRA init;
+the held-out items stay those of ``--split-seed``), evaluates the base model and
+the constant baselines (uniform, label prior) once, and writes
 ``OUTPUT/comparison.md``, ``comparison.json`` and ``comparison.png``, for the
 held-out split and for every ``--eval-dataset``:
 
@@ -17,7 +19,8 @@ held-out split and for every ``--eval-dataset``:
   depends on the input), with the same kind of CI;
 * JSD per ambiguity level (thirds of the items by the entropy of q).
 
-Every cell (method, seed) trains into ``OUTPUT/METHOD/seed-S``. A finished cell
+Every cell (method or arm, seed) trains into ``OUTPUT/NAME/seed-S``; the options of every cell are
+checked before the first one trains. A finished cell
 is not retrained, and an unfinished one resumes from its newest checkpoint, so a
 killed compare picks up where it stopped; a cell directory that holds a run with
 other options is refused unless ``--overwrite`` is given.
@@ -29,6 +32,8 @@ import argparse
 import json
 import logging
 import math
+import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -36,11 +41,11 @@ from typing import Optional, Sequence
 import torch
 
 from shala import metrics
-from shala.metrics import format_value
 from shala.choices import METHODS
 from shala.config import load_config
 from shala.distributed import Dist
 from shala.evaluate import write_json
+from shala.metrics import format_value
 from shala.outputs import RunDir
 
 log = logging.getLogger("shala.compare")
@@ -53,20 +58,44 @@ REFERENCE = "sft-soft"
 ALIASES = {"shala-verbalized": ["--method", "shala", "--form", "verbalized"],
            "sft-verbalized": ["--method", "sft-verbalized", "--form", "verbalized"]}
 CHOICES = tuple(dict.fromkeys([*METHODS, *ALIASES]))
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+
+
+def parse_arm(spec: str) -> tuple:
+    """``NAME=OPTIONS`` (``--arm``) -> ``(NAME, [shala.train options])``; ValueError naming what is wrong."""
+    name, sep, options = str(spec).partition("=")
+    name = name.strip()
+    if not sep or not _NAME.fullmatch(name):
+        raise ValueError(f"--arm {spec!r}: expected NAME=OPTIONS, NAME a folder name (letters, digits, . _ + -), "
+                         "e.g. --arm 'unweighted=--weighting none'")
+    if name in CHOICES:
+        raise ValueError(f"--arm {spec!r}: {name!r} is a method's name; name the arm otherwise")
+    args = shlex.split(options)
+    for flag in ("--seed", "--resume", "--output-dir"):
+        if any(a == flag or a.startswith(flag + "=") for a in args):
+            raise ValueError(f"--arm {name}: {flag} is set per cell by shala.compare")
+    return name, args
 
 
 def parse_args(argv):
     pre = argparse.ArgumentParser(prog="python -m shala.compare", add_help=False, allow_abbrev=False)
     pre.add_argument("--methods", default="shala,grpo-accuracy,sft-majority,sft-soft",
                      help=f"comma-separated methods of {list(CHOICES)} (default: the first four)")
+    pre.add_argument("--arm", action="append", default=[], metavar="NAME=OPTIONS",
+                     help="a further row: shala.train OPTIONS (after the shared ones; default --method shala) "
+                          "trained as NAME, e.g. --arm 'unweighted=--weighting none' (repeatable)")
     pre.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds, one run per method and seed")
     pre.add_argument("--output-dir", default="runs/compare")
     pre.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the confidence intervals")
     pre.add_argument("-h", "--help", action="store_true")
+    given = any(a == "--methods" or a.startswith("--methods=") for a in argv)
     known, rest = pre.parse_known_args(argv)
-    methods = [m.strip() for m in known.methods.split(",") if m.strip()]
+    arms = dict(parse_arm(a) for a in known.arm)
+    if len(arms) != len(known.arm):
+        raise ValueError(f"--arm names an arm twice: {known.arm}")
+    methods = [m.strip() for m in known.methods.split(",") if m.strip()] if given or not arms else []
     bad = [m for m in methods if m not in CHOICES]
-    if bad or not methods:
+    if bad or not (methods or arms):
         raise ValueError(f"--methods must list methods from {list(CHOICES)}, got {known.methods!r}")
     twice = sorted({m for m in methods if methods.count(m) > 1})
     if twice:
@@ -79,7 +108,8 @@ def parse_args(argv):
                              "kept and unfinished ones resume by themselves)")
     if known.resamples < 100:
         raise ValueError(f"--resamples must be >= 100, got {known.resamples}")
-    known.methods = methods
+    known.methods = methods + list(arms)
+    known.arms = {**{m: ALIASES.get(m, ["--method", m]) for m in methods}, **arms}
     return known, rest
 
 
@@ -88,10 +118,8 @@ def _base_file(root: Path, form: str) -> Path:
     return root / ("base.json" if form == "answer" else f"base-{form}.json")
 
 
-def _cell_config(rest, method, seed, out: Path):
-    cfg = load_config([*rest, *ALIASES.get(method, ["--method", method]), "--seed", str(seed), "--output-dir",
-                       str(out)])
-    cfg.eval_before = not _base_file(out.parent.parent, cfg.form).exists()  # the base model, once per form
+def _cell_config(rest, options, seed, out: Path):
+    cfg = load_config([*rest, *options, "--seed", str(seed), "--output-dir", str(out)])
     run = RunDir(out)
     summary = run.read_json("summary.json")
     if summary and summary.get("run_id") == cfg.run_id() and (out / "eval_after.json").exists():
@@ -108,25 +136,25 @@ def run_cells(args, rest, dist) -> dict:
     from shala.train import Trainer
 
     out = Path(args.output_dir)
-    cells = {}
-    for method in args.methods:
-        cells[method] = {}
-        for seed in args.seeds:
-            cell = out / method / f"seed-{seed}"
-            cfg, finished = _cell_config(rest, method, seed, cell)
-            base_file = _base_file(out, cfg.form)
-            if not finished:
-                log.info("compare: training %s, seed %d, into %s", method, seed, cell)
-                summary = Trainer(cfg, dist).fit()
-                if summary.get("interrupted"):
-                    raise KeyboardInterrupt(f"interrupted in {cell}; run the same command again to resume")
-            else:
-                log.info("compare: %s, seed %d is done (%s)", method, seed, cell)
-            if dist.is_main and not base_file.exists() and (cell / "eval_before.json").exists():
-                base = {name.removeprefix("eval_before").lstrip("-") or "held-out": json.loads(p.read_text())
-                        for p in sorted(cell.glob("eval_before*.json")) for name in [p.stem]}
-                write_json(base_file, base)
-            cells[method][seed] = cell
+    # every cell's options are checked before any cell trains
+    plan = [(method, seed, out / method / f"seed-{seed}") for method in args.methods for seed in args.seeds]
+    configs = [_cell_config(rest, args.arms[method], seed, cell) for method, seed, cell in plan]
+    cells = {method: {} for method in args.methods}
+    for (method, seed, cell), (cfg, finished) in zip(plan, configs):
+        base_file = _base_file(out, cfg.form)
+        if not finished:
+            cfg.eval_before = not base_file.exists()  # the base model, once per form
+            log.info("compare: training %s, seed %d, into %s", method, seed, cell)
+            summary = Trainer(cfg, dist).fit()
+            if summary.get("interrupted"):
+                raise KeyboardInterrupt(f"interrupted in {cell}; run the same command again to resume")
+        else:
+            log.info("compare: %s, seed %d is done (%s)", method, seed, cell)
+        if dist.is_main and not base_file.exists() and (cell / "eval_before.json").exists():
+            base = {name.removeprefix("eval_before").lstrip("-") or "held-out": json.loads(p.read_text())
+                    for p in sorted(cell.glob("eval_before*.json")) for name in [p.stem]}
+            write_json(base_file, base)
+        cells[method][seed] = cell
     return cells
 
 
@@ -275,7 +303,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = parse_args(argv)
     if args.help:
-        print(__doc__.strip() + "\n\nOptions: --methods M1,M2,... --seeds S1 S2 ... --output-dir DIR --resamples N, "
+        print(__doc__.strip() + "\n\nOptions: --methods M1,M2,... --arm NAME=OPTIONS --seeds S1 S2 ... --output-dir DIR "
+              "--resamples N, "
               "then any option of python -m shala.train (see python -m shala.train --help).")
         return {}
     out = Path(args.output_dir)

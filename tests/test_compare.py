@@ -69,3 +69,22 @@ def test_compare_with_the_verbalized_form_reads_the_base_model_in_each_form(tmp_
     cell = json.loads((out / "shala-verbalized" / "seed-0" / "eval_after.json").read_text())
     assert held["methods"]["shala-verbalized"]["jsd"]["mean"] == cell["forms"]["verbalized greedy"]["jsd"]
     assert "base model, verbalized greedy" in (out / "comparison.md").read_text()
+
+
+def test_arms_are_rows_with_their_own_options_checked_before_training(tmp_path, monkeypatch):
+    args, _ = compare.parse_args(["--arm", "unweighted=--weighting none", "--arm", "small-g=--group-size 2"])
+    assert args.methods == ["unweighted", "small-g"]
+    assert args.arms == {"unweighted": ["--weighting", "none"], "small-g": ["--group-size", "2"]}
+    args, _ = compare.parse_args(["--methods", "sft-soft", "--arm", "dyn=--weighting dynamic"])
+    assert args.methods == ["sft-soft", "dyn"] and args.arms["sft-soft"] == ["--method", "sft-soft"]
+    for argv, message in [(["--arm", "no options"], "expected NAME=OPTIONS"),
+                          (["--arm", "shala=--lr 1e-3"], "'shala' is a method's name"),
+                          (["--arm", "a=--seed 3"], "--arm a: --seed is set per cell"),
+                          (["--arm", "a=--lr 1", "--arm", "a=--lr 2"], "names an arm twice")]:
+        with pytest.raises(ValueError, match=message):
+            compare.parse_args(argv)
+    from shala import train
+
+    monkeypatch.setattr(train.Trainer, "fit", lambda self: pytest.fail("trained before every cell was checked"))
+    with pytest.raises(ValueError, match="--lr must be a number > 0, got -1"):
+        compare.main(["--methods", "shala", "--arm", "bad=--lr -1", "--output-dir", str(tmp_path), *FAST])
