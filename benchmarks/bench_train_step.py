@@ -12,6 +12,9 @@ steps after one untimed warm-up step:
   evaluation, no plots, no checkpoints); each step is ``trainer.rl_step`` on the
   batch ``trainer.next_batch()`` draws. Its own timers split the step into generation,
   scoring (reward and grouped advantages) and update.
+* ``shala-plain``: the same with ``--no-shared-prefix``: every rollout's prompt is
+  encoded again, in generation and in the update (only completions longer than the
+  answer token share anything).
 * ``trl``: ``trl.GRPOTrainer`` on the same model object, loaded the same way. Its
   dataset holds the rows shala draws for those steps, in that order (no shuffling),
   as the text of shala's chat-formatted prompt ending at the answer cue (the
@@ -65,7 +68,7 @@ import torch
 
 from benchmarks._common import environment, write_results
 
-SIDES = ("shala", "trl")
+SIDES = ("shala", "shala-plain", "trl")  # shala-plain: shala.train --no-shared-prefix
 COLUMNS = [
     "side",
     "status",
@@ -147,6 +150,7 @@ def train_argv(args, out_dir: str) -> list:
         *form, "--steps", str(1 + args.steps),
         "--lr-schedule", "constant", "--warmup-steps", "0", "--output-dir", out_dir,
         "--no-eval-before", "--no-eval-after", "--no-plot", "--save-every", "0", "--no-progress",
+        *(["--no-shared-prefix"] if args.side == "shala-plain" else []),
     ]  # fmt: skip
 
 
@@ -420,7 +424,9 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up step (default 3; quick 2)")
     p.add_argument("--max-new-tokens", type=int, default=1, help="completion length (shala's --max-new-tokens)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of both sides (default: every usable core)")
-    p.add_argument("--sides", default="shala,trl", help="comma-separated: shala, trl")
+    p.add_argument("--sides", default=None, help="comma-separated: shala, shala-plain (every prompt encoded G "
+                                                 "times: --no-shared-prefix), trl (default: all three; shala,trl "
+                                                 "for the one-token answer, where nothing is shared)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed to each side")
     p.add_argument("--out", default=None, help="directory for the result files (default benchmarks/results/<device>)")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side in this process
@@ -437,6 +443,8 @@ def parse_args(argv=None):
     for key in ("batch_size", "group_size", "steps", "max_new_tokens", "threads"):
         if getattr(args, key) < 1:
             raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.sides is None:
+        args.sides = ",".join(SIDES) if args.max_new_tokens > 1 else "shala,trl"
     args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     bad = [s for s in args.sides if s not in SIDES]
     if bad or not args.sides:
@@ -448,7 +456,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.side:  # a child: one side, its result as JSON
-        result = run_shala(args) if args.side == "shala" else run_trl(args)
+        result = run_trl(args) if args.side == "trl" else run_shala(args)
         Path(args.result_file).write_text(json.dumps(result))
         return result
 

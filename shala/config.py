@@ -81,6 +81,8 @@ class TrainConfig:
     max_new_tokens: Optional[int] = _f(None, "most tokens a generated completion may have (rationale: default 48); "
                                              "the answer form writes one")
     temperature: float = _f(1.0, "sampling temperature of the rollouts")
+    shared_prefix: bool = _f(True, "encode each prompt once for its G completions, in generation and in the update "
+                                   "(the same logits and gradients to float rounding)")
     constrain_answer: bool = _f(True, "sample the token after the answer cue from the label tokens only (guided "
                                       "decoding); its log-prob is the label-renormalised one")
 
@@ -153,10 +155,10 @@ class TrainConfig:
         """The weighting the method applies: the GRPO baseline and majority-label SFT weigh no item up."""
         return self.weighting if self.method in WEIGHTED_METHODS else "none"
 
-    #: Options a resumed run may change: where and how often things are written and shown. Every other
-    #: option defines what the run computes, and so its identity (:meth:`run_id`).
+    #: Options a resumed run may change: where and how often things are written and shown, and how (not
+    #: what) it computes. Every other option defines what the run computes, and so its identity (:meth:`run_id`).
     RUN_FREE = ("output_dir", "resume", "overwrite", "device", "eval_batch_size", "eval_samples", "eval_before",
-                "eval_after", "eval_label_map",
+                "eval_after", "eval_label_map", "shared_prefix",
                 "save_every", "keep_checkpoints", "log_every", "plot", "progress", "max_bad_steps")
 
     def run_options(self) -> dict:

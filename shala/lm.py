@@ -4,15 +4,26 @@ Prompts are left-padded so that every row's next token sits in the last column;
 position ids count attended tokens only, so padding never shifts a position.
 Only the columns that are used get logits (``logits_to_keep``), never the whole
 prompt's ``[T, V]``.
+
+Shared prefixes: the G completions of a prompt share it, so :func:`generate_shared`
+and :func:`shared_completion_logits` encode each distinct prompt once (all but
+its last token) and run its completions on that prompt's KV cache, selected out
+to one row per completion. Outputs and gradients equal the plain forward's to
+float rounding; the encoding of the prompts is done once instead of G times.
 """
 
 from __future__ import annotations
 
+import inspect
+import logging
 from typing import Sequence
 
 import torch
 
-__all__ = ["pad_left", "position_ids", "next_token_logits", "completion_logits"]
+__all__ = ["pad_left", "position_ids", "next_token_logits", "completion_logits", "shared_completion_logits",
+           "generate_shared", "group_prompts"]
+
+log = logging.getLogger("shala.train")
 
 
 def pad_left(seqs: Sequence[Sequence[int]], pad_id: int, device="cpu"):
@@ -61,3 +72,90 @@ def completion_logits(model, sequences: Sequence[Sequence[int]], prompt_lens: Se
     ids, mask = ids.to(device), mask.to(device)
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=wc + 1)
     return out.logits
+
+
+def _cache_argument(model) -> str:
+    """The name of the KV-cache argument of ``model``'s forward (``cache`` since transformers 5)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _prefill(model, ids: torch.Tensor, mask: torch.Tensor):
+    """The KV cache of every prompt row but its last column (which the caller feeds), or None."""
+    out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids(mask[:, :-1]),
+                use_cache=True, logits_to_keep=1)
+    cache = out.get("cache", out.get("past_key_values"))
+    if cache is None or not hasattr(cache, "batch_select_indices"):
+        _fallback(model, f"its forward returns no selectable KV cache ({type(cache).__name__})")
+        return None
+    return cache
+
+
+_WARNED: set = set()
+
+
+def _fallback(model, why: str) -> None:
+    name = type(model).__name__
+    if name not in _WARNED:
+        _WARNED.add(name)
+        log.warning("shared prefix: %s %s; encoding every rollout's prompt instead", name, why)
+
+
+def group_prompts(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> tuple:
+    """``(prompts, owner)``: the distinct prompts of consecutive rows, and each row's index among them."""
+    prompts, owner = [], []
+    for seq, p in zip(sequences, prompt_lens):
+        prompt = list(seq[:p])
+        if not prompts or prompts[-1] != prompt:
+            prompts.append(prompt)
+        owner.append(len(prompts) - 1)
+    return prompts, owner
+
+
+def shared_completion_logits(model, sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> torch.Tensor:
+    """:func:`completion_logits` with each distinct prompt of consecutive rows encoded once.
+
+    The prompt, all but its last token, is encoded once (with gradients, if enabled); its KV cache is
+    selected out to each of its rows, which then run the last prompt token and their completion
+    (right-padded) against it. Falls back to :func:`completion_logits` for a model whose cache
+    cannot be shared (the reason is logged once) and where no prompt is shared.
+    """
+    prompts, owner = group_prompts(sequences, prompt_lens)
+    if len(prompts) == len(sequences) or min(len(p) for p in prompts) < 2:
+        return completion_logits(model, sequences, prompt_lens)
+    device = _device(model)
+    ids, mask = pad_left(prompts, 0, device)
+    cache = _prefill(model, ids, mask)
+    if cache is None:
+        return completion_logits(model, sequences, prompt_lens)
+    rows = torch.tensor(owner, device=device)
+    cache.batch_select_indices(rows)
+    wc = max(len(s) - p for s, p in zip(sequences, prompt_lens))
+    tail = torch.zeros((len(sequences), 1 + wc), dtype=torch.long)
+    fed = torch.zeros_like(tail)
+    for r, (seq, p) in enumerate(zip(sequences, prompt_lens)):
+        tail[r, : len(seq) - p + 1] = torch.as_tensor(seq[p - 1 :])
+        fed[r, : len(seq) - p + 1] = 1
+    tail, fed = tail.to(device), fed.to(device)
+    attn = torch.cat([mask[rows], fed[:, 1:]], 1)  # [n, P + wc]
+    pos = (mask.sum(1)[rows] - 1).unsqueeze(1) + torch.arange(1 + wc, device=device)
+    out = model(input_ids=tail, attention_mask=attn, position_ids=pos, use_cache=True,
+                **{_cache_argument(model): cache})
+    return out.logits  # [n, wc + 1, V]
+
+
+def generate_shared(model, ids: torch.Tensor, mask: torch.Tensor, group_size: int, **kwargs):
+    """``model.generate`` of ``group_size`` continuations per (left-padded) prompt row, prefilled once.
+
+    Each prompt but its last column is encoded once and its KV cache repeated to its G rows;
+    ``generate`` then feeds the last column and decodes as it would from ``num_return_sequences=G``
+    (the same logits at every step, so the same samples from the same random state).
+    """
+    if ids.shape[1] >= 2:
+        cache = _prefill(model, ids, mask)
+        if cache is not None:
+            cache.batch_repeat_interleave(group_size)
+            kwargs[_cache_argument(model)] = cache
+            return model.generate(input_ids=ids.repeat_interleave(group_size, 0),
+                                  attention_mask=mask.repeat_interleave(group_size, 0), **kwargs)
+    return model.generate(input_ids=ids, attention_mask=mask, num_return_sequences=group_size, **kwargs)

@@ -39,7 +39,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from shala.lm import completion_logits, next_token_logits, pad_left
+from shala.lm import completion_logits, generate_shared, next_token_logits, pad_left, shared_completion_logits
 from shala.verbalized import GRANULARITIES, ParseError, VerbalGrammar, parse_text, rounded
 
 __all__ = ["RolloutBatch", "TokenLogProbs", "RolloutForm", "AnswerForm", "RationaleForm", "FORMS", "make_form",
@@ -118,6 +118,9 @@ class RolloutForm:
         need_slots: the verbalized form reads the answer slot only when a reward or loss term needs it
             (the other forms always have one).
         verbal_format: the verbalized form's numbers, ``percent`` or ``tenths`` (the other forms write none).
+        shared_prefix: encode each prompt once for its G completions, in generation and in scoring
+            (:func:`shala.lm.generate_shared`, :func:`shala.lm.shared_completion_logits`); the same
+            logits and gradients to float rounding.
     """
 
     name = ""
@@ -127,11 +130,12 @@ class RolloutForm:
 
     def __init__(self, builder, *, group_size: int, temperature: float = 1.0, constrain_answer: bool = True,
                  micro_batch_size: int = 8, single_pass: bool = True, max_new_tokens: Optional[int] = None,
-                 device="cpu", need_slots: bool = True, verbal_format: str = "percent"):
+                 device="cpu", need_slots: bool = True, verbal_format: str = "percent", shared_prefix: bool = True):
         self.check_options(max_new_tokens=max_new_tokens)
         self.max_new_tokens = max_new_tokens or self.default_max_new_tokens
         self.builder, self.G, self.temperature = builder, group_size, temperature
         self.constrain_answer, self.micro_batch_size, self.single_pass = constrain_answer, micro_batch_size, single_pass
+        self.shared_prefix = shared_prefix
         self.device = torch.device(device)
         self.pad_id = builder.tokenizer.pad_token_id
         self.label_ids = torch.tensor(builder.label_ids, device=self.device)
@@ -173,6 +177,17 @@ class RolloutForm:
         raise ValueError(f"--form {self.name} writes no distribution as text, so it has no target text to train on")
 
     # -- shared pieces ------------------------------------------------------------------------------
+    def _generate(self, core, ids: torch.Tensor, mask: torch.Tensor, group_size: int, **kwargs):
+        """``generate`` of ``group_size`` completions per prompt row (each prompt prefilled once if shared)."""
+        if self.shared_prefix:
+            return generate_shared(core, ids, mask, group_size, **kwargs)
+        return core.generate(input_ids=ids, attention_mask=mask, num_return_sequences=group_size, **kwargs)
+
+    def _completion_logits(self, model, batch: RolloutBatch, mb: list) -> torch.Tensor:
+        """Logits [n, wc + 1, V] from the last prompt position of rollouts ``mb`` to their ends."""
+        scorer = shared_completion_logits if self.shared_prefix else completion_logits
+        return scorer(model, [batch.tokens[i] for i in mb], [int(batch.prompt_lens[i]) for i in mb])
+
     def _label_lookup(self, vocab: int) -> torch.Tensor:
         lookup = torch.full((vocab,), -1, dtype=torch.long, device=self.device)
         lookup[self.label_ids] = torch.arange(len(self.label_ids), device=self.device)
@@ -342,9 +357,9 @@ class RationaleForm(RolloutForm):
         processors.append(InfNanRemoveLogitsProcessor())
         if self.constrain_answer:
             processors.append(AnswerConstraint(cues, self.label_ids, ids.shape[1]))
-        out = core.generate(
-            input_ids=ids, attention_mask=mask, do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0,
-            max_new_tokens=self.max_new_tokens, num_return_sequences=G, use_cache=True, logits_processor=processors,
+        out = self._generate(
+            core, ids, mask, G, do_sample=True, temperature=self.temperature, top_k=0, top_p=1.0,
+            max_new_tokens=self.max_new_tokens, use_cache=True, logits_processor=processors,
             remove_invalid_values=False, return_dict_in_generate=True, pad_token_id=self.pad_id,
             eos_token_id=self.eos_id,
         )  # sequences [B*G, P + T]
@@ -419,8 +434,7 @@ class RationaleForm(RolloutForm):
 
     def log_probs(self, model, batch: RolloutBatch, idx: torch.Tensor, *, reuse: bool = False) -> TokenLogProbs:
         mb = idx.tolist()
-        logits = completion_logits(model, [batch.tokens[i] for i in mb],
-                                   [int(batch.prompt_lens[i]) for i in mb]).float()  # [n, wc + 1, V]
+        logits = self._completion_logits(model, batch, mb).float()  # [n, wc + 1, V]
         tc = int(batch.completion_lens[mb].max())
         target = torch.zeros(len(mb), tc, dtype=torch.long)
         cmask = torch.zeros(len(mb), tc, dtype=torch.bool)
@@ -474,10 +488,9 @@ class VerbalizedForm(RolloutForm):
             processors.append(self.grammar.processor(ids.shape[1]))
         sampling = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=self.temperature, top_k=0,
                                                               top_p=1.0)
-        out = core.generate(input_ids=ids, attention_mask=mask, max_new_tokens=self.max_new_tokens,
-                            num_return_sequences=G, use_cache=True, logits_processor=processors,
-                            remove_invalid_values=False, pad_token_id=self.pad_id, eos_token_id=self.eos_id,
-                            **sampling)  # [B*G, P + T]
+        out = self._generate(core, ids, mask, G, max_new_tokens=self.max_new_tokens, use_cache=True,
+                             logits_processor=processors, remove_invalid_values=False, pad_token_id=self.pad_id,
+                             eos_token_id=self.eos_id, **sampling)  # [B*G, P + T]
         comps = []
         for seq in out[:, ids.shape[1]:].tolist():
             comps.append(seq[: seq.index(self.eos_id) + 1] if self.eos_id in seq else seq)
@@ -569,8 +582,7 @@ class VerbalizedForm(RolloutForm):
     def log_probs(self, model, batch: RolloutBatch, idx: torch.Tensor, *, reuse: bool = False,
                   slots: bool = True) -> TokenLogProbs:
         mb = idx.tolist()
-        logits = completion_logits(model, [batch.tokens[i] for i in mb],
-                                   [int(batch.prompt_lens[i]) for i in mb]).float()  # [n, wc + 1, V]
+        logits = self._completion_logits(model, batch, mb).float()  # [n, wc + 1, V]
         tc = int(batch.completion_lens[mb].max())
         z = logits[:, :tc] / self.temperature  # [n, T, V]
         target = torch.zeros(len(mb), tc, dtype=torch.long)

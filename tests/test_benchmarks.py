@@ -65,6 +65,17 @@ def test_train_step_quick_writes_both_sides(train_step_result):
     assert [s["tokens"] for s in trl["per_step"]] == [s["tokens"] for s in shala["per_step"]]
 
 
+def test_train_step_times_the_shared_prefix_beside_the_plain_path(tmp_path):
+    data = bench_train_step.main(["--quick", "--threads", "1", "--max-new-tokens", "3", "--sides",
+                                  "shala,shala-plain", "--out", str(tmp_path)])
+    rows = {r["side"]: r for r in data["rows"]}
+    assert rows["shala"]["status"] == rows["shala-plain"]["status"] == "measured"
+    # the same rollouts either way: sharing the prompt changes how it is encoded, not what is sampled
+    assert [s["tokens"] for s in rows["shala"]["per_step"]] == [s["tokens"] for s in rows["shala-plain"]["per_step"]]
+    assert math.isclose(rows["shala-plain"]["step_time_vs_shala"], rows["shala-plain"]["step_s"] /
+                        rows["shala"]["step_s"])
+
+
 def test_train_step_skips_trl_when_missing(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))

@@ -82,3 +82,21 @@ def test_form_options_are_checked():
         check_form_options("rationale", max_new_tokens=0)
     with pytest.raises(ValueError, match="--form must be one of"):
         check_form_options("essay", max_new_tokens=None)
+
+
+@pytest.mark.parametrize("name", ["rationale", "verbalized"])
+def test_a_shared_prefix_samples_and_scores_as_the_plain_path_does(parts, name):
+    builder, policy = parts
+    out = {}
+    for shared in (True, False):
+        form = make_form(name, builder, group_size=G, micro_batch_size=4, max_new_tokens=5 if name == "rationale"
+                         else None, need_slots=True, shared_prefix=shared)
+        torch.manual_seed(0)
+        batch = form.sample(policy, ROWS)
+        scored = [form.log_probs(policy.model, batch, idx) for idx in form.microbatches(batch)]
+        out[shared] = batch, scored
+    (a, sa), (b, sb) = out[True], out[False]
+    assert a.tokens == b.tokens and torch.equal(a.labels, b.labels)
+    torch.testing.assert_close(a.slot_logits, b.slot_logits, rtol=0, atol=2e-5)
+    for x, y in zip(sa, sb):
+        torch.testing.assert_close(x.logp[x.mask], y.logp[y.mask], rtol=0, atol=2e-5)

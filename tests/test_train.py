@@ -279,11 +279,13 @@ def test_help_documents_every_option(capsys):
         assert "--" + f.name.replace("_", "-") in text, f.name
 
 
-def test_torchrun_two_processes_stay_in_sync(tiny_dir, tmp_path):
+@pytest.mark.parametrize("form", [[], ["--form", "rationale", "--max-new-tokens", "4"]], ids=["answer", "rationale"])
+def test_torchrun_two_processes_stay_in_sync(tiny_dir, tmp_path, form):
+    """The rationale form generates and scores on shared prompt prefixes (the default) in each process."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "shala.train", "--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--steps", "2",
-           "--device", "cpu", "--lr", "5e-3", "--eval-limit", "6"]
+           "--device", "cpu", "--lr", "5e-3", "--eval-limit", "6", *form]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
     summary = json.loads((tmp_path / "summary.json").read_text())

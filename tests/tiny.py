@@ -72,6 +72,12 @@ def tiny_model(vocab_size: int, seed: int = 0, arch: str = "llama"):
     )
     if arch == "qwen2":
         return Qwen2ForCausalLM(Qwen2Config(**common)).eval()
+    if arch == "gemma3":  # a sliding-window layer (window 4) beside a full-attention one
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        common.pop("tie_word_embeddings")
+        return Gemma3ForCausalLM(Gemma3TextConfig(**common, head_dim=8, sliding_window=4,
+                                                  layer_types=["sliding_attention", "full_attention"])).eval()
     return LlamaForCausalLM(LlamaConfig(**common)).eval()
 
 

@@ -1,0 +1,71 @@
+"""Shared prefixes: each prompt encoded once for its G completions gives the plain path's logits and gradients."""
+
+import pytest
+import torch
+
+from shala.lm import completion_logits, generate_shared, pad_left, shared_completion_logits
+from tests.tiny import tiny_model, tiny_tokenizer
+
+ARCHS = ["llama", "qwen2", "gemma3"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def _prompts(tok):
+    # unequal lengths: the shorter prompt is left-padded
+    return [tok.encode("Premise: A man plays a guitar on stage. Hypothesis: A person makes music."),
+            tok.encode("The woman sleeps.")]
+
+
+def _model(tok, arch, lora):
+    model = tiny_model(len(tok), arch=arch)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 init_lora_weights=False))
+    return model.train()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_scoring_gives_the_plain_logits_and_gradients(tok, arch, lora):
+    model = _model(tok, arch, lora)
+    prompts, g = _prompts(tok), torch.Generator().manual_seed(0)
+    owner = [0, 0, 0, 1, 1, 1, 0]  # the last row's prompt comes again after another: encoded again, still right
+    comps = [torch.randint(5, len(tok), (int(k),), generator=g).tolist()
+             for k in torch.randint(1, 7, (len(owner),), generator=g)]
+    seqs = [prompts[o] + c for o, c in zip(owner, comps)]
+    plens = [len(prompts[o]) for o in owner]
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain = completion_logits(model, seqs, plens)
+    shared = shared_completion_logits(model, seqs, plens)
+    assert shared.shape == plain.shape
+    used = torch.zeros(plain.shape[:2], dtype=torch.bool)  # the columns a completion reads
+    for r, c in enumerate(comps):
+        used[r, : len(c) + 1] = True
+    torch.testing.assert_close(shared[used], plain[used], rtol=0, atol=2e-5)
+    w = torch.randn(plain.shape, generator=g)
+    grads_plain = torch.autograd.grad((plain * w)[used].sum(), params)
+    grads_shared = torch.autograd.grad((shared * w)[used].sum(), params)
+    for a, b in zip(grads_shared, grads_plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generation_gives_the_plain_logits_and_samples(tok, arch):
+    model = tiny_model(len(tok), arch=arch).eval()
+    ids, mask = pad_left(_prompts(tok), tok.pad_token_id)
+    kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=6, use_cache=True,
+              return_dict_in_generate=True, output_logits=True, pad_token_id=tok.pad_token_id,
+              eos_token_id=tok.eos_token_id)
+    torch.manual_seed(5)
+    plain = model.generate(input_ids=ids, attention_mask=mask, num_return_sequences=3, **kw)
+    torch.manual_seed(5)
+    shared = generate_shared(model, ids, mask, 3, **kw)
+    assert torch.equal(shared.sequences, plain.sequences)
+    for a, b in zip(shared.logits, plain.logits):
+        torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
