@@ -1,0 +1,1 @@
+"""SHALA inside other training frameworks: :mod:`shala.integrations.trl` (TRL's ``GRPOTrainer``)."""
