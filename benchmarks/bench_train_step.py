@@ -160,10 +160,10 @@ def shala_batches(cfg, n_steps: int):
     Loads the data as the trainer does, without building its model, so that the
     TRL side trains on exactly the rows, in the order, that shala's sampler draws.
     """
-    from shala.batches import PromptSampler, TrainData
+    from shala.batches import TrainData, make_sampler
 
     data = TrainData.from_config(cfg)
-    sampler = PromptSampler(len(data), cfg.batch_size, 1, 0, cfg.seed)
+    sampler = make_sampler(data, cfg.batch_size, 1, 0, cfg.seed)
     return data, [data.batch(sampler.next()).rows for _ in range(n_steps)]
 
 

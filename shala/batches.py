@@ -10,10 +10,12 @@ per epoch, sharded across processes, resumable from (epoch, cursor).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from shala import data as shala_data
@@ -23,7 +25,8 @@ from shala.weighting import ambiguity
 
 log = logging.getLogger("shala.train")
 
-__all__ = ["Batch", "TrainData", "PromptSampler", "HELD_OUT", "parse_eval_dataset", "align_labels"]
+__all__ = ["Batch", "TrainData", "PromptSampler", "WeightedPromptSampler", "make_sampler", "HELD_OUT", "MAIN",
+           "parse_eval_dataset", "align_labels", "parse_label_map", "parse_source_weights"]
 
 
 @dataclass
@@ -34,6 +37,7 @@ class Batch:
 
 
 HELD_OUT = "held-out"
+MAIN = "main"  # the training source that --dataset names
 
 
 def parse_eval_dataset(spec: str) -> tuple:
@@ -43,6 +47,26 @@ def parse_eval_dataset(spec: str) -> tuple:
         return name.strip(), rest
     kind, _, path = spec.partition(":")
     return (path if kind == "bundled" else Path(path).stem) or spec, spec
+
+
+def parse_source_weights(pairs, sources) -> dict:
+    """``["NAME=W", ...]`` (``--source-weight``) -> ``{NAME: W}`` over ``sources`` (1 where not given)."""
+    out = dict.fromkeys(sources, 1.0)
+    for pair in pairs or ():
+        name, sep, value = str(pair).partition("=")
+        try:
+            w = float(value)
+        except ValueError:
+            w = math.nan
+        if not sep or not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"--source-weight {pair!r}: expected NAME=W with W a number >= 0")
+        if name.strip() not in out:
+            raise ValueError(f"--source-weight {pair!r}: no training source is called {name.strip()!r} (sources: "
+                             f"{list(out)}; the --dataset one is {MAIN!r})")
+        out[name.strip()] = w
+    if not any(out.values()):
+        raise ValueError(f"--source-weight: every training source has weight 0 ({out})")
+    return out
 
 
 def parse_label_map(pairs) -> dict:
@@ -89,11 +113,17 @@ def align_labels(ds, label_names: list, *, where: str, mapping: Optional[dict] =
 
 
 class TrainData:
-    """Train rows, the evaluation sets (the held-out split first), the training label prior and the label space."""
+    """Train rows, the evaluation sets (the held-out split first), the training label prior and the label space.
+
+    The training rows are the train split of ``dataset`` (source ``main``) and every row of each
+    ``train_dataset`` (``[NAME=]KIND:PATH``, its labels matched to the main ones by name, case aside).
+    ``weights`` [N] is each row's sampling weight, its source's ``--source-weight``; the prior is the
+    weighted mean of the training distributions, the marginal the sampler shows the model.
+    """
 
     def __init__(self, *, dataset: str, data_option=None, skip_invalid: bool = False, eval_fraction: float = 0.2,
-                 split_seed: int = 0, eval_dataset=None, eval_label_map=None, train_limit=None, eval_limit=None,
-                 device="cpu"):
+                 split_seed: int = 0, eval_dataset=None, eval_label_map=None, train_dataset=None, source_weight=None,
+                 train_limit=None, eval_limit=None, device="cpu"):
         options = shala_data.parse_data_options(data_option)
         ds = shala_data.load_labelled(resolve_dataset(dataset), skip_invalid=skip_invalid, **options)
         parts = shala_data.split_dataset(ds, eval_fraction=eval_fraction, seed=split_seed)
@@ -115,10 +145,34 @@ class TrainData:
                                                 mapping=mapping)
         if eval_limit:
             self.eval_sets = {k: v.select(range(min(eval_limit, len(v)))) for k, v in self.eval_sets.items()}
-        self.train_rows = train.to_list()
-        self.prior = shala_data.label_prior(train)
+        self.train_rows = [{**r, "source": MAIN} for r in train.to_list()]
+        for spec in train_dataset or ():
+            name, source = parse_eval_dataset(spec)
+            if name == MAIN or any(r["source"] == name for r in self.train_rows):
+                raise ValueError(f"--train-dataset {spec}: the name {name!r} is taken; name it NAME=KIND:PATH")
+            extra = shala_data.load_labelled(resolve_dataset(source), skip_invalid=skip_invalid)
+            task = shala_data.label_space(extra).task
+            if task != self.task:
+                raise ValueError(f"--train-dataset {spec} has task {task!r}, the --dataset has {self.task!r}")
+            extra = align_labels(extra, self.label_names, where=f"--train-dataset {spec}")
+            self.train_rows += [{**r, "source": name} for r in extra.to_list()]
+        self._check_no_leak()
+        self.sources = dict.fromkeys(r["source"] for r in self.train_rows)
+        self.source_weights = parse_source_weights(source_weight, self.sources)
+        self.weights = torch.tensor([self.source_weights[r["source"]] for r in self.train_rows], dtype=torch.float64)
         self.q = torch.tensor([r["probs"] for r in self.train_rows], dtype=torch.float32, device=device)  # [N, K]
+        probs = np.asarray([r["probs"] for r in self.train_rows], dtype=np.float64)  # as shala.data.label_prior
+        self.prior = np.average(probs, axis=0, weights=self.weights.numpy()).tolist()
         self.ambiguity = ambiguity(self.q)  # [N]
+
+    def _check_no_leak(self) -> None:
+        """Refuse a training item that is also an evaluation item (by id)."""
+        train_ids = {r["id"] for r in self.train_rows}
+        for name, rows in self.eval_sets.items():
+            both = train_ids.intersection(rows["id"])
+            if both:
+                raise ValueError(f"{len(both)} item(s) of evaluation set {name!r} are also training items, e.g. "
+                                 f"{sorted(both)[:3]}: evaluate on items training never sees")
 
     @property
     def eval_rows(self):
@@ -129,7 +183,8 @@ class TrainData:
     def from_config(cls, cfg, device="cpu") -> "TrainData":
         return cls(dataset=cfg.dataset, data_option=cfg.data_option, skip_invalid=cfg.skip_invalid,
                    eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed, eval_dataset=cfg.eval_dataset,
-                   eval_label_map=cfg.eval_label_map,
+                   eval_label_map=cfg.eval_label_map, train_dataset=cfg.train_dataset,
+                   source_weight=cfg.source_weight,
                    train_limit=cfg.train_limit, eval_limit=cfg.eval_limit, device=device)
 
     def __len__(self) -> int:
@@ -164,6 +219,37 @@ class TrainData:
     def batch(self, indices) -> Batch:
         idx = torch.as_tensor(indices, device=self.q.device)
         return Batch([self.train_rows[i] for i in indices], self.q[idx], self.ambiguity[idx])
+
+
+class WeightedPromptSampler:
+    """Seeded draws without replacement within a step, each row drawn with probability proportional to
+    its weight; sharded across processes; its state is the number of steps drawn."""
+
+    def __init__(self, weights: torch.Tensor, batch: int, world: int, rank: int, seed: int):
+        if int((weights > 0).sum()) < batch * world:
+            raise ValueError(f"{int((weights > 0).sum())} training rows of weight > 0 cannot fill a step of "
+                             f"{batch} prompts x {world} process(es)")
+        self.weights, self.batch, self.world, self.rank, self.seed = weights.double(), batch, world, rank, seed
+        self.step = 0
+
+    def next(self) -> list:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
+        self.step += 1
+        out = torch.multinomial(self.weights, self.batch * self.world, replacement=False, generator=g).tolist()
+        return out[self.rank * self.batch : (self.rank + 1) * self.batch]
+
+    def state_dict(self) -> dict:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+
+
+def make_sampler(data: "TrainData", batch: int, world: int, rank: int, seed: int):
+    """Epoch permutations when every training row weighs the same, else weighted draws."""
+    if bool((data.weights == data.weights[0]).all()):
+        return PromptSampler(len(data), batch, world, rank, seed)
+    return WeightedPromptSampler(data.weights, batch, world, rank, seed)
 
 
 class PromptSampler:

@@ -52,6 +52,12 @@ class TrainConfig:
     eval_dataset: list = _f(None, "another evaluation set besides the held-out split, NAME=KIND:PATH or KIND:PATH "
                                   "(all its rows; repeatable), e.g. a transfer set from another source: "
                                   "bundled:ambient-crowd", action="append", metavar="[NAME=]KIND:PATH")
+    train_dataset: list = _f(None, "a further training source, NAME=KIND:PATH or KIND:PATH (all its rows; "
+                                   "repeatable; its labels matched to the --dataset's by name)", action="append",
+                             metavar="[NAME=]KIND:PATH")
+    source_weight: list = _f(None, "NAME=W: draw each row of training source NAME W times as often (default 1; "
+                                   "the --dataset's source is 'main'; repeatable)", action="append",
+                             metavar="NAME=W")
     eval_label_map: list = _f(None, "OLD=NEW: count an --eval-dataset label OLD as the training label NEW "
                                     "(repeatable; labels of the same name, case aside, need none)", action="append",
                               metavar="OLD=NEW")

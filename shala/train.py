@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from shala import checkpoint as ckpt
 from shala.advantages import group_advantages
-from shala.batches import HELD_OUT, Batch, PromptSampler, TrainData
+from shala.batches import HELD_OUT, Batch, TrainData, make_sampler
 from shala.choices import RL_METHODS
 from shala.config import TrainConfig, load_config
 from shala.distributed import Dist
@@ -72,7 +72,7 @@ class Trainer:
                                                max_prompt_tokens=cfg.max_prompt_tokens, truncate=cfg.truncate_prompts)
         self.policy = Policy(cfg, self.dist)
         torch.manual_seed(cfg.seed + 7919 * self.dist.rank)  # rollouts differ across processes
-        sampler = PromptSampler(len(self.data), cfg.batch_size, self.dist.world, self.dist.rank, cfg.seed)
+        sampler = make_sampler(self.data, cfg.batch_size, self.dist.world, self.dist.rank, cfg.seed)
         self.state = TrainState(self.policy, sampler, self.dist)
         self.weighting = AmbiguityWeighting(cfg.weighting_used, alpha=cfg.weight_alpha,
                                             temperature=cfg.weight_temperature, warmup=cfg.weight_warmup)

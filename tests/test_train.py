@@ -339,3 +339,36 @@ def test_an_evaluation_set_with_its_labels_in_another_order_is_aligned(tmp_path)
     assert parse_eval_dataset("far=chaosnli:x/y.jsonl") == ("far", "chaosnli:x/y.jsonl")
     assert parse_eval_dataset("chaosnli:x/pk2019.jsonl") == ("pk2019", "chaosnli:x/pk2019.jsonl")
     assert parse_eval_dataset("bundled:ambient-crowd") == ("ambient-crowd", "bundled:ambient-crowd")
+
+
+def test_training_sources_mix_with_their_weights_and_never_leak_into_evaluation(tmp_path):
+    from shala.batches import MAIN, TrainData, WeightedPromptSampler, make_sampler
+
+    def write(name, rows):
+        path = tmp_path / name
+        path.write_text("".join(json.dumps({"uid": u, "label_counter": c, "example": {
+            "premise": f"P {u}", "hypothesis": f"H {u}"}}) + "\n" for u, c in rows))
+        return f"chaosnli:{path}"
+
+    main = write("main.jsonl", [(f"m{i}", {"e": 3, "n": 1}) for i in range(10)])
+    extra = write("extra.jsonl", [(f"x{i}", {"c": 4}) for i in range(6)])
+    plain = TrainData(dataset=main, eval_fraction=0.2, train_dataset=[f"more={extra}"])
+    assert [r["source"] for r in plain.train_rows] == [MAIN] * 8 + ["more"] * 6
+    assert plain.prior == pytest.approx([0.75 * 8 / 14, 0.25 * 8 / 14, 6 / 14])
+    assert type(make_sampler(plain, 4, 1, 0, 0)).__name__ == "PromptSampler"  # equal weights: epochs as before
+    data = TrainData(dataset=main, eval_fraction=0.2, train_dataset=[f"more={extra}"], source_weight=["more=0"])
+    assert data.prior == pytest.approx([0.75, 0.25, 0.0])  # the marginal the sampler shows
+    sampler = make_sampler(data, 4, 1, 0, seed=3)
+    assert isinstance(sampler, WeightedPromptSampler)
+    drawn = [sampler.next() for _ in range(5)]
+    assert all(len(set(d)) == 4 and max(d) < 8 for d in drawn)  # weight 0: never drawn; no repeat within a step
+    again = make_sampler(data, 4, 1, 0, seed=3)
+    again.load_state_dict({"step": 2})
+    assert again.next() == drawn[2]  # resumable
+    for kwargs, message in [(dict(train_dataset=[f"more={extra}"], source_weight=["less=2"]),
+                             r"no training source is called 'less' \(sources: \['main', 'more'\]"),
+                            (dict(train_dataset=[f"more={extra}"], source_weight=["more=-1"]), "W a number >= 0"),
+                            (dict(train_dataset=[f"main={extra}"]), "the name 'main' is taken"),
+                            (dict(train_dataset=[f"again={main}"]), r"evaluation set 'held-out' are also training items")]:
+        with pytest.raises(ValueError, match=message):
+            TrainData(dataset=main, eval_fraction=0.2, **kwargs)
