@@ -369,6 +369,7 @@ def test_training_sources_mix_with_their_weights_and_never_leak_into_evaluation(
                              r"no training source is called 'less' \(sources: \['main', 'more'\]"),
                             (dict(train_dataset=[f"more={extra}"], source_weight=["more=-1"]), "W a number >= 0"),
                             (dict(train_dataset=[f"main={extra}"]), "the name 'main' is taken"),
-                            (dict(train_dataset=[f"again={main}"]), r"evaluation set 'held-out' are also training items")]:
+                            (dict(train_dataset=[f"again={main}"]),
+                             r"evaluation set 'held-out' are also training items")]:
         with pytest.raises(ValueError, match=message):
             TrainData(dataset=main, eval_fraction=0.2, **kwargs)
