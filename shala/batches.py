@@ -9,6 +9,7 @@ per epoch, sharded across processes, resumable from (epoch, cursor).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -166,13 +167,20 @@ class TrainData:
         self.ambiguity = ambiguity(self.q)  # [N]
 
     def _check_no_leak(self) -> None:
-        """Refuse a training item that is also an evaluation item (by id)."""
-        train_ids = {r["id"] for r in self.train_rows}
+        """Refuse a training item whose inputs are those of an evaluation item from another file.
+
+        The held-out split and the main training rows come apart by id; every other pair of training
+        source and evaluation set is compared on the items' texts, which ids of other schemes would miss.
+        """
+        def key(row):
+            return json.dumps(row["inputs"], sort_keys=True)
+
         for name, rows in self.eval_sets.items():
-            both = train_ids.intersection(rows["id"])
+            texts = {key(r) for r in rows}
+            both = [r["id"] for r in self.train_rows if (r["source"] != MAIN or name != HELD_OUT) and key(r) in texts]
             if both:
-                raise ValueError(f"{len(both)} item(s) of evaluation set {name!r} are also training items, e.g. "
-                                 f"{sorted(both)[:3]}: evaluate on items training never sees")
+                raise ValueError(f"{len(both)} training item(s) have the texts of items of evaluation set {name!r}, "
+                                 f"e.g. {both[:3]}: evaluate on items training never sees")
 
     @property
     def eval_rows(self):
@@ -222,20 +230,17 @@ class TrainData:
 
 
 class WeightedPromptSampler:
-    """Seeded draws without replacement within a step, each row drawn with probability proportional to
-    its weight; sharded across processes; its state is the number of steps drawn."""
+    """Seeded draws (with replacement), each row drawn with probability proportional to its weight;
+    sharded across processes; its state is the number of steps drawn."""
 
     def __init__(self, weights: torch.Tensor, batch: int, world: int, rank: int, seed: int):
-        if int((weights > 0).sum()) < batch * world:
-            raise ValueError(f"{int((weights > 0).sum())} training rows of weight > 0 cannot fill a step of "
-                             f"{batch} prompts x {world} process(es)")
         self.weights, self.batch, self.world, self.rank, self.seed = weights.double(), batch, world, rank, seed
         self.step = 0
 
     def next(self) -> list:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.step)
         self.step += 1
-        out = torch.multinomial(self.weights, self.batch * self.world, replacement=False, generator=g).tolist()
+        out = torch.multinomial(self.weights, self.batch * self.world, replacement=True, generator=g).tolist()
         return out[self.rank * self.batch : (self.rank + 1) * self.batch]
 
     def state_dict(self) -> dict:

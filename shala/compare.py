@@ -10,7 +10,9 @@ the constant baselines (uniform, label prior) once, and writes
 held-out split and for every ``--eval-dataset``:
 
 * per method, mean ± std over seeds of JSD, KL, accuracy, macro-F1, BC and TV;
-* the paired difference in JSD against the label prior and against ``sft-soft``
+* the paired difference in JSD against the label prior (of the method's own
+  training data, which an arm with ``--train-dataset`` changes; the "label prior"
+  row is the first method's) and against ``sft-soft``
   (negative: lower JSD than the reference), with a 95% CI from a paired
   bootstrap over items pooled across seeds: the items are resampled and every
   seed's value of an item moves with it. A CI that excludes 0 is marked ``*``;
@@ -143,7 +145,7 @@ def run_cells(args, rest, dist) -> dict:
     for (method, seed, cell), (cfg, finished) in zip(plan, configs):
         base_file = _base_file(out, cfg.form)
         if not finished:
-            cfg.eval_before = not base_file.exists()  # the base model, once per form
+            cfg.eval_before = cfg.eval_before and not base_file.exists()  # the base model, once per form
             log.info("compare: training %s, seed %d, into %s", method, seed, cell)
             summary = Trainer(cfg, dist).fit()
             if summary.get("interrupted"):
@@ -202,7 +204,8 @@ def summarize_set(name: str, per_method: dict, base: Sequence[dict], resamples: 
             values = torch.tensor([s[m] for s in per_seed], dtype=torch.float64)
             row[m] = {"mean": float(values.mean()), "std": float(values.std(unbiased=True)) if len(values) > 1 else 0.0,
                       "per_seed": values.tolist()}
-        row["vs_label_prior"] = metrics.paired_difference(jsd, metrics.jsd_per_item(q, prior).unsqueeze(0),
+        own_prior = torch.tensor(results[0]["prior"], dtype=torch.float64).expand(n, k)  # its training data's
+        row["vs_label_prior"] = metrics.paired_difference(jsd, metrics.jsd_per_item(q, own_prior).unsqueeze(0),
                                                           resamples=resamples)
         row["input_dependence_gap"] = metrics.paired_difference(own, jsd, resamples=resamples)
         row["by_level"] = {lv: float(jsd[:, levels == i].mean()) for i, lv in enumerate(metrics.LEVELS)
@@ -303,9 +306,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = parse_args(argv)
     if args.help:
-        print(__doc__.strip() + "\n\nOptions: --methods M1,M2,... --arm NAME=OPTIONS --seeds S1 S2 ... --output-dir DIR "
-              "--resamples N, "
-              "then any option of python -m shala.train (see python -m shala.train --help).")
+        print(__doc__.strip() + "\n\nOptions: --methods M1,M2,... --arm NAME=OPTIONS --seeds S1 S2 ... "
+              "--output-dir DIR --resamples N, then any option of python -m shala.train (see python -m shala.train "
+              "--help).")
         return {}
     out = Path(args.output_dir)
     with Dist.from_env(None) as dist:

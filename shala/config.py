@@ -167,8 +167,13 @@ class TrainConfig:
                 "eval_after", "eval_label_map", "shared_prefix",
                 "save_every", "keep_checkpoints", "log_every", "plot", "progress", "max_bad_steps")
 
+    #: Options whose absence (None) leaves a run as it was before they existed: hashed only when set, so
+    #: that runs made before them keep their identity.
+    HASHED_WHEN_SET = ("train_dataset", "source_weight")
+
     def run_options(self) -> dict:
-        return {k: v for k, v in self.to_dict().items() if k not in self.RUN_FREE}
+        return {k: v for k, v in self.to_dict().items()
+                if k not in self.RUN_FREE and not (k in self.HASHED_WHEN_SET and v is None)}
 
     def run_id(self) -> str:
         """A hash of the options that define the run: checkpoints carry it, a resume checks it."""

@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 __all__ = ["pad_left", "position_ids", "next_token_logits", "completion_logits", "shared_completion_logits",
-           "generate_shared", "group_prompts"]
+           "generate_shared", "group_prompts", "cache_argument", "returned_cache"]
 
 log = logging.getLogger("shala.train")
 
@@ -74,19 +74,36 @@ def completion_logits(model, sequences: Sequence[Sequence[int]], prompt_lens: Se
     return out.logits
 
 
-def _cache_argument(model) -> str:
+def cache_argument(model) -> str:
     """The name of the KV-cache argument of ``model``'s forward (``cache`` since transformers 5)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = getattr(model, "module", model)  # DDP
+    base = base.get_base_model() if hasattr(base, "get_base_model") else base
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward or ``generate`` returned (the field's name changed in transformers 5)."""
+    return out.get("cache", out.get("past_key_values"))
+
+
+def _shareable(cache) -> bool:
+    """A cache of key/value layers only (full or sliding-window attention), whose rows can be selected."""
+    try:
+        from transformers.cache_utils import DynamicLayer
+    except ImportError:
+        return False
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(type(layer).__name__ in ("DynamicLayer", "DynamicSlidingWindowLayer")
+                                and isinstance(layer, DynamicLayer) for layer in layers)
 
 
 def _prefill(model, ids: torch.Tensor, mask: torch.Tensor):
     """The KV cache of every prompt row but its last column (which the caller feeds), or None."""
     out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids(mask[:, :-1]),
                 use_cache=True, logits_to_keep=1)
-    cache = out.get("cache", out.get("past_key_values"))
-    if cache is None or not hasattr(cache, "batch_select_indices"):
-        _fallback(model, f"its forward returns no selectable KV cache ({type(cache).__name__})")
+    cache = returned_cache(out)
+    if not _shareable(cache):
+        _fallback(model, f"returns a KV cache whose rows cannot be shared ({type(cache).__name__})")
         return None
     return cache
 
@@ -140,7 +157,7 @@ def shared_completion_logits(model, sequences: Sequence[Sequence[int]], prompt_l
     attn = torch.cat([mask[rows], fed[:, 1:]], 1)  # [n, P + wc]
     pos = (mask.sum(1)[rows] - 1).unsqueeze(1) + torch.arange(1 + wc, device=device)
     out = model(input_ids=tail, attention_mask=attn, position_ids=pos, use_cache=True,
-                **{_cache_argument(model): cache})
+                **{cache_argument(model): cache})
     return out.logits  # [n, wc + 1, V]
 
 
@@ -151,11 +168,11 @@ def generate_shared(model, ids: torch.Tensor, mask: torch.Tensor, group_size: in
     ``generate`` then feeds the last column and decodes as it would from ``num_return_sequences=G``
     (the same logits at every step, so the same samples from the same random state).
     """
-    if ids.shape[1] >= 2:
+    if ids.shape[1] >= 2 and group_size > 1:
         cache = _prefill(model, ids, mask)
         if cache is not None:
             cache.batch_repeat_interleave(group_size)
-            kwargs[_cache_argument(model)] = cache
+            kwargs[cache_argument(model)] = cache
             return model.generate(input_ids=ids.repeat_interleave(group_size, 0),
                                   attention_mask=mask.repeat_interleave(group_size, 0), **kwargs)
     return model.generate(input_ids=ids, attention_mask=mask, num_return_sequences=group_size, **kwargs)

@@ -31,7 +31,6 @@ so the policy being optimised at the slot is exactly ``p``.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional, Sequence
@@ -39,7 +38,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from shala.lm import completion_logits, generate_shared, next_token_logits, pad_left, shared_completion_logits
+from shala.lm import (cache_argument, completion_logits, generate_shared, next_token_logits, pad_left,
+                      returned_cache, shared_completion_logits)
 from shala.verbalized import GRANULARITIES, ParseError, VerbalGrammar, parse_text, rounded
 
 __all__ = ["RolloutBatch", "TokenLogProbs", "RolloutForm", "AnswerForm", "RationaleForm", "FORMS", "make_form",
@@ -380,7 +380,7 @@ class RationaleForm(RolloutForm):
             n_tokens=sum(len(r.tokens) for r in located),
         )
         if recorder is not None:
-            cache = out.get("cache", out.get("past_key_values"))  # the field's name before transformers 5.x
+            cache = returned_cache(out)
             batch.slot_logits = self._generated_slot_logits(core, batch, recorder, cache, mask, len(gen[0]))
             if batch.slot_logits is not None:
                 return batch
@@ -425,10 +425,8 @@ class RationaleForm(RolloutForm):
         attn = torch.cat([prompt_mask.cpu().repeat_interleave(G, 0)[need], sampled, fed], 1)
         pos = start.unsqueeze(1) + torch.arange(w)
         cache.batch_select_indices(need.to(self.device))
-        base = core.get_base_model() if hasattr(core, "get_base_model") else core
-        name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
         out = core(input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
-                   position_ids=pos.to(self.device), use_cache=True, **{name: cache})
+                   position_ids=pos.to(self.device), use_cache=True, **{cache_argument(core): cache})
         logits[need.to(self.device)] = out.logits[torch.arange(n, device=self.device), col.to(self.device)].float()
         return logits
 

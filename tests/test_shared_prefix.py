@@ -32,7 +32,7 @@ def _model(tok, arch, lora):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_scoring_gives_the_plain_logits_and_gradients(tok, arch, lora):
+def test_scoring_gives_the_plain_logits_and_gradients(tok, arch, lora, caplog):
     model = _model(tok, arch, lora)
     prompts, g = _prompts(tok), torch.Generator().manual_seed(0)
     owner = [0, 0, 0, 1, 1, 1, 0]  # the last row's prompt comes again after another: encoded again, still right
@@ -48,6 +48,7 @@ def test_scoring_gives_the_plain_logits_and_gradients(tok, arch, lora):
     for r, c in enumerate(comps):
         used[r, : len(c) + 1] = True
     torch.testing.assert_close(shared[used], plain[used], rtol=0, atol=2e-5)
+    assert "shared prefix" not in caplog.text  # shared indeed, not the fallback
     w = torch.randn(plain.shape, generator=g)
     grads_plain = torch.autograd.grad((plain * w)[used].sum(), params)
     grads_shared = torch.autograd.grad((shared * w)[used].sum(), params)
@@ -56,7 +57,7 @@ def test_scoring_gives_the_plain_logits_and_gradients(tok, arch, lora):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_generation_gives_the_plain_logits_and_samples(tok, arch):
+def test_generation_gives_the_plain_logits_and_samples(tok, arch, caplog):
     model = tiny_model(len(tok), arch=arch).eval()
     ids, mask = pad_left(_prompts(tok), tok.pad_token_id)
     kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=6, use_cache=True,
@@ -66,6 +67,17 @@ def test_generation_gives_the_plain_logits_and_samples(tok, arch):
     plain = model.generate(input_ids=ids, attention_mask=mask, num_return_sequences=3, **kw)
     torch.manual_seed(5)
     shared = generate_shared(model, ids, mask, 3, **kw)
-    assert torch.equal(shared.sequences, plain.sequences)
+    assert torch.equal(shared.sequences, plain.sequences) and "shared prefix" not in caplog.text
     for a, b in zip(shared.logits, plain.logits):
         torch.testing.assert_close(a, b, rtol=0, atol=2e-5)
+
+
+def test_a_cache_that_cannot_be_shared_falls_back_with_a_reason(tok, caplog, monkeypatch):
+    from shala import lm
+
+    model = tiny_model(len(tok)).train()
+    monkeypatch.setattr(lm, "_WARNED", set())
+    monkeypatch.setattr(lm, "_shareable", lambda cache: False)
+    seqs, plens = [[5, 6, 7, 8], [5, 6, 7, 9, 10]], [3, 3]
+    torch.testing.assert_close(shared_completion_logits(model, seqs, plens), completion_logits(model, seqs, plens))
+    assert "shared prefix: LlamaForCausalLM returns a KV cache whose rows cannot be shared" in caplog.text

@@ -42,7 +42,7 @@ def _text(completion) -> str:
     """A completion as text: TRL passes strings, or message lists for conversational datasets."""
     if isinstance(completion, str):
         return completion
-    return "".join(m.get("content", "") for m in completion if m.get("role", "assistant") == "assistant")
+    return "".join(m.get("content") or "" for m in completion if m.get("role", "assistant") == "assistant")
 
 
 def _targets(kwargs: dict, column: str, n: int, k: int) -> torch.Tensor:
@@ -112,17 +112,20 @@ class SlotReward:
         q = _targets(kwargs, self.target_column, len(completions), k)
         if completion_ids is None:
             completion_ids = [tok.encode(_text(c), add_special_tokens=False) for c in completions]
+        # tokenized as GRPOTrainer tokenizes prompts (special tokens included), so p is the sampling policy's
         prompt_ids = [p if isinstance(p, list) and p and isinstance(p[0], int) else
-                      tok.encode(p if isinstance(p, str) else tok.apply_chat_template(p, tokenize=False,
-                                                                                      add_generation_prompt=True),
-                                 add_special_tokens=False) for p in prompts]
+                      tok(text=p if isinstance(p, str) else tok.apply_chat_template(p, tokenize=False,
+                                                                                   add_generation_prompt=True))[
+                          "input_ids"] for p in prompts]
         located = [self.builder.locate(p, list(c)) for p, c in zip(prompt_ids, completion_ids)]
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        logits = []
+        logits, training = [], self.model.training
+        self.model.eval()  # no dropout in the reward
         for s in range(0, len(located), self.batch_size):
             part = located[s : s + self.batch_size]
             # the slot's logits: after the tokens up to the slot (the cue's last token)
             logits.append(next_token_logits(self.model, [r.tokens[: r.slot + 1] for r in part], pad).float())
+        self.model.train(training)
         label_ids = torch.tensor(self.builder.label_ids, device=logits[0].device)
         slot = label_reward(torch.cat(logits), label_ids, q.to(logits[0].device, torch.float32))
         labels = torch.tensor([r.label for r in located])
