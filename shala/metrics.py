@@ -243,4 +243,6 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor, *, resamples: int = 2000
     d = (a.double() - b.double()).mean(0)  # [n]: the seed mean per item
     idx = bootstrap_indices(d.numel(), resamples=resamples, seed=seed)
     ci = percentile_ci(d[idx].mean(1), level)
-    return {"mean": float(d.mean()), "ci": ci, "excludes_zero": bool(ci[0] > 0 or ci[1] < 0)}
+    # rounding alone (a constant against its own mean differs by ~1e-17) does not exclude 0
+    tol = 1e-9 * max(1.0, float(a.abs().max()), float(b.abs().max()))
+    return {"mean": float(d.mean()), "ci": ci, "excludes_zero": bool(ci[0] > tol or ci[1] < -tol)}

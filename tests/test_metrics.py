@@ -139,3 +139,6 @@ def test_bc_and_tv_by_hand_and_paired_difference():
     assert d["mean"] == pytest.approx(0.3) and d["ci"][0] > 0 and d["excludes_zero"]
     same = M.paired_difference(a, a, resamples=200)
     assert same["mean"] == 0.0 and not same["excludes_zero"]
+    # a constant prediction against its own mean: rounding, not a difference
+    noise = M.paired_difference(a + 1e-15 * torch.arange(1, 4), a, resamples=200)
+    assert noise["ci"][0] > 0 and not noise["excludes_zero"]
