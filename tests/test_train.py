@@ -50,10 +50,14 @@ def test_one_step_changes_only_the_adapter(tiny_dir, tmp_path):
         assert key in line
 
 
-def test_default_run_outputs_and_adapter_evaluates(tiny_dir, tmp_path):
+def test_default_run_outputs_and_adapter_evaluates(tiny_dir, tmp_path, caplog):
+    import logging
+
     from shala import evaluate
 
-    res = run(tiny_dir, tmp_path, "--steps", "2", "--save-every", "1")
+    with caplog.at_level(logging.INFO, logger="shala.train"):
+        res = run(tiny_dir, tmp_path, "--steps", "2", "--save-every", "1")
+    assert f"final adapter: {tmp_path / 'final'}" in caplog.text  # the user is told where it went
     for name in ("metrics.jsonl", "eval_before.json", "eval_after.json", "summary.json", "config.json"):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / "final" / "adapter_config.json").is_file()
