@@ -361,6 +361,24 @@ def _flag_type(name: str):
     return parse
 
 
+#: The sections of ``--help``, each option in one (a test holds every option to exactly one).
+HELP_SECTIONS = {
+    "model": ("model", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "dtype", "device"),
+    "data": ("dataset", "data_option", "skip_invalid", "train_dataset", "source_weight", "eval_fraction", "split_seed",
+             "train_limit", "max_prompt_tokens", "truncate_prompts"),
+    "method and rollouts": ("method", "seed", "form", "verbal_format", "group_size", "batch_size", "max_new_tokens",
+                            "temperature", "shared_prefix", "constrain_answer"),
+    "reward and weighting": ("reward", "format_penalty", "sum_penalty", "normalize", "mass_weight", "weighting",
+                             "weight_alpha", "weight_temperature", "weight_warmup", "scale", "adv_eps"),
+    "optimisation": ("steps", "ppo_epochs", "micro_batch_size", "lr", "weight_decay", "lr_schedule", "warmup_steps",
+                     "clip_low", "clip_high", "kl_coef", "aux_jsd", "max_grad_norm", "max_bad_steps"),
+    "evaluation": ("eval_dataset", "eval_label_map", "eval_limit", "eval_batch_size", "eval_samples", "eval_before",
+                   "eval_after"),
+    "output": ("output_dir", "save_every", "keep_checkpoints", "resume", "overwrite", "log_every", "plot",
+               "progress"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m shala.train",
@@ -369,13 +387,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--config", default=None, help="YAML file of options (keys as below, with underscores); flags win")
+    groups = {name: p.add_argument_group(name) for name in HELP_SECTIONS}
+    section_of = {opt: groups[name] for name, opts in HELP_SECTIONS.items() for opt in opts}
     for f in fields(TrainConfig):
+        group = section_of[f.name]
         meta = dict(f.metadata)
         help_text = meta.pop("help").replace("%", "%%")  # argparse formats help with %
         meta.pop("expects", None)
         flag = "--" + f.name.replace("_", "-")
         if f.type in ("bool", bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=f"{help_text} (default: {'on' if f.default else 'off'})")
             continue
         kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{help_text} (default: {f.default})")
@@ -385,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
             kw.update(type=_flag_type(f.name))
             if "choices" in meta:
                 kw["choices"] = meta["choices"]
-        p.add_argument(flag, **kw)
+        group.add_argument(flag, **kw)
     return p
 
 

@@ -111,3 +111,15 @@ def test_coerce_is_the_flags_parser():
     assert coerce("max_new_tokens", None) is None and coerce("data_option", "a=b") == ["a=b"]
     with pytest.raises(ValueError, match=r"--steps: expected an integer, got True"):
         coerce("steps", True)
+
+
+def test_help_is_grouped_and_every_option_is_in_one_section():
+    from dataclasses import fields
+
+    from shala.config import HELP_SECTIONS, TrainConfig, build_parser
+
+    listed = [o for opts in HELP_SECTIONS.values() for o in opts]
+    assert sorted(listed) == sorted(f.name for f in fields(TrainConfig))  # each option once
+    text = build_parser().format_help()
+    for section in HELP_SECTIONS:
+        assert f"\n{section}:\n" in text
