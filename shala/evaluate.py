@@ -185,7 +185,7 @@ def load_eval_rows(spec: str, *, split: str, seed: int, eval_fraction: float, op
     )
     if limit is not None:
         if limit < 1:
-            raise ValueError(f"--limit must be >= 1, got {limit}")
+            raise ValueError(f"--eval-limit must be >= 1, got {limit}")
         rows = rows.select(range(min(limit, len(rows))))
     return rows, prior_rows
 
@@ -207,9 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="eval", choices=shala_data.SPLITS,
                    help="which part of the seeded train/eval split to evaluate")
     p.add_argument("--eval-fraction", type=float, default=0.2, help="share of rows held out for eval")
-    p.add_argument("--seed", type=int, default=0, help="seed of the train/eval split")
-    p.add_argument("--limit", type=int, default=None, help="evaluate at most N rows")
-    p.add_argument("--batch-size", type=int, default=16)
+    # the names shala.train uses; the second of each is this command's old name, kept for one release
+    p.add_argument("--split-seed", "--seed", dest="seed", type=int, default=0, help="seed of the train/eval split")
+    p.add_argument("--eval-limit", "--limit", dest="limit", type=int, default=None, help="evaluate at most N rows")
+    p.add_argument("--eval-batch-size", "--batch-size", dest="batch_size", type=int, default=16,
+                   help="items per forward")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu, cuda or cuda:N")
@@ -222,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also read what this rollout form writes: 'verbalized' adds the distribution the model "
                         "writes as text (greedy, and the mean of --samples answers)")
     p.add_argument("--verbal-format", default="percent", choices=list(GRANULARITIES))
-    p.add_argument("--samples", type=int, default=0, help="verbalized: the mean of N sampled answers per item too")
+    p.add_argument("--eval-samples", "--samples", dest="samples", type=int, default=0,
+                   help="verbalized: the mean of N sampled answers per item too")
     p.add_argument("--temperature", type=float, default=1.0, help="verbalized: the sampling temperature")
     p.add_argument("--constrain-answer", action=argparse.BooleanOptionalAction, default=True,
                    help="verbalized: force the format and sample only the numbers")
@@ -236,11 +239,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     default_threads()
     if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise SystemExit(f"--eval-batch-size must be >= 1, got {args.batch_size}")
     if args.resamples < 100:
         raise ValueError(f"--resamples must be >= 100, got {args.resamples}")
     if args.samples < 0 or (args.samples and not FORMS[args.form].writes_distribution):
-        raise ValueError(f"--samples {args.samples}: a number >= 0, for a form that writes its distribution "
+        raise ValueError(f"--eval-samples {args.samples}: a number >= 0, for a form that writes its distribution "
                          f"({', '.join(n for n, f in FORMS.items() if f.writes_distribution)})")
     check_device(args.device)
     if args.output:

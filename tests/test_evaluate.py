@@ -46,8 +46,8 @@ def test_evaluate_cli_writes_metrics_that_agree_with_scipy(tiny_dir, tmp_path, c
 
 
 def test_batching_and_padding_do_not_change_p(tiny_dir):
-    a = evaluate.main(["--model", tiny_dir, "--limit", "6", "--batch-size", "1", "--no-progress"])
-    b = evaluate.main(["--model", tiny_dir, "--limit", "6", "--batch-size", "6", "--no-progress"])
+    a = evaluate.main(["--model", tiny_dir, "--limit", "6", "--batch-size", "1", "--no-progress"])  # the old names
+    b = evaluate.main(["--model", tiny_dir, "--eval-limit", "6", "--eval-batch-size", "6", "--no-progress"])
     for x, y in zip(a["predictions"], b["predictions"]):
         assert x["id"] == y["id"]
         assert x["p"] == pytest.approx(y["p"], abs=1e-5)
@@ -66,7 +66,7 @@ def test_bundled_spec_resolves():
         (["--model", "no/such/dir"], "neither 'smollm2-135m', a .gguf file, nor a local model directory"),
         (["--dataset", "chaosnli:/no/such.jsonl"], "no such file"),
         (["--dataset", "mystery:x"], "KIND:PATH with KIND one of"),
-        (["--limit", "0"], "--limit must be >= 1"),
+        (["--limit", "0"], "--eval-limit must be >= 1"),
         (["--device", "tpu"], "--device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
     ],
 )
