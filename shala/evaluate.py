@@ -90,7 +90,8 @@ def evaluate_dataset(model, builder: PromptBuilder, rows, *, prior: Sequence[flo
     result["label_names"] = list(builder.label_names)
     result["seconds"] = time.perf_counter() - t0
     result["predictions"] = [
-        {"id": i, "q": qi, "p": pi} for i, qi, pi in zip(rows["id"], q.tolist(), p.tolist())
+        {"id": i, "q": qi, "p": pi, "text": " | ".join(x.values())[:160]}  # the text, to tell items apart in plots
+        for i, qi, pi, x in zip(rows["id"], q.tolist(), p.tolist(), rows["inputs"])
     ]
     return result
 

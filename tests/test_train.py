@@ -93,6 +93,14 @@ def test_plots_are_written(tiny_dir, tmp_path):
     assert (tmp_path / "predictions.png").stat().st_size > 1000
 
 
+def test_training_plot_shows_what_changes_and_leaves_out_flat_lines():
+    from shala.plots import curve_panels
+
+    rows = [{"step": i, "reward": 0.1 * i, "kl": 0.0, "reward_format_ok": 1.0, "loss": 1e-9 * (-1) ** i,
+             "lr": 1e-4 * i} for i in range(1, 6)]
+    assert [title for title, _, _ in curve_panels(rows)] == ["Reward", "Learning rate"]  # rounding noise is flat
+
+
 @pytest.mark.parametrize("method", ["grpo-accuracy", "sft-majority", "sft-soft"])
 def test_baselines_run_and_learn(tiny_dir, tmp_path, method):
     res = run(tiny_dir, tmp_path, "--method", method, "--steps", "2", "--no-eval-before", "--no-eval-after")
