@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import math
+import shlex
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Sequence
@@ -194,6 +195,20 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def command(self) -> str:
+        """The ``python -m shala.train`` command line of these options (those that differ from the defaults)."""
+        words = ["python", "-m", "shala.train"]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value == f.default or f.name in ("resume", "overwrite", "progress"):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(value, bool):
+                words.append(flag if value else "--no-" + f.name.replace("_", "-"))
+            else:
+                words += [w for v in (value if isinstance(value, list) else [value]) for w in (flag, str(v))]
+        return " ".join(shlex.quote(w) for w in words)
 
 
 def validate(cfg: "TrainConfig") -> "TrainConfig":

