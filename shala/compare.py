@@ -49,6 +49,7 @@ from shala.distributed import Dist
 from shala.evaluate import write_json
 from shala.metrics import format_value
 from shala.outputs import RunDir
+from shala.rollout import DEFAULT_FORM
 
 log = logging.getLogger("shala.compare")
 
@@ -117,7 +118,7 @@ def parse_args(argv):
 
 def _base_file(root: Path, form: str) -> Path:
     """Where the base model's evaluation in ``form`` is kept (its slot reading is the same in every form)."""
-    return root / ("base.json" if form == "answer" else f"base-{form}.json")
+    return root / ("base.json" if form == DEFAULT_FORM else f"base-{form}.json")
 
 
 def _cell_config(rest, options, seed, out: Path):

@@ -31,7 +31,7 @@ from shala.batches import parse_label_map
 from shala.data_files import DEFAULT_DATASET
 from shala.models import DEFAULT_MODEL
 from shala.rewards import parse_reward_terms
-from shala.rollout import FORMS, check_form_options
+from shala.rollout import DEFAULT_FORM, FORMS, check_form_options
 from shala.verbalized import GRANULARITIES
 
 log = logging.getLogger("shala.config")
@@ -76,7 +76,7 @@ class TrainConfig:
                             "are evaluated on the same items)")
 
     # rollouts
-    form: str = _f("answer", "rollout form: 'answer' (the answer token alone, drawn G times from one forward per "
+    form: str = _f(DEFAULT_FORM, "rollout form: 'answer' (the answer token alone, drawn G times from one forward per "
                              "prompt), 'rationale' (a generated rationale, then 'Answer: <label>') or 'verbalized' "
                              "(the distribution written as text, 'entailment: 30%, neutral: 50%, ...')",
                    choices=tuple(FORMS))

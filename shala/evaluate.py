@@ -34,7 +34,7 @@ from shala.label_jsd import label_reward
 from shala.lm import next_token_logits
 from shala.models import DEFAULT_MODEL, context_length, default_threads, load_model, load_tokenizer
 from shala.prompts import PromptBuilder, fit_prompts
-from shala.rollout import FORMS, make_form
+from shala.rollout import DEFAULT_FORM, FORMS, make_form
 from shala.verbalized import GRANULARITIES
 
 log = logging.getLogger("shala.evaluate")
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate-prompts", action="store_true",
                    help="cut the longest input field of a prompt over the limit instead of stopping")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the confidence intervals")
-    p.add_argument("--form", default="answer", choices=list(FORMS),
+    p.add_argument("--form", default=DEFAULT_FORM, choices=list(FORMS),
                    help="also read what this rollout form writes: 'verbalized' adds the distribution the model "
                         "writes as text (greedy, and the mean of --samples answers)")
     p.add_argument("--verbal-format", default="percent", choices=list(GRANULARITIES))

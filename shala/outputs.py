@@ -30,6 +30,7 @@ from shala.batches import HELD_OUT
 from shala.evaluate import format_report, format_table, write_json
 from shala.metrics import CI_METRICS
 from shala.models import base_model_id
+from shala.rollout import FORMS
 
 __all__ = ["RunDir", "OutputDirError"]
 
@@ -197,7 +198,8 @@ class RunDir:
                  "---", "", f"# {meta['method']} adapter for {base}", "",
                  f"A LoRA adapter trained with SHALA to reproduce how annotators split over the labels "
                  f"{', '.join(meta['label_names'])} of the task {meta['task']!r}: its label distribution, read "
-                 f"{'from the text it writes' if meta['form'] == 'verbalized' else 'at the answer slot'}, is trained "
+                 f"{'from the text it writes' if FORMS[meta['form']].writes_distribution else 'at the answer slot'}, "
+                 "is trained "
                  "toward the annotators' distribution of each item.", "",
                  f"- Base model: {base} (`--model {cfg.model}`)",
                  f"- Training data: {', '.join(sources)}; held-out share {cfg.eval_fraction} (split seed "

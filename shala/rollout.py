@@ -612,6 +612,7 @@ class VerbalizedForm(RolloutForm):
 
 
 FORMS = {form.name: form for form in (AnswerForm, RationaleForm, VerbalizedForm)}
+DEFAULT_FORM = AnswerForm.name
 
 
 def _form(name: str) -> type:
