@@ -135,27 +135,15 @@ class TrainData:
         self.eval_sets = {HELD_OUT: parts["eval"]}
         mapping = parse_label_map(eval_label_map)
         for spec in eval_dataset or ():
-            name, source = parse_eval_dataset(spec)
-            if name in self.eval_sets:
-                raise ValueError(f"--eval-dataset {spec}: the name {name!r} is taken; name it NAME=KIND:PATH")
-            extra = shala_data.load_labelled(resolve_dataset(source), skip_invalid=skip_invalid)
-            task = shala_data.label_space(extra).task
-            if task != self.task:
-                raise ValueError(f"--eval-dataset {spec} has task {task!r}, training has {self.task!r}")
-            self.eval_sets[name] = align_labels(extra, self.label_names, where=f"--eval-dataset {spec}",
-                                                mapping=mapping)
+            name, extra = self._load_extra("--eval-dataset", spec, self.eval_sets, skip_invalid, mapping)
+            self.eval_sets[name] = extra
         if eval_limit:
             self.eval_sets = {k: v.select(range(min(eval_limit, len(v)))) for k, v in self.eval_sets.items()}
         self.train_rows = [{**r, "source": MAIN} for r in train.to_list()]
+        sources = {MAIN}
         for spec in train_dataset or ():
-            name, source = parse_eval_dataset(spec)
-            if name == MAIN or any(r["source"] == name for r in self.train_rows):
-                raise ValueError(f"--train-dataset {spec}: the name {name!r} is taken; name it NAME=KIND:PATH")
-            extra = shala_data.load_labelled(resolve_dataset(source), skip_invalid=skip_invalid)
-            task = shala_data.label_space(extra).task
-            if task != self.task:
-                raise ValueError(f"--train-dataset {spec} has task {task!r}, the --dataset has {self.task!r}")
-            extra = align_labels(extra, self.label_names, where=f"--train-dataset {spec}")
+            name, extra = self._load_extra("--train-dataset", spec, sources, skip_invalid)
+            sources.add(name)
             self.train_rows += [{**r, "source": name} for r in extra.to_list()]
         self._check_no_leak()
         self.sources = dict.fromkeys(r["source"] for r in self.train_rows)
@@ -165,6 +153,17 @@ class TrainData:
         probs = np.asarray([r["probs"] for r in self.train_rows], dtype=np.float64)  # as shala.data.label_prior
         self.prior = np.average(probs, axis=0, weights=self.weights.numpy()).tolist()
         self.ambiguity = ambiguity(self.q)  # [N]
+
+    def _load_extra(self, option: str, spec: str, taken, skip_invalid: bool, mapping: Optional[dict] = None):
+        """``(name, rows)`` of a further ``[NAME=]KIND:PATH`` set, its labels those of training, in their order."""
+        name, source = parse_eval_dataset(spec)
+        if name in taken:
+            raise ValueError(f"{option} {spec}: the name {name!r} is taken; name it NAME=KIND:PATH")
+        extra = shala_data.load_labelled(resolve_dataset(source), skip_invalid=skip_invalid)
+        task = shala_data.label_space(extra).task
+        if task != self.task:
+            raise ValueError(f"{option} {spec} has task {task!r}, training has {self.task!r}")
+        return name, align_labels(extra, self.label_names, where=f"{option} {spec}", mapping=mapping)
 
     def _check_no_leak(self) -> None:
         """Refuse a training item whose inputs are those of an evaluation item from another file.

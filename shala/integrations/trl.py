@@ -29,10 +29,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from shala.divergence import SQRT_LN2, js_divergence
 from shala.label_jsd import label_reward
 from shala.lm import next_token_logits
-from shala.rewards import slot_rewards
+from shala.rewards import slot_rewards, verbal_rewards
 from shala.verbalized import GRANULARITIES, ParseError, parse_text
 
 __all__ = ["VerbalizedReward", "SlotReward"]
@@ -77,16 +76,17 @@ class VerbalizedReward:
 
     def __call__(self, prompts, completions, **kwargs) -> list:
         q = _targets(kwargs, self.target_column, len(completions), len(self.words))
-        out = []
-        for qi, completion in zip(q, completions):
+        verbal = torch.full(q.shape, math.nan, dtype=torch.float64)  # NaN: unparsable
+        sum_error = torch.zeros(len(completions), dtype=torch.float64)
+        for i, completion in enumerate(completions):
             try:
-                p, sum_error = parse_text(_text(completion), self.words, self.verbal_format)
+                p, sum_error[i] = parse_text(_text(completion), self.words, self.verbal_format)
             except ParseError:
-                out.append(-self.format_penalty)
                 continue
-            d = math.sqrt(float(js_divergence(torch.tensor(p, dtype=torch.float64), qi)))
-            out.append(1.0 - d / SQRT_LN2 - self.sum_penalty * sum_error)
-        return out
+            verbal[i] = torch.tensor(p, dtype=torch.float64)
+        r = verbal_rewards(verbal.unsqueeze(1), q).squeeze(1)  # the training loop's verbal reward
+        parsed = ~torch.isnan(verbal).any(-1)
+        return torch.where(parsed, r - self.sum_penalty * sum_error, torch.full_like(r, -self.format_penalty)).tolist()
 
 
 class SlotReward:
