@@ -79,7 +79,8 @@ setup(
         "ninja",
     ],
     extras_require={
-        "test": ["pytest>=8", "scipy"],
+        "test": ["pytest>=8", "scipy", "tensorboard"],
         "trl": ["trl"],
+        "tracking": ["tensorboard", "wandb"],
     },
 )

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import datasets
 import numpy as np
 import torch
 
@@ -124,9 +125,12 @@ class TrainData:
 
     def __init__(self, *, dataset: str, data_option=None, skip_invalid: bool = False, eval_fraction: float = 0.2,
                  split_seed: int = 0, eval_dataset=None, eval_label_map=None, train_dataset=None, source_weight=None,
-                 train_limit=None, eval_limit=None, device="cpu"):
+                 train_limit=None, eval_limit=None, device="cpu", eval_tables: Optional[dict] = None):
         options = shala_data.parse_data_options(data_option)
-        ds = shala_data.load_labelled(resolve_dataset(dataset), skip_invalid=skip_invalid, **options)
+        if isinstance(dataset, datasets.Dataset):  # from Python (Trainer(cfg, train_dataset=...))
+            ds = shala_data.from_dataset(dataset, skip_invalid=skip_invalid, name="train_dataset", **options)
+        else:
+            ds = shala_data.load_labelled(resolve_dataset(dataset), skip_invalid=skip_invalid, **options)
         parts = shala_data.split_dataset(ds, eval_fraction=eval_fraction, seed=split_seed)
         train = parts["train"]
         if train_limit:
@@ -134,8 +138,9 @@ class TrainData:
         self.task, self.label_names, _ = shala_data.label_space(train)
         self.eval_sets = {HELD_OUT: parts["eval"]}
         mapping = parse_label_map(eval_label_map)
-        for spec in eval_dataset or ():
-            name, extra = self._load_extra("--eval-dataset", spec, self.eval_sets, skip_invalid, mapping)
+        extra_sets = [(None, spec) for spec in eval_dataset or ()] + list((eval_tables or {}).items())
+        for given_name, spec in extra_sets:
+            name, extra = self._load_extra("--eval-dataset", spec, self.eval_sets, skip_invalid, mapping, given_name)
             self.eval_sets[name] = extra
         if eval_limit:
             self.eval_sets = {k: v.select(range(min(eval_limit, len(v)))) for k, v in self.eval_sets.items()}
@@ -154,12 +159,18 @@ class TrainData:
         self.prior = np.average(probs, axis=0, weights=self.weights.numpy()).tolist()
         self.ambiguity = ambiguity(self.q)  # [N]
 
-    def _load_extra(self, option: str, spec: str, taken, skip_invalid: bool, mapping: Optional[dict] = None):
-        """``(name, rows)`` of a further ``[NAME=]KIND:PATH`` set, its labels those of training, in their order."""
-        name, source = parse_eval_dataset(spec)
+    def _load_extra(self, option: str, spec, taken, skip_invalid: bool, mapping: Optional[dict] = None,
+                    name: Optional[str] = None):
+        """``(name, rows)`` of a further ``[NAME=]KIND:PATH`` set (or ``name``'s Dataset), its labels those of
+        training, in their order."""
+        if isinstance(spec, datasets.Dataset):
+            extra = shala_data.from_dataset(spec, skip_invalid=skip_invalid, name=f"eval_dataset[{name!r}]")
+            spec = f"{name}=<datasets.Dataset>"
+        else:
+            name, source = (name, spec) if name else parse_eval_dataset(spec)
+            extra = shala_data.load_labelled(resolve_dataset(source), skip_invalid=skip_invalid)
         if name in taken:
             raise ValueError(f"{option} {spec}: the name {name!r} is taken; name it NAME=KIND:PATH")
-        extra = shala_data.load_labelled(resolve_dataset(source), skip_invalid=skip_invalid)
         task = shala_data.label_space(extra).task
         if task != self.task:
             raise ValueError(f"{option} {spec} has task {task!r}, training has {self.task!r}")
@@ -187,9 +198,13 @@ class TrainData:
         return self.eval_sets[HELD_OUT]
 
     @classmethod
-    def from_config(cls, cfg, device="cpu") -> "TrainData":
-        return cls(dataset=cfg.dataset, data_option=cfg.data_option, skip_invalid=cfg.skip_invalid,
-                   eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed, eval_dataset=cfg.eval_dataset,
+    def from_config(cls, cfg, device="cpu", train_table=None, eval_tables: Optional[dict] = None) -> "TrainData":
+        """The data ``cfg`` names; ``train_table`` (a Dataset) in place of ``cfg.dataset``, ``eval_tables``
+        (``{name: Dataset}``) besides ``cfg.eval_dataset``."""
+        return cls(dataset=cfg.dataset if train_table is None else train_table, data_option=cfg.data_option,
+                   skip_invalid=cfg.skip_invalid, eval_tables=eval_tables,
+                   eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed,
+                   eval_dataset=[e for e in cfg.eval_dataset or () if "=datasets.Dataset:" not in e],
                    eval_label_map=cfg.eval_label_map, train_dataset=cfg.train_dataset,
                    source_weight=cfg.source_weight,
                    train_limit=cfg.train_limit, eval_limit=cfg.eval_limit, device=device)

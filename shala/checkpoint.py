@@ -2,7 +2,9 @@
 
 A checkpoint is a directory ``step-00000042/`` holding ``state.pt`` (trainable
 weights, optimiser, scheduler, RNG states, step, data position, counters, the
-run's identity) and ``manifest.json`` (size and SHA-256 of every file). It is
+run's identity), ``adapter/`` (the weights of that step as a peft adapter folder
+that ``shala.evaluate --adapter`` and peft load) and ``manifest.json`` (size and
+SHA-256 of every file). It is
 written under a temporary name, flushed to disk, and renamed into place, so a
 crash leaves either a complete checkpoint or a ``.tmp-*`` directory that is
 never loaded and is removed by the next save. Loading verifies the manifest
@@ -84,8 +86,10 @@ def _write_error(final: Path, err: BaseException) -> CheckpointError:
     return CheckpointError(f"cannot write checkpoint {final}: {why}{room}; nothing was saved at this step")
 
 
-def save(root: str | os.PathLike, step: int, state: dict, *, keep: int = 2) -> Path:
+def save(root: str | os.PathLike, step: int, state: dict, *, keep: int = 2, extra=None) -> Path:
     """Write ``root/step-<step>/`` atomically; keep the newest ``keep`` checkpoints up to ``step``.
+
+    ``extra(folder)`` writes further files (the adapter) into the checkpoint before its manifest.
 
     Checkpoints of later steps are an abandoned continuation (the run was resumed from an
     earlier one) and are removed, so ``--resume auto`` can never pick one up.
@@ -100,8 +104,13 @@ def save(root: str | os.PathLike, step: int, state: dict, *, keep: int = 2) -> P
         with open(tmp / STATE, "wb") as f:
             torch.save(state, f)
         _fsync(tmp / STATE)
-        manifest = {"step": step,
-                    "files": {STATE: {"bytes": (tmp / STATE).stat().st_size, "sha256": _sha256(tmp / STATE)}}}
+        if extra is not None:
+            extra(tmp)
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        for f in files:
+            _fsync(f)
+        manifest = {"step": step, "files": {f.relative_to(tmp).as_posix(): {"bytes": f.stat().st_size,
+                                                                            "sha256": _sha256(f)} for f in files}}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
         _fsync(tmp / MANIFEST)
         if final.exists():  # a re-run of the same step replaces its checkpoint

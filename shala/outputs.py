@@ -3,7 +3,8 @@
 ``OUTPUT/`` holds ``config.json`` (the options), ``metrics.jsonl`` (a line per
 logged step), ``eval_before.json`` / ``eval_after.json``, ``summary.json`` with
 the printed table, ``checkpoints/`` (:mod:`shala.checkpoint`), ``final/`` (the
-peft adapter, its tokenizer and ``shala.json``) and the plots. JSON files and
+peft adapter, its tokenizer and ``shala.json``), ``best/`` (``--save-best``),
+``tensorboard/`` (``--report-to tensorboard``) and the plots. JSON files and
 ``final/`` are replaced atomically; only the main process writes.
 
 A directory belongs to one run. :meth:`RunDir.claim` runs before anything slow:
@@ -26,19 +27,30 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from shala import checkpoint as ckpt
 from shala.batches import HELD_OUT
 from shala.evaluate import format_report, format_table, write_json
 from shala.metrics import CI_METRICS
 from shala.models import base_model_id
 from shala.rollout import FORMS
 
-__all__ = ["RunDir", "OutputDirError"]
+__all__ = ["RunDir", "OutputDirError", "write_adapter"]
 
 log = logging.getLogger("shala.train")
 
 #: What a run leaves in its directory; any one of them means the directory holds a run.
-MARKERS = ("config.json", "metrics.jsonl", "checkpoints", "final", "summary.json", "eval_before.json",
-           "eval_after.json")
+MARKERS = ("config.json", "metrics.jsonl", "checkpoints", "final", "best", "summary.json", "eval_before.json",
+           "eval_after.json", "tensorboard")
+
+
+def write_adapter(folder: Path, model, tokenizer, meta: dict) -> Path:
+    """A peft adapter folder (or a full model's) with its tokenizer and ``shala.json`` (task, labels, base)."""
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    write_json(folder / "shala.json", meta)
+    name_base_model(folder, meta["base_model"])
+    return folder
 
 
 def name_base_model(adapter_dir: Path, model: str) -> None:
@@ -88,7 +100,12 @@ class RunDir:
             conflicts = cfg.resume_conflicts(saved)
             if conflicts:
                 raise OutputDirError(f"cannot resume the run in {self.path}: options differ from that run's: "
-                                     + ", ".join(conflicts) + "; nothing was changed")
+                                     + ", ".join(conflicts) + " (a resume may change only those that do not "
+                                     "change what the run computes, and --steps); nothing was changed")
+            done = ckpt.list_checkpoints(self.path / "checkpoints") if cfg.resume == "auto" else []
+            if done and ckpt.step_of(done[-1]) > cfg.steps:
+                raise OutputDirError(f"cannot resume the run in {self.path} with --steps {cfg.steps}: its newest "
+                                     f"checkpoint is at step {ckpt.step_of(done[-1])}; nothing was changed")
         if self.is_main:
             self._check_writable(flag)
 
@@ -173,16 +190,13 @@ class RunDir:
             tmp.write_text("".join(lines))
             os.replace(tmp, self.metrics)
 
-    def save_final(self, model, tokenizer, meta: dict) -> Path:
-        """The adapter (or model), its tokenizer and ``shala.json``, renamed into ``final/`` when complete."""
-        final, tmp = self.path / "final", self.path / ".final.tmp"
+    def save_final(self, model, tokenizer, meta: dict, name: str = "final") -> Path:
+        """The adapter (or model), its tokenizer and ``shala.json``, renamed into ``name/`` when complete."""
+        final, tmp = self.path / name, self.path / f".{name}.tmp"
         if self.is_main:
             if tmp.exists():
                 shutil.rmtree(tmp)
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            write_json(tmp / "shala.json", meta)
-            name_base_model(tmp, meta["base_model"])
+            write_adapter(tmp, model, tokenizer, meta)
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)

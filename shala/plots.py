@@ -14,6 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 #: (metrics.jsonl key, panel title, y-axis label); a panel is drawn where its series varies
 CURVES = [("reward", "Reward", "mean reward"),
+          ("eval_jsd", "Held-out JS distance (during training)", "JS distance"),
+          ("eval_accuracy", "Held-out accuracy (during training)", "accuracy"),
           ("slot_jsd", "JS distance at the answer slot", "JS distance"),
           ("verbal_jsd", "JS distance of the written distribution", "JS distance"),
           ("label_mass_slot", "Probability on the label tokens", "label mass"),

@@ -38,6 +38,12 @@ class Policy:
                 task_type="CAUSAL_LM"))
         elif cfg.kl_coef > 0:
             self._reference = copy.deepcopy(model).eval().requires_grad_(False)
+        if cfg.gradient_checkpointing:  # non-reentrant: the LoRA inputs need no requires_grad hook
+            if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.bf16 = cfg.bf16
         self.core = model
         self.model = dist.wrap(model)
         self.named_params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -48,6 +54,12 @@ class Policy:
 
         self.scheduler = get_scheduler(_SCHEDULES[cfg.lr_schedule], self.optimizer,
                                        num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.steps)
+
+    def autocast(self):
+        """bfloat16 autocast over a step's forward passes with ``--bf16`` (float32 weights, optimiser, loss)."""
+        if not self.bf16:
+            return nullcontext()
+        return torch.autocast(device_type=self.dist.device.type, dtype=torch.bfloat16)
 
     @contextmanager
     def reference(self):

@@ -41,6 +41,7 @@ class SupervisedStep:
     def __call__(self, batch: Batch, w) -> dict:
         """One step on ``batch``; ``w`` [B] its ambiguity weights (None: unweighted)."""
         n, size, t0 = len(batch.rows), self.cfg.micro_batch_size, time.perf_counter()
+        self.policy.core.train()  # dropout and gradient checkpointing act in training mode only
         units = [list(range(s, min(n, s + size))) for s in range(0, n, size)]
         total, seen = 0.0, []
         for j, mb in enumerate(units):

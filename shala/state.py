@@ -36,6 +36,7 @@ class TrainState:
         self.bad_in_a_row = 0  # consecutive skipped (non-finite) steps
         self.skipped = 0
         self.metrics_lines = 0  # lines of metrics.jsonl written so far
+        self.best: dict = {}  # {"step", "jsd"} of the best evaluation during training (--save-best)
 
     def record(self, ok: bool) -> None:
         """Count a finished step; ``ok`` False: it was skipped (non-finite rewards, loss or gradients)."""
@@ -80,6 +81,7 @@ class TrainState:
             "bad_in_a_row": self.bad_in_a_row,
             "skipped": self.skipped,
             "metrics_lines": self.metrics_lines,
+            "best": json.dumps(self.best),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -104,21 +106,28 @@ class TrainState:
         self.bad_in_a_row = int(state["bad_in_a_row"])
         self.skipped = int(state["skipped"])
         self.metrics_lines = int(state["metrics_lines"])
+        self.best = json.loads(state.get("best", "{}"))
 
-    def save(self, root, cfg) -> None:
-        """Write ``root/step-N/`` (the main process writes; every process must call this)."""
+    def save(self, root, cfg, extra=None) -> None:
+        """Write ``root/step-N/`` (the main process writes; every process must call this).
+
+        ``extra(folder)`` adds files to the checkpoint (the adapter folder).
+        """
         state = {**self.state_dict(), "config": json.dumps(cfg.to_dict()), "run_id": cfg.run_id()}
         if self.dist.is_main:
-            path = ckpt.save(root, self.step, state, keep=cfg.keep_checkpoints)
+            path = ckpt.save(root, self.step, state, keep=cfg.keep_checkpoints, extra=extra)
             log.info("checkpoint %s", path)
         self.dist.barrier()
 
     def resume(self, path: Path, saved: dict, cfg) -> None:
         """Restore the checkpoint ``saved`` (loaded from ``path``); refuse one of another run."""
-        if saved["run_id"] != cfg.run_id():
-            conflicts = cfg.resume_conflicts(json.loads(saved["config"]))
+        conflicts = cfg.resume_conflicts(json.loads(saved["config"]))
+        if conflicts:
             raise ckpt.CheckpointError(f"cannot resume from {path}: it belongs to another run (options differ: "
-                                       + (", ".join(conflicts) or "none readable") + ")")
+                                       + ", ".join(conflicts) + ")")
+        if int(saved["step"]) > cfg.steps:
+            raise ckpt.CheckpointError(f"cannot resume from {path}: it is at step {int(saved['step'])}, past "
+                                       f"--steps {cfg.steps}")
         try:
             self.load_state_dict(saved)
         except (ValueError, KeyError, TypeError) as e:

@@ -30,10 +30,10 @@ from shala.batches import HELD_OUT, Batch, TrainData, make_sampler
 from shala.choices import RL_METHODS
 from shala.config import TrainConfig, load_config
 from shala.distributed import Dist
-from shala.evaluate import add_form_predictions, evaluate_sharded
 from shala.losses import jsd_term, kl_penalty, policy_loss
 from shala.models import context_length, default_threads, load_tokenizer
-from shala.outputs import RunDir
+from shala.monitor import RunMonitor
+from shala.outputs import RunDir, write_adapter
 from shala.policy import Policy
 from shala.prompts import PromptBuilder
 from shala.rewards import score_rollouts
@@ -49,9 +49,17 @@ __all__ = ["Trainer", "TrainingError", "main"]
 
 
 class Trainer:
-    """Builds the run from a :class:`TrainConfig`; :meth:`fit` trains, checkpoints and evaluates."""
+    """Builds the run from a :class:`TrainConfig`; :meth:`fit` trains, checkpoints and evaluates.
 
-    def __init__(self, cfg: TrainConfig, dist: Optional[Dist] = None):
+    ``train_dataset`` (a :class:`datasets.Dataset`, in the SHALA schema or named by ``cfg.data_option``'s
+    column options) replaces ``cfg.dataset`` and is split the same way; ``eval_dataset`` (``{name:
+    Dataset}``) adds evaluation sets beside the held-out split. The run's identity records a Dataset's
+    fingerprint.
+    """
+
+    def __init__(self, cfg: TrainConfig, dist: Optional[Dist] = None, *, train_dataset=None,
+                 eval_dataset: Optional[dict] = None):
+        cfg = cfg.with_datasets(train_dataset, eval_dataset)
         self.cfg, self.dist = cfg, dist or Dist.from_env(cfg.device)
         self.device = self.dist.device
         self.run = RunDir(cfg.output_dir, is_main=self.dist.is_main)
@@ -59,14 +67,14 @@ class Trainer:
         self.dist.barrier()
         torch.manual_seed(cfg.seed)
         self.rewards = cfg.reward_weights()
-        self.data = TrainData.from_config(cfg, self.device)
+        self.data = TrainData.from_config(cfg, self.device, train_dataset, eval_dataset)
         self.tokenizer = load_tokenizer(cfg.model)
         self.builder = PromptBuilder(self.tokenizer, self.data.task, self.data.label_names)
         self.label_ids = torch.tensor(self.builder.label_ids, device=self.device)
         self.form = make_form(cfg.form, self.builder, group_size=cfg.group_size, temperature=cfg.temperature,
                               constrain_answer=cfg.constrain_answer, micro_batch_size=cfg.micro_batch_size,
                               single_pass=cfg.ppo_epochs == 1, max_new_tokens=cfg.max_new_tokens, device=self.device,
-                              verbal_format=cfg.verbal_format, shared_prefix=cfg.shared_prefix,
+                              verbal_format=cfg.verbal_format, shared_prefix=shared_prefix(cfg),
                               need_slots="slot" in self.rewards or cfg.aux_jsd > 0)
         self.truncated = self.data.fit_prompts(self.builder, self.form, context=context_length(cfg.model),
                                                max_prompt_tokens=cfg.max_prompt_tokens, truncate=cfg.truncate_prompts)
@@ -77,7 +85,9 @@ class Trainer:
         self.weighting = AmbiguityWeighting(cfg.weighting_used, alpha=cfg.weight_alpha,
                                             temperature=cfg.weight_temperature, warmup=cfg.weight_warmup)
         self.sft = None if cfg.method in RL_METHODS else SupervisedStep(cfg, self.policy, self.form, self.label_ids)
-        self.last_metrics: dict = {}
+        self.meta = {"base_model": cfg.model, "task": self.data.task, "label_names": self.data.label_names,
+                     "method": cfg.method, "form": cfg.form}
+        self.monitor = RunMonitor(self)
 
     def next_batch(self) -> Batch:
         return self.data.batch(self.state.sampler.next())
@@ -162,21 +172,23 @@ class Trainer:
         state.begin(cfg, run)
         before = self.evaluate("eval_before") if cfg.eval_before and state.step == 0 else run.read_evaluations(
             "eval_before")
-        shown = ("reward", "slot_jsd", "verbal_jsd") if cfg.method in RL_METHODS else ("loss", "slot_jsd")
+        shown = ("reward", "slot_jsd", "verbal_jsd", "eval_jsd") if cfg.method in RL_METHODS else (
+            "loss", "slot_jsd", "eval_jsd")
         start_step, t_start = state.step, time.perf_counter()
         with GracefulStop() as stop, tqdm(total=cfg.steps, initial=state.step, desc=cfg.method,
-                                          disable=not (cfg.progress and dist.is_main)) as bar:
+                                          disable=not (cfg.progress and dist.is_main)) as bar, self.monitor:
             while state.step < cfg.steps:
-                metrics = (self.rl_step if cfg.method in RL_METHODS else self.sft_step)(self.next_batch())
+                with self.policy.autocast():
+                    metrics = (self.rl_step if cfg.method in RL_METHODS else self.sft_step)(self.next_batch())
                 state.record(dist.all(metrics.pop("ok")))
-                self._log(metrics)
+                last = self.monitor.log(metrics)
                 bar.update(1)
-                bar.set_postfix({k: f"{self.last_metrics[k]:.3f}" for k in shown if k in self.last_metrics})
+                bar.set_postfix({k: f"{last[k]:.3f}" for k in shown if k in last})
                 state.check(cfg.max_bad_steps)
                 interrupted = dist.any(stop.requested)
                 done_here = stop_after is not None and state.step - start_step >= stop_after
                 if (cfg.save_every and state.step % cfg.save_every == 0) or interrupted or done_here:
-                    state.save(run.path / "checkpoints", cfg)
+                    state.save(run.path / "checkpoints", cfg, extra=self._adapter_into)
                 if interrupted:
                     log.warning("interrupted: checkpoint written at step %d; continue with --resume auto", state.step)
                     return {"interrupted": True, "step": state.step, "signal": stop.signal}
@@ -185,9 +197,8 @@ class Trainer:
         out = {"train_seconds": time.perf_counter() - t_start, "steps": state.step, "skipped_steps": state.skipped,
                "truncated_prompts": self.truncated, "run_id": cfg.run_id()}
         if not (cfg.save_every and state.step % cfg.save_every == 0) and start_step < state.step:
-            state.save(run.path / "checkpoints", cfg)
-        meta = {"base_model": cfg.model, "task": self.data.task, "label_names": self.data.label_names,
-                "method": cfg.method, "form": cfg.form, "steps": state.step}
+            state.save(run.path / "checkpoints", cfg, extra=self._adapter_into)
+        meta = {**self.meta, "steps": state.step}
         final = run.save_final(self.policy.core, self.tokenizer, meta)
         dist.barrier()
         after = self.evaluate("eval_after") if cfg.eval_after else None
@@ -200,27 +211,21 @@ class Trainer:
                    "evaluations": {"before": before, "after": after}}
         return {**summary, **out, **({"table": table} if table else {})}
 
-    def _log(self, metrics: dict) -> None:
-        metrics = self.dist.mean({**metrics, "skipped_total": self.state.skipped,
-                                  "lr": self.policy.scheduler.get_last_lr()[0]})
-        step = self.state.step
-        if step % self.cfg.log_every == 0 or step == self.cfg.steps:
-            self.run.append_metrics({"step": step, **metrics})
-            self.state.metrics_lines += 1
-        self.last_metrics = metrics
+    def _adapter_into(self, folder) -> None:
+        """A checkpoint's ``adapter/``: this step's weights as a peft folder."""
+        write_adapter(folder / "adapter", self.policy.core, self.tokenizer, {**self.meta, "steps": self.state.step})
 
     def evaluate(self, prefix: str) -> Optional[dict]:
-        """``{set: result}`` for every evaluation set, sharded across processes (the main process gets it)."""
-        results = {}
-        for name, rows in self.data.eval_sets.items():
-            results[name] = evaluate_sharded(self.policy.core, self.builder, rows, prior=self.data.prior,
-                                             dist=self.dist, batch_size=self.cfg.eval_batch_size,
-                                             progress=self.cfg.progress, desc=f"{prefix} {name}")
-            if self.dist.is_main:  # what the form writes, besides the answer slot (the main process alone)
-                add_form_predictions(results[name], self.form, self.policy.core, rows, samples=self.cfg.eval_samples,
-                                     batch_size=self.cfg.eval_batch_size)
-            self.run.write_json(self.run.evaluation_file(prefix, name), results[name])
-        return results if self.dist.is_main else None
+        """``{set: result}`` for every evaluation set (:meth:`RunMonitor.evaluate`)."""
+        return self.monitor.evaluate(prefix)
+
+
+def shared_prefix(cfg: TrainConfig) -> bool:
+    """Whether prompts are encoded once per group: not under gradient checkpointing, whose layers drop a cache."""
+    if cfg.shared_prefix and cfg.gradient_checkpointing:
+        log.info("--gradient-checkpointing: each completion is encoded with its prompt (checkpointed layers "
+                 "take no cache, so the prompt's cannot be shared)")
+    return cfg.shared_prefix and not cfg.gradient_checkpointing
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -64,7 +64,8 @@ def rows_by_id(ds):
 
 def test_list_kinds_names_every_kind():
     kinds = list_kinds()
-    assert list(kinds) == ["chaosnli", "lewidi2023", "lewidi2025", "ambient", "goemotions", "rater_table", "generic"]
+    assert list(kinds) == ["chaosnli", "lewidi2023", "lewidi2025", "ambient", "goemotions", "rater_table", "generic",
+                           "hf", "parquet", "arrow"]
     assert all(isinstance(v, str) and v for v in kinds.values())
 
 

@@ -63,7 +63,7 @@ def test_bundled_spec_resolves():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--model", "no/such/dir"], "neither 'smollm2-135m', a .gguf file, nor a local model directory"),
+        (["--model", "no/such/dir"], "neither 'smollm2-135m', a .gguf file, a local model directory nor a hub id"),
         (["--dataset", "chaosnli:/no/such.jsonl"], "no such file"),
         (["--dataset", "mystery:x"], "KIND:PATH with KIND one of"),
         (["--limit", "0"], "--eval-limit must be >= 1"),
@@ -90,6 +90,9 @@ def test_bad_output_and_foreign_adapter_are_refused_before_the_model_loads(tiny_
             evaluate.main(["--model", tiny_dir, "--device", "cuda", "--limit", "2", "--no-progress"])
     adapter = tmp_path / "adapter"
     adapter.mkdir()
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json there or in"):  # before the model loads
+        evaluate.main(["--model", tiny_dir, "--adapter", str(adapter), "--limit", "2", "--no-progress"])
+    (adapter / "adapter_config.json").write_text("{}")
     (adapter / "shala.json").write_text(json.dumps({"task": "sarcasm", "label_names": ["1", "2", "3"]}))
     with pytest.raises(ValueError, match=r"--adapter .* was trained on task 'sarcasm' with labels \['1', '2', '3'\]; "
                                          r"the dataset has task 'nli'"):

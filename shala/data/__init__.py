@@ -87,6 +87,21 @@ Kinds, their tasks, label orders and options:
     ``id`` when present, else the line number), ``delimiter``. ``n_raters``
     is the number of raters, or the rounded total for counts.
 
+``hf``
+    A folder: what ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``
+    writes, or a hub-style dataset folder of data files (parquet, CSV, jsonl)
+    that :func:`datasets.load_dataset` reads offline. Option ``split``
+    (default ``train``, or the only split), and the column options below.
+``parquet``, ``arrow``
+    One parquet file; one arrow file (the stream format ``save_to_disk``
+    writes, or the IPC file format).
+
+The table kinds (``hf``, ``parquet``, ``arrow`` and :func:`from_dataset` for a
+:class:`datasets.Dataset` in memory) read a table in the SHALA schema as it is;
+any other table by the column options of ``generic`` (``text``, ``label`` or
+``counts``, ``label_names``, ``task``, ``id``, ``label_sep``, ``set_sep``),
+its labels a list per row or a ``{label: count}`` mapping.
+
 The ``text`` option lists input columns, comma-separated, each ``COLUMN`` or
 ``FIELD:COLUMN``: the input field is ``FIELD``, else the column name, except
 that a lone unnamed column becomes the field ``text`` (``text=Transcript``).
@@ -124,6 +139,7 @@ import numpy as np
 from shala.data.ambient import load_ambient
 from shala.data.chaosnli import load_chaosnli
 from shala.data.generic import load_generic
+from shala.data.hf import TABLE_OPTIONS, load_arrow, load_hf, load_parquet, load_table
 from shala.data.lewidi import load_lewidi2023, load_lewidi2025
 from shala.data.rater_tables import GOEMOTIONS_LABELS, load_goemotions, load_rater_table
 from shala.data.schema import COLUMNS, NLI_LABELS, DataError, FileError, LabelSpace, LoadReport, Rows  # noqa: F401
@@ -138,6 +154,7 @@ __all__ = [
     "GOEMOTIONS_LABELS",
     "SPLITS",
     "load_labelled",
+    "from_dataset",
     "list_kinds",
     "parse_data_options",
     "label_space",
@@ -154,6 +171,7 @@ class _Kind:
     load: Callable[[Path, Mapping, Rows], None]
     options: tuple
     summary: str
+    folder: bool = False  # PATH is a folder, not a file
 
 
 _KINDS = {
@@ -173,6 +191,11 @@ _KINDS = {
                                      "delimiter", "format"),
                      "jsonl/CSV of text + per-rater labels or {label: count}; options text, label, counts, "
                      "label_names, task, id, label_sep, set_sep, delimiter, format"),
+    "hf": _Kind(load_hf, (*TABLE_OPTIONS, "split"),
+                "a datasets save_to_disk folder or hub-style dataset folder; options split and those of generic",
+                folder=True),
+    "parquet": _Kind(load_parquet, TABLE_OPTIONS, "a parquet file; the column options of generic"),
+    "arrow": _Kind(load_arrow, TABLE_OPTIONS, "an arrow (stream or IPC) file; the column options of generic"),
 }  # fmt: skip
 
 
@@ -216,12 +239,30 @@ def load_labelled(spec: str, *, skip_invalid: bool = False, with_report: bool = 
         valid = list(kind.options) or "none"
         raise ValueError(f"{kind_name} does not take the option(s) {unknown}; its options: {valid}")
     path = Path(path_str).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{spec}: no such file {str(path)!r}")
+    if not (path.is_dir() if kind.folder else path.is_file()):
+        raise FileNotFoundError(f"{spec}: no such {'folder' if kind.folder else 'file'} {str(path)!r}")
     rows = Rows(path, kind_name, skip_invalid)
     kind.load(path, options, rows)
     ds, report = rows.finish(f"{kind_name}:{path}")
     return (ds, report) if with_report else ds
+
+
+def from_dataset(ds: datasets.Dataset, *, skip_invalid: bool = False, with_report: bool = False,
+                 name: str = "dataset", **options):
+    """A :class:`datasets.Dataset` in memory, in the SHALA schema: checked as it is, or read by column options.
+
+    ``options`` are the column options of ``generic`` (``text``, ``label``/``counts``, ``label_names``,
+    ``task``, ``id``, ...); errors name ``name`` and the row index.
+    """
+    if not isinstance(ds, datasets.Dataset):
+        raise TypeError(f"expected a datasets.Dataset, got {type(ds).__name__} (a DatasetDict: pick a split)")
+    unknown = sorted(set(options) - set(TABLE_OPTIONS))
+    if unknown:
+        raise ValueError(f"from_dataset does not take the option(s) {unknown}; its options: {list(TABLE_OPTIONS)}")
+    rows = Rows(Path(name), "dataset", skip_invalid)
+    load_table(ds, options, rows)
+    out, report = rows.finish(name)
+    return (out, report) if with_report else out
 
 
 def label_space(ds: datasets.Dataset) -> LabelSpace:

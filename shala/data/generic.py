@@ -24,10 +24,16 @@ def _generic_votes(value, *, field: str, label_sep: Optional[str], set_sep: str)
     return [[label_str(x, field) for x in v] if isinstance(v, list) else label_str(v, field) for v in value]
 
 
-def _generic_records(path: Path, opts: Mapping, rows: Rows, text: Mapping[str, str]) -> list:
-    """``(where, id, inputs, votes, counts)`` per readable record; one of votes/counts is None."""
-    fmt = opts.get("format") or _GENERIC_FORMATS.get(path.suffix.lower())
-    if fmt == "jsonl":
+def _generic_records(path: Path, opts: Mapping, rows: Rows, text: Mapping[str, str], table=None) -> list:
+    """``(where, id, inputs, votes, counts)`` per readable record; one of votes/counts is None.
+
+    ``table``: ``(where, record dict)`` pairs already read (a parquet, arrow or ``datasets`` table), instead
+    of the file's lines.
+    """
+    fmt = "records" if table is not None else opts.get("format") or _GENERIC_FORMATS.get(path.suffix.lower())
+    if fmt == "records":
+        source, label_sep = table, opts.get("label_sep")
+    elif fmt == "jsonl":
         source, label_sep = jsonl_lines(path), None
     elif fmt == "csv":
         source = csv_lines(path, delimiter_option(path, opts), text.values(), rows)
@@ -60,8 +66,8 @@ def _generic_records(path: Path, opts: Mapping, rows: Rows, text: Mapping[str, s
                 value = record.get(counts_col)
                 if fmt == "csv":
                     value = _json_cell(csv_cell(record, counts_col), counts_col)
-                if isinstance(value, dict):
-                    value = {str(k).strip(): v for k, v in value.items()}
+                if isinstance(value, dict):  # an arrow struct holds every label's key, None where absent
+                    value = {str(k).strip(): v for k, v in value.items() if not (fmt == "records" and v is None)}
                 records.append((where, item_id, inputs, None, value))
             else:
                 votes = _generic_votes(record.get(label_col), field=label_col, label_sep=label_sep, set_sep=set_sep)
@@ -79,12 +85,13 @@ def _json_cell(cell: str, column: str):
                         reason="invalid JSON") from None
 
 
-def load_generic(path: Path, opts: Mapping, rows: Rows) -> None:
+def load_generic(path: Path, opts: Mapping, rows: Rows, table=None) -> None:
+    """Read a jsonl/CSV file, or ``table`` (``(where, record)`` pairs) with the same column options."""
     if opts.get("label") and opts.get("counts"):
         raise ValueError("generic takes either label=COLUMN (per-rater labels) or counts=COLUMN, not both")
     text = text_columns(opts.get("text"), "text")
     rows.task, rows.input_fields = opts.get("task") or "generic", tuple(text)
-    records = _generic_records(path, opts, rows, text)
+    records = _generic_records(path, opts, rows, text, table)
     names = name_list(opts.get("label_names"), option="label_names")
     if not names:  # the sorted distinct labels of the whole file
         seen = []
