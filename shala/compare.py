@@ -90,6 +90,9 @@ def parse_args(argv):
     pre.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds, one run per method and seed")
     pre.add_argument("--output-dir", default="runs/compare")
     pre.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the confidence intervals")
+    pre.add_argument("--versus", default=REFERENCE, metavar="METHOD",
+                     help="the method or arm every other is compared with item by item, beside the label prior "
+                          f"(default {REFERENCE}; e.g. shala for a table of arms)")
     pre.add_argument("-h", "--help", action="store_true")
     given = any(a == "--methods" or a.startswith("--methods=") for a in argv)
     known, rest = pre.parse_known_args(argv)
@@ -112,6 +115,8 @@ def parse_args(argv):
     if known.resamples < 100:
         raise ValueError(f"--resamples must be >= 100, got {known.resamples}")
     known.methods = methods + list(arms)
+    if known.versus != REFERENCE and known.versus not in known.methods:
+        raise ValueError(f"--versus {known.versus}: not a method or arm of this compare ({known.methods})")
     known.arms = {**{m: ALIASES.get(m, ["--method", m]) for m in methods}, **arms}
     return known, rest
 
@@ -181,9 +186,11 @@ def _reading(result: dict) -> tuple:
     return q, p
 
 
-def summarize_set(name: str, per_method: dict, base: Sequence[dict], resamples: int) -> dict:
+def summarize_set(name: str, per_method: dict, base: Sequence[dict], resamples: int,
+                  versus: str = REFERENCE) -> dict:
     """The statistics of one evaluation set: ``per_method`` maps method -> list of seed results; ``base``
-    the base model's evaluations (one per rollout form), each ``{set: result}``."""
+    the base model's evaluations (one per rollout form), each ``{set: result}``; each method's JSD is
+    compared item by item with the label prior's and with ``versus``'s (a method or arm of the run)."""
     first = next(iter(per_method.values()))[0]
     q, _ = _predictions(first)
     n, k = q.shape
@@ -214,10 +221,10 @@ def summarize_set(name: str, per_method: dict, base: Sequence[dict], resamples: 
         row["by_level_std"] = {lv: float(jsd[:, levels == i].mean(1).std(unbiased=True)) if len(ps) > 1 else 0.0
                                for i, lv in enumerate(metrics.LEVELS) if (levels == i).any()}
         rows[method] = row
-    if REFERENCE in items:
+    if versus in items:
         for method, jsd in items.items():
-            if method != REFERENCE and jsd.shape == items[REFERENCE].shape:
-                rows[method]["vs_sft_soft"] = metrics.paired_difference(jsd, items[REFERENCE], resamples=resamples)
+            if method != versus and jsd.shape == items[versus].shape:
+                rows[method]["vs_method"] = metrics.paired_difference(jsd, items[versus], resamples=resamples)
     constants = {"uniform": torch.full((n, k), 1.0 / k, dtype=torch.float64), "label prior": prior}
     fixed = {}
     for label, p in constants.items():
@@ -228,7 +235,7 @@ def summarize_set(name: str, per_method: dict, base: Sequence[dict], resamples: 
             bq, bp = _reading(reading)
             if label not in fixed and torch.equal(bq, q):
                 fixed[label] = _fixed_row(q, bp, levels, prior, resamples)
-    return {"n": n, "cut_points": cuts, "methods": rows, "fixed": fixed}
+    return {"n": n, "cut_points": cuts, "methods": rows, "fixed": fixed, "versus": versus}
 
 
 def _fixed_row(q, p, levels, prior, resamples) -> dict:
@@ -254,7 +261,8 @@ def markdown(name: str, stats: dict, seeds: list) -> str:
     n_seeds = len(seeds)
     lines = [f"### {name} (n = {stats['n']}; {n_seeds} seed(s): {', '.join(map(str, seeds))})", "",
              "| model | " + " | ".join(HEADERS[m] for m in METRICS)
-             + " | ΔJSD vs label prior [95% CI] | ΔJSD vs sft-soft [95% CI] | input-dependence gap [95% CI] |",
+             + f" | ΔJSD vs label prior [95% CI] | ΔJSD vs {stats.get('versus', REFERENCE)} [95% CI] | "
+             "input-dependence gap [95% CI] |",
              "|---" * (len(METRICS) + 4) + "|"]
     for label, row in [*stats["methods"].items(), *stats["fixed"].items()]:
         cells = []
@@ -264,7 +272,7 @@ def markdown(name: str, stats: dict, seeds: list) -> str:
                 cell += f" ± {row[m]['std']:.4f}"
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_diff(row.get('vs_label_prior'))} | "
-                     f"{_diff(row.get('vs_sft_soft'))} | {_diff(row.get('input_dependence_gap'))} |")
+                     f"{_diff(row.get('vs_method'))} | {_diff(row.get('input_dependence_gap'))} |")
     cuts = ", ".join(f"{c:.3f}" for c in stats["cut_points"])
     lines += ["", f"JSD by ambiguity level (thirds by H(q)/ln K; cut points {cuts}):", "",
               "| model | " + " | ".join(metrics.LEVELS) + " |", "|---" * (len(metrics.LEVELS) + 1) + "|"]
@@ -308,7 +316,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args, rest = parse_args(argv)
     if args.help:
         print(__doc__.strip() + "\n\nOptions: --methods M1,M2,... --arm NAME=OPTIONS --seeds S1 S2 ... "
-              "--output-dir DIR --resamples N, then any option of python -m shala.train (see python -m shala.train "
+              "--output-dir DIR --resamples N --versus METHOD, then any option of python -m shala.train (see python -m shala.train "
               "--help).")
         return {}
     out = Path(args.output_dir)
@@ -322,7 +330,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     all_stats, tables = {}, []
     for name in set_names:
         per_method = {m: [by_seed[s][name] for s in args.seeds] for m, by_seed in results.items()}
-        all_stats[name] = summarize_set(name, per_method, base, args.resamples)
+        all_stats[name] = summarize_set(name, per_method, base, args.resamples, args.versus)
         tables.append(markdown(name, all_stats[name], args.seeds))
     seconds = {m: [json.loads((c / "summary.json").read_text()).get("train_seconds") for c in by_seed.values()]
                for m, by_seed in cells.items()}

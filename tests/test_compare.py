@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from shala import compare
 from tests.test_train import FAST
@@ -23,7 +24,8 @@ def test_compare_two_methods_two_seeds_one_table_and_resume(tmp_path, monkeypatc
     held = data["sets"]["held-out"]
     assert set(held["methods"]) == {"shala", "sft-soft"} and held["methods"]["shala"]["seeds"] == 2
     assert len(held["methods"]["shala"]["jsd"]["per_seed"]) == 2
-    assert "vs_sft_soft" in held["methods"]["shala"] and "vs_label_prior" in held["fixed"]["base model"]
+    assert "vs_method" in held["methods"]["shala"] and held["versus"] == "sft-soft"
+    assert "vs_label_prior" in held["fixed"]["base model"]
     assert set(held["methods"]["shala"]["by_level"]) == {"low", "mid", "high"}
     assert (out / "comparison.png").stat().st_size > 1000
     assert res["table"] == table
@@ -77,10 +79,13 @@ def test_arms_are_rows_with_their_own_options_checked_before_training(tmp_path, 
     assert args.arms == {"unweighted": ["--weighting", "none"], "small-g": ["--group-size", "2"]}
     args, _ = compare.parse_args(["--methods", "sft-soft", "--arm", "dyn=--weighting dynamic"])
     assert args.methods == ["sft-soft", "dyn"] and args.arms["sft-soft"] == ["--method", "sft-soft"]
+    assert compare.parse_args(["--methods", "shala", "--arm", "u=--weighting none", "--versus", "shala"])[0].versus \
+        == "shala"
     for argv, message in [(["--arm", "no options"], "expected NAME=OPTIONS"),
                           (["--arm", "shala=--lr 1e-3"], "'shala' is a method's name"),
                           (["--arm", "a=--seed 3"], "--arm a: --seed is set per cell"),
-                          (["--arm", "a=--lr 1", "--arm", "a=--lr 2"], "names an arm twice")]:
+                          (["--arm", "a=--lr 1", "--arm", "a=--lr 2"], "names an arm twice"),
+                          (["--methods", "shala", "--versus", "sft-soft2"], r"--versus sft-soft2: not a method or arm")]:
         with pytest.raises(ValueError, match=message):
             compare.parse_args(argv)
     from shala import train
@@ -88,3 +93,19 @@ def test_arms_are_rows_with_their_own_options_checked_before_training(tmp_path, 
     monkeypatch.setattr(train.Trainer, "fit", lambda self: pytest.fail("trained before every cell was checked"))
     with pytest.raises(ValueError, match="--lr must be a number > 0, got -1"):
         compare.main(["--methods", "shala", "--arm", "bad=--lr -1", "--output-dir", str(tmp_path), *FAST])
+
+
+def test_versus_compares_every_row_with_the_named_arm_item_by_item():
+    torch.manual_seed(0)
+    q = torch.distributions.Dirichlet(torch.ones(3)).sample((60,))
+    near = (q + 0.05) / (q + 0.05).sum(-1, keepdim=True)
+
+    def result(p):
+        return {"predictions": [{"q": a.tolist(), "p": b.tolist()} for a, b in zip(q, p)], "prior": [1 / 3] * 3}
+
+    flat = torch.full_like(q, 1 / 3)
+    per_method = {"shala": [result(near), result(near)], "unweighted": [result(flat), result(flat)]}
+    stats = compare.summarize_set("held-out", per_method, [], resamples=200, versus="shala")
+    d = stats["methods"]["unweighted"]["vs_method"]
+    assert d["mean"] > 0 and d["excludes_zero"] and "vs_method" not in stats["methods"]["shala"]
+    assert "ΔJSD vs shala" in compare.markdown("held-out", stats, [0, 1])
