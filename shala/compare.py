@@ -316,8 +316,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args, rest = parse_args(argv)
     if args.help:
         print(__doc__.strip() + "\n\nOptions: --methods M1,M2,... --arm NAME=OPTIONS --seeds S1 S2 ... "
-              "--output-dir DIR --resamples N --versus METHOD, then any option of python -m shala.train (see python -m shala.train "
-              "--help).")
+              "--output-dir DIR --resamples N --versus METHOD, then any option of python -m shala.train (see "
+              "python -m shala.train --help).")
         return {}
     out = Path(args.output_dir)
     with Dist.from_env(None) as dist:
