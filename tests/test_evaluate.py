@@ -63,7 +63,8 @@ def test_bundled_spec_resolves():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--model", "no/such/dir"], "neither 'smollm2-135m', a .gguf file, a local model directory nor a hub id"),
+        (["--model", "no/such/dir"], "neither 'smollm2-135m', 'gemma3-270m', a .gguf file, a local model directory "
+                                     "nor a hub id"),
         (["--dataset", "chaosnli:/no/such.jsonl"], "no such file"),
         (["--dataset", "mystery:x"], "KIND:PATH with KIND one of"),
         (["--limit", "0"], "--eval-limit must be >= 1"),

