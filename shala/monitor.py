@@ -47,10 +47,9 @@ class RunMonitor:
         step = t.state.step
         metrics = t.dist.mean({**metrics, "skipped_total": t.state.skipped,
                                "lr": t.policy.scheduler.get_last_lr()[0]})
-        if cfg.eval_every and step % cfg.eval_every == 0:
-            metrics.update(self.evaluate_now())
-            metrics["eval_step"] = step
-        if step % cfg.log_every == 0 or step == cfg.steps or "eval_step" in metrics:
+        evaluated = self.evaluate_now() if cfg.eval_every and step % cfg.eval_every == 0 else {}
+        metrics.update(evaluated)
+        if step % cfg.log_every == 0 or step == cfg.steps or evaluated:
             t.run.append_metrics({"step": step, **metrics})
             self.trackers.log(step, metrics)
             t.state.metrics_lines += 1

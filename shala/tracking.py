@@ -9,6 +9,7 @@ its checkpoint's step, as ``metrics.jsonl`` does). wandb runs offline unless
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -59,7 +60,9 @@ class Trackers:
                 self.writers.append(("tensorboard", writer))
             else:
                 wandb = _need("wandb", name)
-                run = wandb.init(project=os.environ.get("WANDB_PROJECT", "shala"), name=run_name, id=run_name,
+                # one wandb run per output directory and run: a resume continues it
+                run_id = hashlib.sha256(f"{out.resolve()}:{run_name}".encode()).hexdigest()[:16]
+                run = wandb.init(project=os.environ.get("WANDB_PROJECT", "shala"), name=out.name, id=run_id,
                                  dir=str(out), config=config, resume="allow",
                                  mode=os.environ.get("WANDB_MODE", "offline"))
                 self.writers.append(("wandb", run))
