@@ -51,6 +51,19 @@ def parse_eval_dataset(spec: str) -> tuple:
     return (path if kind == "bundled" else Path(path).stem) or spec, spec
 
 
+def _file_specs(specs, tables: Optional[dict]) -> list:
+    """The ``--eval-dataset`` specs that name files; one naming a Dataset must come with it in ``tables``."""
+    files = []
+    for spec in specs or ():
+        name, _, rest = spec.partition("=")
+        if not rest.startswith("datasets.Dataset:"):
+            files.append(spec)
+        elif name not in (tables or {}):
+            raise ValueError(f"--eval-dataset {spec}: this run evaluated a Dataset passed from Python; pass it "
+                             f"again, Trainer(cfg, eval_dataset={{{name!r}: ...}})")
+    return files
+
+
 def parse_source_weights(pairs, sources) -> dict:
     """``["NAME=W", ...]`` (``--source-weight``) -> ``{NAME: W}`` over ``sources`` (1 where not given)."""
     out = dict.fromkeys(sources, 1.0)
@@ -129,6 +142,9 @@ class TrainData:
         options = shala_data.parse_data_options(data_option)
         if isinstance(dataset, datasets.Dataset):  # from Python (Trainer(cfg, train_dataset=...))
             ds = shala_data.from_dataset(dataset, skip_invalid=skip_invalid, name="train_dataset", **options)
+        elif str(dataset).startswith("datasets.Dataset:"):
+            raise ValueError(f"--dataset {dataset}: this run trained on a Dataset passed from Python; pass it again, "
+                             "Trainer(cfg, train_dataset=...)")
         else:
             ds = shala_data.load_labelled(resolve_dataset(dataset), skip_invalid=skip_invalid, **options)
         parts = shala_data.split_dataset(ds, eval_fraction=eval_fraction, seed=split_seed)
@@ -204,7 +220,7 @@ class TrainData:
         return cls(dataset=cfg.dataset if train_table is None else train_table, data_option=cfg.data_option,
                    skip_invalid=cfg.skip_invalid, eval_tables=eval_tables,
                    eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed,
-                   eval_dataset=[e for e in cfg.eval_dataset or () if "=datasets.Dataset:" not in e],
+                   eval_dataset=_file_specs(cfg.eval_dataset, eval_tables),
                    eval_label_map=cfg.eval_label_map, train_dataset=cfg.train_dataset,
                    source_weight=cfg.source_weight,
                    train_limit=cfg.train_limit, eval_limit=cfg.eval_limit, device=device)

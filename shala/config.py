@@ -14,10 +14,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import math
 import shlex
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Sequence
@@ -199,9 +201,13 @@ class TrainConfig:
     def resume_conflicts(self, saved: dict) -> list:
         """``--option saved (now ...)`` for every run-defining option whose value differs from ``saved``."""
         defaults = {f.name: f.default for f in fields(self)}
-        return [f"--{k.replace('_', '-')} {saved.get(k)!r} (now {v!r})"
-                for k, v in self.run_options().items()
-                if saved.get(k, defaults[k]) != v and k not in self.RESUME_MAY_CHANGE]
+        changed = [k for k in defaults if k not in self.RUN_FREE and k not in self.RESUME_MAY_CHANGE
+                   and saved.get(k, defaults[k]) != getattr(self, k)]  # set on either side
+        return [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} (now {getattr(self, k)!r})" for k in changed]
+
+    def lineage_id(self) -> str:
+        """The run id without ``--steps``: the same for a run and its extensions (trackers key on it)."""
+        return dataclasses.replace(self, steps=0).run_id()
 
     def with_datasets(self, train_dataset=None, eval_dataset: Optional[dict] = None) -> "TrainConfig":
         """This config with ``dataset`` (and ``eval_dataset``) naming Datasets passed from Python by fingerprint."""
@@ -212,7 +218,8 @@ class TrainConfig:
             if not isinstance(eval_dataset, dict):
                 raise TypeError("eval_dataset: expected {name: datasets.Dataset}, got "
                                 f"{type(eval_dataset).__name__}")
-            changes["eval_dataset"] = [*(self.eval_dataset or []), *(
+            kept = [e for e in self.eval_dataset or () if e.partition("=")[0] not in eval_dataset]
+            changes["eval_dataset"] = [*kept, *(
                 f"{name}=datasets.Dataset:{_fingerprint(ds, f'eval_dataset[{name!r}]')}"
                 for name, ds in eval_dataset.items())]
         return dataclasses.replace(self, **changes) if changes else self
@@ -231,9 +238,10 @@ class TrainConfig:
     def command(self) -> str:
         """The ``python -m shala.train`` command line of these options (those that differ from the defaults)."""
         words = ["python", "-m", "shala.train"]
+        defaults = form_defaults(self.form)
         for f in fields(self):
             value = getattr(self, f.name)
-            if value == f.default or f.name in ("resume", "overwrite", "progress"):
+            if value == defaults[f.name] or f.name in ("resume", "overwrite", "progress"):
                 continue
             flag = "--" + f.name.replace("_", "-")
             if isinstance(value, bool):
@@ -244,11 +252,15 @@ class TrainConfig:
 
 
 def _fingerprint(ds, where: str) -> str:
+    """A hash of a Dataset's content (its own fingerprint may be random after a transform it cannot hash)."""
     import datasets
 
     if not isinstance(ds, datasets.Dataset):
         raise TypeError(f"{where}: expected a datasets.Dataset, got {type(ds).__name__}")
-    return ds._fingerprint
+    h = hashlib.sha256(json.dumps(ds.column_names).encode())
+    for batch in ds.iter(batch_size=1024):  # the rows, in order (arrow buffers differ for equal content)
+        h.update(json.dumps(batch, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
 
 
 def validate(cfg: "TrainConfig") -> "TrainConfig":
@@ -285,7 +297,9 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
         raise ValueError(f"--lora-r must be >= 0 (0: full fine-tuning), got {cfg.lora_r}")
     if cfg.lora_dropout >= 1:
         raise ValueError(f"--lora-dropout must be < 1, got {cfg.lora_dropout}")
-    parse_report_to(cfg.report_to)
+    for reporter in parse_report_to(cfg.report_to):  # on every process, before anything starts
+        if reporter not in sys.modules and importlib.util.find_spec(reporter) is None:
+            raise ValueError(f"--report-to {reporter} needs the package {reporter!r}: pip install {reporter}")
     if cfg.bf16 and cfg.dtype != "float32":
         raise ValueError(f"--bf16 runs float32 weights under bfloat16 autocast; with --dtype {cfg.dtype} the weights "
                          "already compute in that type: pass one of them")
@@ -329,8 +343,8 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
 
 def ignored_options(cfg: "TrainConfig") -> list:
     """What this method or model setting ignores among the options given (each a sentence)."""
-    notes, default = [], TrainConfig.__dataclass_fields__
-    given = {k for k, f in default.items() if getattr(cfg, k) != f.default}
+    notes = []
+    given = {k for k, d in form_defaults(cfg.form).items() if getattr(cfg, k) != d}
     if cfg.method not in RL_METHODS:
         rl_only = ["reward", "kl_coef", "form", "group_size", "max_new_tokens", "temperature", "constrain_answer",
                    "scale", "format_penalty", "aux_jsd", "ppo_epochs", "clip_low", "clip_high", "sum_penalty"]
@@ -462,7 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=f"{help_text} (default: {'on' if f.default else 'off'})")
             continue
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{help_text} (default: {f.default})")
+        by_form = "".join(f"; --form {name}: {form.option_defaults[f.name]}" for name, form in FORMS.items()
+                          if f.name in form.option_defaults)
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{help_text} (default: {f.default}{by_form})")
         if meta.get("action") == "append":
             kw.update(action="append", metavar=meta.get("metavar"))
         else:
@@ -498,9 +514,18 @@ def read_yaml_options(path) -> dict:
     return values
 
 
+def form_defaults(form: str) -> dict:
+    """Every option's default under ``--form form``: the dataclass's, with the form's own on top."""
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    return {**defaults, **getattr(FORMS.get(form), "option_defaults", {})}
+
+
 def load_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
-    """Defaults, then ``--config`` YAML, then flags; validated."""
+    """Defaults (the form's own where it has them), then ``--config`` YAML, then flags; validated."""
     args = build_parser().parse_args(argv)
     values = read_yaml_options(args.config) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k != "config"})
+    form = values.get("form", DEFAULT_FORM)
+    for name, value in getattr(FORMS.get(form), "option_defaults", {}).items():
+        values.setdefault(name, value)
     return TrainConfig(**values).validate()

@@ -37,13 +37,10 @@ def _base_of(adapter: Path, model: Optional[str]) -> str:
 
 def export(adapter, out, *, merge: bool = False, model: Optional[str] = None, dtype: str = "float32") -> Path:
     """Write ``adapter`` (a ``shala.train`` output's ``final/``) to ``out``; see the module docstring."""
-    from shala.models import load_model, load_tokenizer
+    from shala.models import adapter_folder, load_model, load_tokenizer
     from shala.outputs import name_base_model
 
-    adapter, out = Path(adapter), Path(out)
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"--adapter {adapter}: no adapter_config.json there (expected a peft adapter "
-                                "directory, e.g. OUTPUT/final)")
+    adapter, out = adapter_folder(adapter), Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {out} exists and is not empty; name a new folder")
     if dtype not in DTYPES:

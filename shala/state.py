@@ -97,7 +97,13 @@ class TrainState:
             for n, p in trainable.items():
                 p.copy_(state["trainable"][n].to(p.device, p.dtype))
         self.policy.optimizer.load_state_dict(state["optimizer"])
-        self.policy.scheduler.load_state_dict(state["scheduler"])
+        scheduler = self.policy.scheduler
+        scheduler.load_state_dict(state["scheduler"])
+        # the learning rate of this run's schedule at the step reached: the saved one unless --steps was extended
+        lrs = [base * f(scheduler.last_epoch) for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(self.policy.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(rng[self.dist.rank]["torch"])
         if self.dist.device.type == "cuda" and rng[self.dist.rank].get("cuda") is not None:

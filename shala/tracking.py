@@ -55,7 +55,8 @@ class Trackers:
                 from torch.utils.tensorboard import SummaryWriter
 
                 # purge_step: a resumed run rewrites the steps after its checkpoint
-                writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start_step or None)
+                writer = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=start_step + 1 if start_step
+                                       else None)
                 writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in sorted(config.items())), 0)
                 self.writers.append(("tensorboard", writer))
             else:

@@ -212,8 +212,10 @@ class Trainer:
         return {**summary, **out, **({"table": table} if table else {})}
 
     def _adapter_into(self, folder) -> None:
-        """A checkpoint's ``adapter/``: this step's weights as a peft folder."""
-        write_adapter(folder / "adapter", self.policy.core, self.tokenizer, {**self.meta, "steps": self.state.step})
+        """A checkpoint's ``adapter/``: this step's weights as a peft folder (LoRA; full weights are state.pt's)."""
+        if self.cfg.lora_r > 0:
+            write_adapter(folder / "adapter", self.policy.core, self.tokenizer,
+                          {**self.meta, "steps": self.state.step})
 
     def evaluate(self, prefix: str) -> Optional[dict]:
         """``{set: result}`` for every evaluation set (:meth:`RunMonitor.evaluate`)."""

