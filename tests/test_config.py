@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from shala.config import TrainConfig, coerce, load_config
+from shala.config import TrainConfig, build_parser, coerce, load_config
 
 
 def yaml_config(tmp_path, text: str) -> list:
@@ -123,3 +123,21 @@ def test_help_is_grouped_and_every_option_is_in_one_section():
     text = build_parser().format_help()
     for section in HELP_SECTIONS:
         assert f"\n{section}:\n" in text
+
+
+def test_the_verbalized_form_brings_its_own_budget_and_given_options_win(tmp_path):
+    from shala.rollout import FORMS
+
+    own = FORMS["verbalized"].option_defaults
+    cfg = load_config(["--form", "verbalized"])
+    assert {k: getattr(cfg, k) for k in own} == own and cfg.command() == "python -m shala.train --form verbalized"
+    assert load_config(["--form", "verbalized", "--group-size", "4"]).group_size == 4
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("form: verbalized\nsteps: 7\n")
+    cfg = load_config(["--config", str(yaml_file)])
+    assert cfg.steps == 7 and cfg.group_size == own["group_size"]
+    assert load_config(["--method", "sft-verbalized", "--form", "verbalized"]).ignored_options() == []
+    default = load_config([])
+    assert (default.group_size, default.steps) == (64, 160)  # the answer form's budget is unchanged
+    assert f"--form verbalized: {own['group_size']}" in build_parser().format_help().replace("\n", " ").replace(
+        "  ", " ")
