@@ -222,10 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate-prompts", action="store_true",
                    help="cut the longest input field of a prompt over the limit instead of stopping")
     p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the confidence intervals")
-    p.add_argument("--form", default=DEFAULT_FORM, choices=list(FORMS),
+    p.add_argument("--form", default=None, choices=list(FORMS),
                    help="also read what this rollout form writes: 'verbalized' adds the distribution the model "
-                        "writes as text (greedy, and the mean of --samples answers)")
-    p.add_argument("--verbal-format", default="percent", choices=list(GRANULARITIES))
+                        f"writes as text (greedy, and the mean of --samples answers); default: the adapter's form, "
+                        f"else {DEFAULT_FORM}")
+    p.add_argument("--verbal-format", default=None, choices=list(GRANULARITIES),
+                   help="the verbalized form's numbers (default: the adapter's, else percent)")
     p.add_argument("--eval-samples", "--samples", dest="samples", type=int, default=0,
                    help="verbalized: the mean of N sampled answers per item too")
     p.add_argument("--temperature", type=float, default=1.0, help="verbalized: the sampling temperature")
@@ -239,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    trained = adapter_meta(args.adapter) if args.adapter else {}
+    args.form = args.form or trained.get("form", DEFAULT_FORM)
+    args.verbal_format = args.verbal_format or trained.get("verbal_format", "percent")
     default_threads()
     if args.batch_size < 1:
         raise SystemExit(f"--eval-batch-size must be >= 1, got {args.batch_size}")
@@ -295,12 +300,17 @@ def check_output_file(path, *, option: str) -> None:
         raise ValueError(f"{option} {path}: {parent} cannot be written")
 
 
+def adapter_meta(adapter) -> dict:
+    """What shala.train recorded about an adapter (``shala.json``: task, labels, form, ...); {} for another's."""
+    meta = adapter_folder(adapter) / "shala.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
 def check_adapter_labels(adapter, task: str, label_names) -> None:
     """An adapter trained by shala.train records its task and labels: refuse a dataset with others."""
-    meta = adapter_folder(adapter) / "shala.json"
-    if not meta.is_file():
+    saved = adapter_meta(adapter)
+    if not saved:
         return
-    saved = json.loads(meta.read_text())
     if (saved.get("task"), list(saved.get("label_names", []))) != (task, list(label_names)):
         raise ValueError(f"--adapter {adapter} was trained on task {saved.get('task')!r} with labels "
                          f"{saved.get('label_names')}; the dataset has task {task!r} with labels {list(label_names)}")

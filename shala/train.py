@@ -86,7 +86,8 @@ class Trainer:
                                             temperature=cfg.weight_temperature, warmup=cfg.weight_warmup)
         self.sft = None if cfg.method in RL_METHODS else SupervisedStep(cfg, self.policy, self.form, self.label_ids)
         self.meta = {"base_model": cfg.model, "task": self.data.task, "label_names": self.data.label_names,
-                     "method": cfg.method, "form": cfg.form}
+                     "method": cfg.method, "form": cfg.form,
+                     **({"verbal_format": cfg.verbal_format} if self.form.writes_distribution else {})}
         self.monitor = RunMonitor(self)
 
     def next_batch(self) -> Batch:

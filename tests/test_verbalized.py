@@ -178,11 +178,15 @@ def test_training_in_the_verbalized_form_resumes_exactly_and_evaluates_both_ways
     assert 0 <= after["forms"]["verbalized greedy"]["agreement_with_slot_jsd"] <= 1
     assert "verbalized greedy: JSD" in straight["table"]
     out = tmp_path / "e.json"
-    result = evaluate.main(["--model", tiny_dir, "--adapter", str(tmp_path / "a" / "final"), "--form", "verbalized",
-                            "--verbal-format", "tenths", "--samples", "3", "--limit", "4", "--no-progress",
-                            "--output", str(out)])
+    # the adapter's form and format are evaluate's defaults
+    assert json.loads((tmp_path / "a" / "final" / "shala.json").read_text())["verbal_format"] == "tenths"
+    result = evaluate.main(["--model", tiny_dir, "--adapter", str(tmp_path / "a" / "final"), "--samples", "3",
+                            "--limit", "4", "--no-progress", "--output", str(out)])
     assert set(result["forms"]) == {"verbalized greedy", "verbalized, mean of 3 samples"}
     assert json.loads(out.read_text())["forms"]["verbalized greedy"]["n"] == 4
+    explicit = evaluate.main(["--model", tiny_dir, "--adapter", str(tmp_path / "a" / "final"), "--form",
+                              "verbalized", "--verbal-format", "tenths", "--limit", "4", "--no-progress"])
+    assert explicit["forms"]["verbalized greedy"]["jsd"] == result["forms"]["verbalized greedy"]["jsd"]
 
 
 def test_soft_label_sft_on_the_verbalized_text(tiny_dir, tmp_path):
