@@ -139,9 +139,8 @@ class TrainConfig:
                                expects="'cpu', 'cuda' or 'cuda:N'")
     bf16: bool = _f(False, "mixed precision: forward passes under bfloat16 autocast (float32 weights and optimiser "
                            "state); on a GPU with bfloat16 support, or a CPU with bfloat16 instructions")
-    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass instead of keeping them "
-                                             "(less memory, about a third more compute; the update then encodes "
-                                             "each completion with its prompt)")
+    gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, more "
+                                             "compute; each completion is then encoded with its prompt)")
 
     # bookkeeping
     eval_batch_size: int = _f(16, "batch size of the before/after evaluation")
@@ -206,7 +205,7 @@ class TrainConfig:
         return [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} (now {getattr(self, k)!r})" for k in changed]
 
     def lineage_id(self) -> str:
-        """The run id without ``--steps``: the same for a run and its extensions (trackers key on it)."""
+        """The run id without ``--steps`` (the same for a run and its extensions)."""
         return dataclasses.replace(self, steps=0).run_id()
 
     def with_datasets(self, train_dataset=None, eval_dataset: Optional[dict] = None) -> "TrainConfig":
@@ -216,8 +215,7 @@ class TrainConfig:
             changes["dataset"] = f"datasets.Dataset:{_fingerprint(train_dataset, 'train_dataset')}"
         if eval_dataset:
             if not isinstance(eval_dataset, dict):
-                raise TypeError("eval_dataset: expected {name: datasets.Dataset}, got "
-                                f"{type(eval_dataset).__name__}")
+                raise TypeError(f"eval_dataset: expected {{name: datasets.Dataset}}, got {type(eval_dataset).__name__}")
             kept = [e for e in self.eval_dataset or () if e.partition("=")[0] not in eval_dataset]
             changes["eval_dataset"] = [*kept, *(
                 f"{name}=datasets.Dataset:{_fingerprint(ds, f'eval_dataset[{name!r}]')}"
