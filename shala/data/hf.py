@@ -17,6 +17,7 @@ from typing import Iterator, Mapping
 
 import datasets
 
+from shala.data.cells import text_columns
 from shala.data.generic import load_generic
 from shala.data.schema import COLUMNS, DataError, Rows
 
@@ -56,9 +57,8 @@ def load_table(ds: datasets.Dataset, opts: Mapping, rows: Rows) -> None:
     if _is_shala(ds, opts):
         _load_shala_rows(ds, rows)
         return
-    named = [opts.get(k) for k in ("label", "counts", "id")] + str(opts.get("text") or "text").split(",")
-    missing = [c.rpartition(":")[2].strip() for c in named if c]
-    missing = [c for c in missing if c not in ds.column_names]
+    named = [opts.get(k) for k in ("label", "counts", "id")] + list(text_columns(opts.get("text"), "text").values())
+    missing = [c for c in named if c and c not in ds.column_names]
     if opts.get("label") is None and opts.get("counts") is None and not {"labels", "counts"} & set(ds.column_names):
         missing.append("labels or counts")
     if missing:
@@ -67,15 +67,9 @@ def load_table(ds: datasets.Dataset, opts: Mapping, rows: Rows) -> None:
     load_generic(rows.path, opts, rows, table=_records(ds))
 
 
-def _check_file(path: Path, kind: str) -> None:
-    if not path.is_file():
-        raise FileNotFoundError(f"{kind}:{path}: no such file")
-
-
 def load_parquet(path: Path, opts: Mapping, rows: Rows) -> None:
     import pyarrow.parquet as pq
 
-    _check_file(path, "parquet")
     try:
         table = pq.read_table(path)
     except Exception as err:  # pyarrow raises several kinds for a file that is not parquet
@@ -87,7 +81,6 @@ def load_arrow(path: Path, opts: Mapping, rows: Rows) -> None:
     """An arrow stream file (what ``save_to_disk`` writes) or an arrow IPC (feather v2) file."""
     import pyarrow as pa
 
-    _check_file(path, "arrow")
     try:
         ds = datasets.Dataset.from_file(str(path), in_memory=True)
     except Exception:  # not the stream format: try the IPC file format
@@ -101,8 +94,6 @@ def load_arrow(path: Path, opts: Mapping, rows: Rows) -> None:
 
 def read_folder(path: Path, split: str | None) -> datasets.Dataset:
     """A ``save_to_disk`` folder (Dataset or DatasetDict) or a hub-style dataset folder of data files."""
-    if not path.is_dir():
-        raise FileNotFoundError(f"hf:{path}: no such folder (expected a save_to_disk folder or a dataset folder)")
     saved = (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
     if saved:
         loaded = datasets.load_from_disk(str(path))
