@@ -34,7 +34,6 @@ class RunMonitor:
     def __init__(self, trainer):
         self.t = trainer
         self.trackers: Optional[Trackers] = None
-        self.last: dict = {}
 
     def __enter__(self) -> "RunMonitor":
         cfg, t = self.t.cfg, self.t
@@ -46,14 +45,16 @@ class RunMonitor:
     def _set_aside_lost_best(self) -> None:
         """``best/`` of steps past the one resumed from belongs to an abandoned continuation: move it aside."""
         t = self.t
-        meta = t.run.read_json("best/shala.json")
-        if not t.dist.is_main or meta is None or meta.get("step", 0) <= t.state.step:
+        meta = t.run.read_json("best/shala.json") if t.dist.is_main else None
+        lost = meta is not None and meta.get("step", 0) > t.state.step
+        if not t.dist.gather_object(lost)[0]:  # the main process's finding, so every process resets alike
             return
-        aside = t.run.path / f"best.abandoned-step-{meta['step']}"
-        os.replace(t.run.path / "best", aside)
-        log.warning("best/ held step %d of a continuation abandoned at this resume (step %d): moved to %s; the best "
-                    "adapter is tracked again from here", meta["step"], t.state.step, aside)
         t.state.best = {}
+        if t.dist.is_main:
+            aside = t.run.path / f"best.abandoned-step-{meta['step']}"
+            os.replace(t.run.path / "best", aside)
+            log.warning("best/ held step %d of a continuation abandoned at this resume (step %d): moved to %s; the "
+                        "best adapter is tracked again from here", meta["step"], t.state.step, aside)
 
     def __exit__(self, *exc) -> None:
         self.trackers.close()
@@ -70,7 +71,6 @@ class RunMonitor:
             t.run.append_metrics({"step": step, **metrics})
             self.trackers.log(step, metrics)
             t.state.metrics_lines += 1
-        self.last = metrics
         return metrics
 
     def evaluate_now(self) -> dict:
