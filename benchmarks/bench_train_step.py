@@ -56,6 +56,7 @@ import json
 import os
 import re
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -382,6 +383,10 @@ def run_side(args, side: str, model: str, work: Path) -> dict:
     print(proc.stdout, end="")
     if proc.returncode != 0 or not result_file.is_file():
         print(proc.stderr, file=sys.stderr)
+        if proc.returncode == -signal.SIGKILL:
+            # the kernel's OOM killer sends SIGKILL; the child's stderr is then an unrelated warning
+            return {"side": side, "status": "failed",
+                    "note": "killed (SIGKILL): most likely out of memory; `dmesg` shows the OOM killer's line"}
         last = _tail(proc.stderr, 1) or f"exit {proc.returncode}"
         return {"side": side, "status": "failed", "note": f"failed (exit {proc.returncode}): {last}"}
     result = json.loads(result_file.read_text())

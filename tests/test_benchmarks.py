@@ -191,3 +191,15 @@ def test_launch_sweep_runs_the_kernel_with_the_given_configuration(monkeypatch):
 def test_launch_option_errors(text, message):
     with pytest.raises(Exception, match=message):
         bench_rewards.parse_launch(text)
+
+
+def test_side_killed_by_the_kernel_says_so(tmp_path, monkeypatch):
+    """A side killed by SIGKILL (the OOM killer) is reported as such, not by its last stderr line."""
+    import subprocess
+
+    killed = subprocess.CompletedProcess(args=[], returncode=-9, stdout="", stderr="  warnings.warn(\n")
+    monkeypatch.setattr(bench_train_step, "_child", lambda *a, **k: killed)
+    args = bench_train_step.parse_args(["--quick"])
+    row = bench_train_step.run_side(args, "shala", "tiny", tmp_path)
+    assert row["status"] == "failed"
+    assert "SIGKILL" in row["note"] and "out of memory" in row["note"] and "warnings.warn" not in row["note"]
