@@ -92,6 +92,25 @@ def test_counts_as_an_arrow_struct_count_absent_labels_zero():
     assert ds["counts"] == [[1.0, 2.0], [3.0, 0.0]] and ds["label_names"][0] == ["a", "b"]
 
 
+def test_class_label_ids_read_as_their_names_in_the_dataset_order(tmp_path):
+    names = ["entailment", "neutral", "contradiction"]  # not sorted: the ClassLabel's order is kept
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "votes": datasets.List(datasets.ClassLabel(names=names))})
+    raw = datasets.Dataset.from_dict({"text": ["x", "y"], "votes": [[0, 2, 2], [1]]}, features=features)
+    ds = from_dataset(raw, label="votes")
+    assert ds["label_names"][0] == names
+    assert ds["counts"] == [[1.0, 0.0, 2.0], [0.0, 1.0, 0.0]] and ds["n_raters"] == [3, 1]
+    one = datasets.Dataset.from_dict({"text": ["x", "y"], "label": [2, 0]},
+                                     features=datasets.Features({"text": datasets.Value("string"),
+                                                                 "label": datasets.ClassLabel(names=names)}))
+    raw.to_parquet(str(tmp_path / "votes.parquet"))  # parquet keeps the ClassLabel in its metadata
+    assert load_labelled(f"parquet:{tmp_path / 'votes.parquet'}", label="votes").to_list() == ds.to_list()
+    assert from_dataset(one, label="label")["counts"] == [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]]
+    unlabelled = datasets.Dataset.from_dict({"text": ["x", "y"], "label": [2, -1]}, features=one.features)
+    with pytest.raises(DataError, match=r"dataset, row 1, field 'label': -1 holds an id outside the ClassLabel's 3"):
+        from_dataset(unlabelled, label="label")
+
+
 def test_train_takes_hf_and_parquet_datasets_and_a_dataset_object(tiny_dir, tmp_path, nli_rows):
     nli_rows.select(range(40)).save_to_disk(str(tmp_path / "saved"))
     flat = nli_rows.select(range(40)).map(lambda r: {**r["inputs"], "uid": r["id"], "votes": [[n] for n, c in zip(

@@ -6,7 +6,9 @@ every row checked again. Any other table is read like ``generic``: the column
 options ``text``, ``label`` or ``counts``, ``label_names``, ``task``, ``id``,
 ``label_sep``, ``set_sep`` name its columns. A ``label`` cell is a list of the
 raters' labels (each a label or a list of labels), or a string split by
-``label_sep``; a ``counts`` cell is a ``{label: count}`` mapping (an arrow
+``label_sep``; a ClassLabel column's ids are read as its names (one id per
+row: one rater's vote), and its names, in order, are the label space unless
+``label_names`` is given; a ``counts`` cell is a ``{label: count}`` mapping (an arrow
 struct's absent labels, ``None``, count 0).
 """
 
@@ -25,9 +27,32 @@ from shala.data.schema import COLUMNS, DataError, Rows
 TABLE_OPTIONS = ("text", "label", "counts", "label_names", "task", "id", "label_sep", "set_sep")
 
 
-def _records(ds: datasets.Dataset) -> Iterator[tuple]:
+def _records(ds: datasets.Dataset, classes: datasets.ClassLabel | None = None,
+             column: str | None = None, path=None) -> Iterator[tuple]:
     for i, record in enumerate(ds):
+        if classes is not None and record.get(column) is not None:
+            record[column] = _class_names(classes, record[column], path, f"row {i}", column)
         yield f"row {i}", record
+
+
+def _class_label(ds: datasets.Dataset, column: str) -> datasets.ClassLabel | None:
+    """The ClassLabel of ``column``, or of its list items; None for any other feature."""
+    feature = ds.features.get(column)
+    for f in (feature, getattr(feature, "feature", None)):
+        if isinstance(f, datasets.ClassLabel):
+            return f
+    return None
+
+
+def _class_names(classes: datasets.ClassLabel, cell, path, row: str, column: str):
+    """A ClassLabel cell (an id, or a list of ids) as the label names ``generic`` reads."""
+    try:
+        names = classes.int2str(cell)
+        return [names] if isinstance(names, str) else names  # one label per row: one rater's vote
+    except (ValueError, TypeError) as err:
+        raise DataError(f"{cell!r} holds an id outside the ClassLabel's {len(classes.names)} classes "
+                        f"{classes.names} ({err})", field=column, reason="unknown label", path=path,
+                        row=row) from None
 
 
 def _is_shala(ds: datasets.Dataset, opts: Mapping) -> bool:
@@ -64,7 +89,11 @@ def load_table(ds: datasets.Dataset, opts: Mapping, rows: Rows) -> None:
     if missing:
         raise rows.error(f"missing columns {missing}; the table has {ds.column_names} (name them with the options "
                          f"{list(TABLE_OPTIONS)})", field=missing[0], reason="missing field")
-    load_generic(rows.path, opts, rows, table=_records(ds))
+    column = opts.get("label") or "labels"
+    classes = _class_label(ds, column) if opts.get("counts") is None else None
+    if classes is not None and not opts.get("label_names"):
+        opts = {**opts, "label_names": list(classes.names)}  # the dataset's own order, not sorted names
+    load_generic(rows.path, opts, rows, table=_records(ds, classes, column, rows.path))
 
 
 def load_parquet(path: Path, opts: Mapping, rows: Rows) -> None:
