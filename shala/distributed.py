@@ -6,6 +6,7 @@ the training loop has no special case for it.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import re
@@ -124,4 +125,7 @@ class Dist:
         if self.active and tdist.is_initialized():
             if clean:
                 tdist.barrier()
+            # A trainer is freed only by the cycle collector, and its DDP wrapper keeps the group alive: left
+            # to interpreter shutdown, the group's worker threads are torn down there and the process aborts.
+            gc.collect()
             tdist.destroy_process_group()

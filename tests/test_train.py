@@ -325,6 +325,33 @@ def test_dist_context_waits_for_the_others_only_after_a_clean_run(monkeypatch, f
     assert calls == (["destroy"] if fail else ["barrier", "destroy"])
 
 
+def test_dist_context_frees_cyclic_garbage_before_it_destroys_the_group(monkeypatch):
+    """A trainer (and its DDP wrapper) in a reference cycle goes before the group, not at interpreter exit."""
+    import gc
+    import weakref
+
+    from shala import distributed
+
+    class Holder:
+        pass
+
+    held = Holder()
+    held.me = held  # a cycle: only the collector frees it
+    ref = weakref.ref(held)
+    del held
+    alive_at_destroy = []
+    monkeypatch.setattr(distributed.tdist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.tdist, "barrier", lambda: None)
+    monkeypatch.setattr(distributed.tdist, "destroy_process_group", lambda: alive_at_destroy.append(ref() is not None))
+    gc.disable()
+    try:
+        assert ref() is not None
+        distributed.Dist(0, 2, 0, torch.device("cpu"), active=True).close()
+    finally:
+        gc.enable()
+    assert alive_at_destroy == [False]
+
+
 def test_an_evaluation_set_with_its_labels_in_another_order_is_aligned(tmp_path):
     from shala.batches import align_labels, parse_eval_dataset
     from shala.data import load_labelled
