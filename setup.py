@@ -59,9 +59,10 @@ setup(
     else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["shala", "shala.data", "shala.integrations", "shala.kernels", "shala.data_files"],
+    packages=["shala", "shala.data", "shala.integrations", "shala.kernels", "shala.data_files",
+              "shala.recipes"],
     package_dir={"shala": "shala", "shala.kernels": "kernels", "shala.data_files": "shala/data_files"},
-    package_data={"shala.data_files": ["*.jsonl", "*.md", "LICENSE*"]},
+    package_data={"shala.data_files": ["*.jsonl", "*.md", "LICENSE*"], "shala.recipes": ["*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[

@@ -32,6 +32,7 @@ from shala.distributed import check_device
 from shala.batches import parse_label_map
 from shala.data_files import DEFAULT_DATASET
 from shala.models import DEFAULT_MODEL
+from shala import recipes
 from shala.rewards import parse_reward_terms
 from shala.rollout import DEFAULT_FORM, FORMS, check_form_options
 from shala.tracking import parse_report_to
@@ -461,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(and the baselines grpo-accuracy, sft-majority, sft-soft on the same data and budget).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--config", default=None, help="YAML file of options (keys as below, with underscores); flags win")
+    p.add_argument("--config", default=None, help="YAML file of options (keys as below, with underscores), or a "
+                   f"shipped recipe's name: {', '.join(recipes.names())} (shala/recipes); flags win")
     groups = {name: p.add_argument_group(name) for name in HELP_SECTIONS}
     section_of = {opt: groups[name] for name, opts in HELP_SECTIONS.items() for opt in opts}
     for f in fields(TrainConfig):
@@ -489,9 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_yaml_options(path) -> dict:
     """The options of a ``--config`` file, each parsed as its flag would be."""
-    path = Path(path)
+    path = Path(path) if Path(path).is_file() else recipes.find(str(path)) or Path(path)
     if not path.is_file():
-        raise ValueError(f"--config {path}: no such file")
+        raise ValueError(f"--config {path}: no such file, nor a shipped recipe ({', '.join(recipes.names())})")
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:

@@ -50,6 +50,26 @@ def test_non_utf8_yaml_is_named(tmp_path):
         load_config(["--config", str(path)])
 
 
+def test_a_shipped_recipe_is_read_by_name_and_flags_beside_it_win():
+    from shala import recipes
+
+    assert "long" in recipes.names()
+    for name in recipes.names():  # every shipped recipe is a valid set of options
+        load_config(["--config", name])
+    long = load_config(["--config", "long"])
+    assert long.steps == 400 and long.save_every == 50 and long.eval_every == 50
+    assert load_config(["--config", "long.yaml", "--steps", "7"]).steps == 7
+    assert load_config([]).steps != long.steps
+
+
+def test_a_config_that_is_neither_a_file_nor_a_recipe_lists_the_recipes(tmp_path):
+    with pytest.raises(ValueError, match=r"--config lnog: no such file, nor a shipped recipe \(long\)"):
+        load_config(["--config", "lnog"])
+    # a file of that name wins over the recipe
+    (tmp_path / "long").write_text("steps: 3\n")
+    assert load_config(["--config", str(tmp_path / "long")]).steps == 3
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--device", "tpu"], r"--device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
     (["--device", "cuda"], r"--device cuda: no CUDA device is available"),
