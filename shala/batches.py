@@ -22,7 +22,7 @@ import torch
 
 from shala import data as shala_data
 from shala.data_files import resolve_dataset
-from shala.prompts import fit_prompts
+from shala.prompts import fit_prompts, pick_shots
 from shala.weighting import ambiguity
 
 log = logging.getLogger("shala.train")
@@ -174,6 +174,11 @@ class TrainData:
         probs = np.asarray([r["probs"] for r in self.train_rows], dtype=np.float64)  # as shala.data.label_prior
         self.prior = np.average(probs, axis=0, weights=self.weights.numpy()).tolist()
         self.ambiguity = ambiguity(self.q)  # [N]
+
+    def shots(self, cfg) -> list:
+        """``--few-shot`` examples from the training rows of ``--dataset``, by ``--split-seed``
+        (:func:`shala.prompts.pick_shots`)."""
+        return pick_shots([r for r in self.train_rows if r["source"] == MAIN], cfg.few_shot, cfg.split_seed)
 
     def _load_extra(self, option: str, spec, taken, skip_invalid: bool, mapping: Optional[dict] = None,
                     name: Optional[str] = None):

@@ -121,9 +121,13 @@ def parse_args(argv):
     return known, rest
 
 
-def _base_file(root: Path, form: str) -> Path:
-    """Where the base model's evaluation in ``form`` is kept (its slot reading is the same in every form)."""
-    return root / ("base.json" if form == DEFAULT_FORM else f"base-{form}.json")
+def _base_file(root: Path, cfg) -> Path:
+    """Where the base model's evaluation in ``cfg``'s form and prompt is kept: ``base[-FORM][+PROMPT].json``
+    (the slot reading is the same in every form, not under another prompt)."""
+    prompt = "-".join([*([f"few-shot-{cfg.few_shot}"] if cfg.few_shot else []),
+                       *([] if cfg.chat_template else ["no-chat-template"])])
+    return root / ("base" + ("" if cfg.form == DEFAULT_FORM else f"-{cfg.form}") + (f"+{prompt}" if prompt else "")
+                   + ".json")
 
 
 def _cell_config(rest, options, seed, out: Path):
@@ -149,9 +153,9 @@ def run_cells(args, rest, dist) -> dict:
     configs = [_cell_config(rest, args.arms[method], seed, cell) for method, seed, cell in plan]
     cells = {method: {} for method in args.methods}
     for (method, seed, cell), (cfg, finished) in zip(plan, configs):
-        base_file = _base_file(out, cfg.form)
+        base_file = _base_file(out, cfg)
         if not finished:
-            cfg.eval_before = cfg.eval_before and not base_file.exists()  # the base model, once per form
+            cfg.eval_before = cfg.eval_before and not base_file.exists()  # the base model, once per form and prompt
             log.info("compare: training %s, seed %d, into %s", method, seed, cell)
             summary = Trainer(cfg, dist).fit()
             if summary.get("interrupted"):
@@ -186,10 +190,10 @@ def _reading(result: dict) -> tuple:
     return q, p
 
 
-def summarize_set(name: str, per_method: dict, base: Sequence[dict], resamples: int,
+def summarize_set(name: str, per_method: dict, base: Sequence[tuple], resamples: int,
                   versus: str = REFERENCE) -> dict:
     """The statistics of one evaluation set: ``per_method`` maps method -> list of seed results; ``base``
-    the base model's evaluations (one per rollout form), each ``{set: result}``; each method's JSD is
+    the base model's evaluations (one per rollout form and prompt), each ``(prompt, {set: result})``; each method's JSD is
     compared item by item with the label prior's and with ``versus``'s (a method or arm of the run)."""
     first = next(iter(per_method.values()))[0]
     q, _ = _predictions(first)
@@ -229,8 +233,9 @@ def summarize_set(name: str, per_method: dict, base: Sequence[dict], resamples: 
     fixed = {}
     for label, p in constants.items():
         fixed[label] = _fixed_row(q, p, levels, prior, resamples)
-    for result in (b[name] for b in base if name in b):  # the slot's reading, then what each form writes
-        readings = {"base model": result, **{f"base model, {k}": v for k, v in result.get("forms", {}).items()}}
+    for prompt, result in ((t, b[name]) for t, b in base if name in b):  # the slot's reading, then each form's
+        model = f"base model ({prompt})" if prompt else "base model"
+        readings = {model: result, **{f"{model}, {k}": v for k, v in result.get("forms", {}).items()}}
         for label, reading in readings.items():
             bq, bp = _reading(reading)
             if label not in fixed and torch.equal(bq, q):
@@ -324,7 +329,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         cells = run_cells(args, rest, dist)
     if not dist.is_main:
         return {}
-    base = [json.loads(p.read_text()) for p in sorted(out.glob("base*.json"))]
+    base = [(p.stem.partition("+")[2], json.loads(p.read_text())) for p in sorted(out.glob("base*.json"))]
     results = {m: {s: _read_sets(c) for s, c in by_seed.items()} for m, by_seed in cells.items()}
     set_names = list(next(iter(next(iter(results.values())).values())))
     all_stats, tables = {}, []

@@ -96,6 +96,9 @@ class TrainConfig:
                                    "(the same logits and gradients to float rounding)")
     constrain_answer: bool = _f(True, "sample the token after the answer cue from the label tokens only (guided "
                                       "decoding); its log-prob is the label-renormalised one")
+    chat_template: bool = _f(True, "wrap prompts in the tokenizer's chat template (off, or without one: plain text)")
+    few_shot: int = _f(0, "ask and answer N training items before each prompt (majority label; the shares in the "
+                          "verbalized form), taken in turn from each label, shuffled by --split-seed")
 
     # rewards (method shala; grpo-accuracy uses accuracy alone)
     reward: list = _f(None, "reward terms as MODE=WEIGHT (repeatable; modes: slot, histogram, sampled, accuracy, "
@@ -183,7 +186,7 @@ class TrainConfig:
 
     #: Options whose default leaves a run as it was before they existed: hashed only when set otherwise, so
     #: that runs made before them keep their identity.
-    HASHED_WHEN_SET = ("train_dataset", "source_weight", "bf16")
+    HASHED_WHEN_SET = ("train_dataset", "source_weight", "bf16", "chat_template", "few_shot")
 
     #: Run-defining options a resume may change: ``--steps`` (extend the run; the learning-rate schedule is
     #: laid over the new total from the step reached).
@@ -236,18 +239,23 @@ class TrainConfig:
 
     def command(self) -> str:
         """The ``python -m shala.train`` command line of these options (those that differ from the defaults)."""
-        words = ["python", "-m", "shala.train"]
-        defaults = form_defaults(self.form)
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value == defaults[f.name] or f.name in ("resume", "overwrite", "progress"):
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            if isinstance(value, bool):
-                words.append(flag if value else "--no-" + f.name.replace("_", "-"))
-            else:
-                words += [w for v in (value if isinstance(value, list) else [value]) for w in (flag, str(v))]
-        return " ".join(shlex.quote(w) for w in words)
+        return command_line(self)
+
+
+def command_line(cfg: TrainConfig) -> str:
+    """:meth:`TrainConfig.command`."""
+    words = ["python", "-m", "shala.train"]
+    defaults = form_defaults(cfg.form)
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if value == defaults[f.name] or f.name in ("resume", "overwrite", "progress"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        else:
+            words += [w for v in (value if isinstance(value, list) else [value]) for w in (flag, str(v))]
+    return " ".join(shlex.quote(w) for w in words)
 
 
 def _fingerprint(ds, where: str) -> str:
@@ -305,7 +313,7 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
     if cfg.save_best and not cfg.eval_every:
         raise ValueError("--save-best keeps the adapter of the best evaluation during training: it needs "
                          "--eval-every N")
-    for name in ["save_every", "warmup_steps", "weight_warmup", "eval_samples", "eval_every"]:
+    for name in ["save_every", "warmup_steps", "weight_warmup", "eval_samples", "eval_every", "few_shot"]:
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if cfg.keep_checkpoints < 1:
@@ -443,7 +451,7 @@ HELP_SECTIONS = {
     "data": ("dataset", "data_option", "skip_invalid", "train_dataset", "source_weight", "eval_fraction", "split_seed",
              "train_limit", "max_prompt_tokens", "truncate_prompts"),
     "method and rollouts": ("method", "seed", "form", "verbal_format", "group_size", "batch_size", "max_new_tokens",
-                            "temperature", "shared_prefix", "constrain_answer"),
+                            "temperature", "shared_prefix", "constrain_answer", "chat_template", "few_shot"),
     "reward and weighting": ("reward", "format_penalty", "sum_penalty", "normalize", "mass_weight", "weighting",
                              "weight_alpha", "weight_temperature", "weight_warmup", "scale", "adv_eps"),
     "optimisation": ("steps", "ppo_epochs", "micro_batch_size", "lr", "weight_decay", "lr_schedule", "warmup_steps",

@@ -33,7 +33,7 @@ from shala.distributed import check_device
 from shala.label_jsd import label_reward
 from shala.lm import next_token_logits
 from shala.models import DEFAULT_MODEL, adapter_folder, context_length, default_threads, load_model, load_tokenizer
-from shala.prompts import PromptBuilder, fit_prompts
+from shala.prompts import PromptBuilder, fit_prompts, pick_shots
 from shala.rollout import DEFAULT_FORM, FORMS, make_form
 from shala.verbalized import GRANULARITIES
 
@@ -233,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="verbalized: the sampling temperature")
     p.add_argument("--constrain-answer", action=argparse.BooleanOptionalAction, default=True,
                    help="verbalized: force the format and sample only the numbers")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap prompts in the tokenizer's chat template (default: as the adapter was trained, else on)")
+    p.add_argument("--few-shot", type=int, default=None,
+                   help="ask and answer N items of the train split before each prompt, picked as shala.train "
+                        "--few-shot picks them (default: the adapter's examples, else 0)")
     p.add_argument("--output", default=None, help="write the metrics (and per-item p) to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -262,7 +267,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.adapter:
         check_adapter_labels(args.adapter, task, label_names)
     tokenizer = load_tokenizer(args.model)
-    builder = PromptBuilder(tokenizer, task, label_names)
+    builder = PromptBuilder(tokenizer, task, label_names, **prompt_settings(args, trained, prior_rows))
     limit = args.max_prompt_tokens or (context_length(args.model) or 0) - 1
     if limit > 0:
         inputs, cut = fit_prompts(rows, builder, lambda x: len(builder.prompt_ids(x)), limit=limit,
@@ -286,6 +291,22 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         write_json(args.output, result)
         print(f"wrote {args.output}")
     return result
+
+
+def prompt_settings(args, trained: dict, train_rows) -> dict:
+    """The chat template and few-shot examples: the flags', else the adapter's, else none (``train_rows``:
+    the train split, where ``--few-shot`` picks from)."""
+    shots = trained.get("shots", [])
+    if args.few_shot is not None and args.few_shot != len(shots):
+        if trained:
+            raise ValueError(f"--few-shot {args.few_shot}: the adapter was trained with {len(shots)} example(s) "
+                             "before each prompt, which its evaluation uses (leave --few-shot out)")
+        if args.split != "eval":
+            raise ValueError(f"--few-shot {args.few_shot} picks from the train split; with --split {args.split} it "
+                             "would show the evaluated items themselves (use --split eval)")
+        shots = pick_shots(train_rows, args.few_shot, args.seed)
+    chat = trained.get("chat_template", True) if args.chat_template is None else args.chat_template
+    return {"chat_template": chat, "shots": shots}
 
 
 def check_output_file(path, *, option: str) -> None:

@@ -14,11 +14,12 @@ slot therefore sits after the space, and the label tokens are the digits.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
 __all__ = ["TaskTemplate", "TEMPLATES", "PromptBuilder", "VerbalizerError", "PromptTooLong", "get_template", "Rollout",
-           "fit_prompts"]
+           "fit_prompts", "pick_shots"]
 
 CUE = "Answer:"
 
@@ -107,10 +108,16 @@ class PromptBuilder:
         task: the dataset's task (``"nli"``, ``"emotion"``, ...); unknown tasks get a generic template.
         label_names: the dataset's label names, in class order.
         system: optional system message.
+        chat_template: use the tokenizer's chat template (when it has one); False: plain text.
+        shots: labelled examples (``{"inputs", "probs"}``, see :func:`pick_shots`) asked and answered before
+            each item: the majority label after the cue, or the rounded shares in the verbalized prompt.
     """
 
-    def __init__(self, tokenizer, task: str, label_names: Sequence[str], *, system: Optional[str] = None):
+    def __init__(self, tokenizer, task: str, label_names: Sequence[str], *, system: Optional[str] = None,
+                 chat_template: bool = True, shots: Sequence[Mapping] = ()):
         self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self.shots = [{"inputs": dict(s["inputs"]), "probs": [float(x) for x in s["probs"]]} for s in shots]
         self.task = task
         self.label_names = list(label_names)
         if len(self.label_names) < 2:
@@ -127,6 +134,10 @@ class PromptBuilder:
             label_at = [j for j, t in enumerate(ids) if t == self.label_ids[0]]
             if label_at and ids[: label_at[0]] not in self.cue_variants:
                 self.cue_variants.append(ids[: label_at[0]])
+
+    def settings(self) -> dict:
+        """How prompts are written beyond the task: what an evaluation needs to write them the same way."""
+        return {"chat_template": self.chat_template, "shots": self.shots}
 
     # -- tokens -----------------------------------------------------------------------------
     def _encode(self, text: str) -> list:
@@ -172,7 +183,9 @@ class PromptBuilder:
 
         ``rationale=True`` asks for a short explanation before the cue (and implies ``cue=False``).
         """
-        ids = self._chat(self.user_message(inputs, rationale=rationale))
+        answered = [(self.user_message(s["inputs"]), f"{CUE} {self.words[_majority(s['probs'])]}")
+                    for s in self.shots]
+        ids = self._chat(self.user_message(inputs, rationale=rationale), answered)
         return ids + (list(self.cue_ids) if cue and not rationale else [])
 
     def verbal_message(self, inputs: Mapping[str, str], granularity: str = "percent") -> str:
@@ -187,16 +200,22 @@ class PromptBuilder:
 
     def verbal_prompt_ids(self, inputs: Mapping[str, str], granularity: str = "percent") -> list:
         """Token ids up to where the assistant writes its verbalized distribution."""
-        return self._chat(self.verbal_message(inputs, granularity))
+        from shala.verbalized import render
 
-    def _chat(self, user: str) -> list:
-        messages = [{"role": "user", "content": user}]
+        answered = [(self.verbal_message(s["inputs"], granularity), render(s["probs"], self.words, granularity))
+                    for s in self.shots]
+        return self._chat(self.verbal_message(inputs, granularity), answered)
+
+    def _chat(self, user: str, answered: Sequence[tuple] = ()) -> list:
+        """``user`` as the last turn, after the ``(question, answer)`` pairs of ``answered``."""
+        messages = [{"role": role, "content": text} for pair in answered
+                    for role, text in zip(("user", "assistant"), pair)] + [{"role": "user", "content": user}]
         if self.system:
             messages.insert(0, {"role": "system", "content": self.system})
-        if getattr(self.tokenizer, "chat_template", None):
+        if self.chat_template and getattr(self.tokenizer, "chat_template", None):
             text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        else:
-            text = messages[-1]["content"] + "\n"
+        else:  # plain text: each turn on its own lines, a blank line after each answered question
+            text = "".join(f"{q}\n{a}\n\n" for q, a in answered) + user + "\n"
         ids = self._encode(text)
         if self.tokenizer.bos_token_id is not None and getattr(self.tokenizer, "add_bos_token", False):
             if not ids or ids[0] != self.tokenizer.bos_token_id:
@@ -240,6 +259,30 @@ class PromptBuilder:
                 lo, hi = (mid, hi) if fits(cut(mid)) else (lo, mid - 1)
             return cut(lo)
         return None
+
+
+def _majority(probs: Sequence[float]) -> int:
+    """The first class with the largest share (ties go to the class listed first, as in the metrics)."""
+    return max(range(len(probs)), key=lambda k: (probs[k], -k))
+
+
+def pick_shots(rows, n: int, seed: int) -> list:
+    """``n`` few-shot examples from ``rows`` (dicts, or a Dataset, with ``inputs`` and ``probs``): taken in turn
+    from each majority label (in class order), each label's rows shuffled by ``seed``, so that the prefix shows
+    every label it can."""
+    if n < 0 or n > len(rows):
+        raise ValueError(f"--few-shot {n}: expected 0 to {len(rows)} (the training rows to draw from)")
+    by_class = {}
+    for i, probs in enumerate(r["probs"] for r in rows):
+        by_class.setdefault(_majority(probs), []).append(i)
+    rng = random.Random(seed)
+    queues = [rng.sample(by_class[k], len(by_class[k])) for k in sorted(by_class)]
+    picked = []
+    while len(picked) < n:
+        for queue in queues:
+            if queue and len(picked) < n:
+                picked.append(queue.pop(0))
+    return [{"inputs": dict(rows[i]["inputs"]), "probs": list(rows[i]["probs"])} for i in picked]
 
 
 def fit_prompts(rows: Sequence[Mapping], builder: PromptBuilder, length: Callable[[Mapping[str, str]], int], *,

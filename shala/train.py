@@ -69,7 +69,8 @@ class Trainer:
         self.rewards = cfg.reward_weights()
         self.data = TrainData.from_config(cfg, self.device, train_dataset, eval_dataset)
         self.tokenizer = load_tokenizer(cfg.model)
-        self.builder = PromptBuilder(self.tokenizer, self.data.task, self.data.label_names)
+        self.builder = PromptBuilder(self.tokenizer, self.data.task, self.data.label_names,
+                                     chat_template=cfg.chat_template, shots=self.data.shots(cfg))
         self.label_ids = torch.tensor(self.builder.label_ids, device=self.device)
         self.form = make_form(cfg.form, self.builder, group_size=cfg.group_size, temperature=cfg.temperature,
                               constrain_answer=cfg.constrain_answer, micro_batch_size=cfg.micro_batch_size,
@@ -86,7 +87,7 @@ class Trainer:
                                             temperature=cfg.weight_temperature, warmup=cfg.weight_warmup)
         self.sft = None if cfg.method in RL_METHODS else SupervisedStep(cfg, self.policy, self.form, self.label_ids)
         self.meta = {"base_model": cfg.model, "task": self.data.task, "label_names": self.data.label_names,
-                     "method": cfg.method, "form": cfg.form,
+                     "method": cfg.method, "form": cfg.form, **self.builder.settings(),
                      **({"verbal_format": cfg.verbal_format} if self.form.writes_distribution else {})}
         self.monitor = RunMonitor(self)
 

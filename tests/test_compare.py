@@ -1,6 +1,7 @@
 """python -m shala.compare: several methods and seeds, one table with CIs, resumable, on a tiny model."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,3 +110,24 @@ def test_versus_compares_every_row_with_the_named_arm_item_by_item():
     d = stats["methods"]["unweighted"]["vs_method"]
     assert d["mean"] > 0 and d["excludes_zero"] and "vs_method" not in stats["methods"]["shala"]
     assert "ΔJSD vs shala" in compare.markdown("held-out", stats, [0, 1])
+
+
+def test_each_prompt_has_its_own_base_model_reading():
+    from shala.config import load_config
+
+    names = {tuple(a): compare._base_file(Path("o"), load_config(a)).name for a in
+             ([], ["--form", "verbalized"], ["--few-shot", "3"], ["--no-chat-template", "--form", "rationale"])}
+    assert names == {(): "base.json", ("--form", "verbalized"): "base-verbalized.json",
+                     ("--few-shot", "3"): "base+few-shot-3.json",
+                     ("--no-chat-template", "--form", "rationale"): "base-rationale+no-chat-template.json"}
+    torch.manual_seed(0)
+    q = torch.distributions.Dirichlet(torch.ones(3)).sample((20,))
+
+    def result(p):
+        return {"predictions": [{"q": a.tolist(), "p": b.tolist()} for a, b in zip(q, p)], "prior": [1 / 3] * 3}
+
+    flat, sharp = torch.full_like(q, 1 / 3), torch.softmax(3 * q, -1)
+    base = [("few-shot-3", {"held-out": result(sharp)}), ("", {"held-out": result(flat)})]
+    fixed = compare.summarize_set("held-out", {"shala": [result(flat)]}, base, resamples=200)["fixed"]
+    assert fixed["base model"]["jsd"] == pytest.approx(fixed["uniform"]["jsd"])
+    assert fixed["base model (few-shot-3)"]["jsd"] != pytest.approx(fixed["uniform"]["jsd"])

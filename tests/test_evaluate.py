@@ -120,3 +120,20 @@ def test_long_prompts_are_refused_or_cut_and_counted(tiny_dir, tmp_path, caplog)
     assert result["n"] == 3 and "1 prompt(s) were longer than 511 tokens" in caplog.text
     with pytest.raises(ValueError, match="longer than 40 tokens"):
         evaluate.main(argv + ["--max-prompt-tokens", "40"])
+
+
+def test_few_shot_evaluation_of_a_base_model_shows_the_examples_training_would():
+    import argparse
+
+    from shala.batches import TrainData
+    from shala.config import load_config
+
+    cfg = load_config(["--few-shot", "3"])
+    trained = TrainData.from_config(cfg).shots(cfg)
+    _, train_rows = evaluate.load_eval_rows("bundled", split="eval", seed=0, eval_fraction=0.2, options={},
+                                            skip_invalid=False, limit=None)
+    args = argparse.Namespace(few_shot=3, split="eval", seed=0, chat_template=None)
+    assert evaluate.prompt_settings(args, {}, train_rows) == {"chat_template": True, "shots": trained}
+    assert len(trained) == 3
+    with pytest.raises(ValueError, match=r"--few-shot 3 picks from the train split; with --split all"):
+        evaluate.prompt_settings(argparse.Namespace(few_shot=3, split="all", seed=0, chat_template=None), {}, [])

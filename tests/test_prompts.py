@@ -3,7 +3,7 @@
 import pytest
 
 from shala.data import GOEMOTIONS_LABELS, NLI_LABELS
-from shala.prompts import TEMPLATES, PromptBuilder, VerbalizerError
+from shala.prompts import TEMPLATES, PromptBuilder, VerbalizerError, pick_shots
 from tests.tiny import tiny_tokenizer
 
 LABELS = {
@@ -32,6 +32,41 @@ def test_nli_prompt_ends_at_slot_and_labels_are_distinct(tok):
     for k, name in enumerate(NLI_LABELS):
         assert tok.decode([pb.label_ids[k]]).strip() == name[: len(tok.decode([pb.label_ids[k]]).strip())]
     assert pb.prompt_ids(ITEM, cue=False) == ids[: len(ids) - len(pb.cue_ids)]
+
+
+def test_few_shot_examples_take_each_label_in_turn_and_precede_the_item(tok):
+    rows = [{"inputs": {"premise": f"P{i}.", "hypothesis": f"H{i}."}, "probs": probs}
+            for i, probs in enumerate([[0.1, 0.2, 0.7], [0.2, 0.6, 0.2], [0.8, 0.1, 0.1], [0.2, 0.2, 0.6],
+                                       [0.5, 0.5, 0.0]])]  # the tie goes to the first class
+    shots = pick_shots(rows, 4, seed=0)
+    majority = [max(range(3), key=lambda k: (s["probs"][k], -k)) for s in shots]
+    assert majority[:3] == [0, 1, 2] and len(shots) == 4
+    assert pick_shots(rows, 4, seed=0) == shots and {s["inputs"]["premise"] for s in pick_shots(rows, 5, 1)} == {
+        f"P{i}." for i in range(5)}
+    with pytest.raises(ValueError, match=r"--few-shot 6: expected 0 to 5"):
+        pick_shots(rows, 6, seed=0)
+    pb = PromptBuilder(tok, "nli", NLI_LABELS, shots=shots[:2])
+    text = tok.decode(pb.prompt_ids(ITEM))
+    first, second = shots[0]["inputs"]["premise"], shots[1]["inputs"]["premise"]
+    assert text.index(first) < text.index(second) < text.index(ITEM["premise"])
+    assert f"{second}\nHypothesis: {shots[1]['inputs']['hypothesis']}" in text
+    # each example is a user turn answered by its majority label, then the item's turn ends at the slot
+    assert text.count("<|im_start|>assistant\nAnswer: entailment<|im_end|>") == 1
+    assert text.count("<|im_start|>assistant\nAnswer: neutral<|im_end|>") == 1
+    assert text.endswith("<|im_start|>assistant\nAnswer:")
+    verbal = tok.decode(pb.verbal_prompt_ids(ITEM))
+    assert "entailment: 20%, neutral: 60%, contradiction: 20%<|im_end|>" in verbal  # the only neutral item
+
+
+def test_without_the_chat_template_a_prompt_is_plain_text(tok):
+    shots = [{"inputs": {"premise": "P.", "hypothesis": "H."}, "probs": [0.0, 1.0, 0.0]}]
+    plain = PromptBuilder(tok, "nli", NLI_LABELS, chat_template=False, shots=shots)
+    text = tok.decode(plain.prompt_ids(ITEM))
+    assert "<|im_start|>" not in text and text.startswith("Premise: P.\nHypothesis: H.")
+    assert "or neither? Answer with one word: entailment, neutral or contradiction.\nAnswer: neutral\n\nPremise: A man" \
+        in text
+    assert text.endswith("contradiction.\nAnswer:")
+    assert plain.settings() == {"chat_template": False, "shots": shots}
 
 
 def test_locate_answer_only_and_rationale(tok):

@@ -67,6 +67,22 @@ def test_default_run_outputs_and_adapter_evaluates(tiny_dir, tmp_path, caplog):
     assert ev["n"] == 4
 
 
+def test_a_few_shot_plain_text_prompt_is_trained_recorded_and_evaluated_the_same_way(tiny_dir, tmp_path):
+    from shala import evaluate
+
+    res = run(tiny_dir, tmp_path, "--steps", "1", "--few-shot", "2", "--no-chat-template")
+    meta = json.loads((tmp_path / "final" / "shala.json").read_text())
+    assert meta["chat_template"] is False and len(meta["shots"]) == 2
+    # picked from the training rows: the first shown label is the first class's
+    assert meta["shots"][0]["probs"].index(max(meta["shots"][0]["probs"])) == 0
+    args = ["--model", tiny_dir, "--adapter", str(tmp_path / "final"), "--limit", "8", "--no-progress"]
+    ev = evaluate.main(args)
+    assert ev["jsd"] == pytest.approx(res["after"]["jsd"], abs=1e-6)  # the adapter's prompt, not the default's
+    assert evaluate.main([*args, "--chat-template"])["jsd"] != pytest.approx(ev["jsd"], abs=1e-6)
+    with pytest.raises(ValueError, match=r"--few-shot 3: the adapter was trained with 2 example\(s\)"):
+        evaluate.main([*args, "--few-shot", "3"])
+
+
 def test_extra_evaluation_sets_are_evaluated_beside_the_held_out_split(tiny_dir, tmp_path):
     lines = [json.dumps({"uid": f"t{i}", "label_counter": {"c": i + 1, "e": 2},
                          "example": {"premise": "A dog runs.", "hypothesis": f"An animal moves {i}."}})
