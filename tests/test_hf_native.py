@@ -109,6 +109,8 @@ def test_class_label_ids_read_as_their_names_in_the_dataset_order(tmp_path):
     unlabelled = datasets.Dataset.from_dict({"text": ["x", "y"], "label": [2, -1]}, features=one.features)
     with pytest.raises(DataError, match=r"dataset, row 1, field 'label': -1 holds an id outside the ClassLabel's 3"):
         from_dataset(unlabelled, label="label")
+    kept, report = from_dataset(unlabelled, label="label", skip_invalid=True, with_report=True)
+    assert kept["inputs"] == [{"text": "x"}] and report.skipped == {"unknown label": 1}
 
 
 def test_train_takes_hf_and_parquet_datasets_and_a_dataset_object(tiny_dir, tmp_path, nli_rows):

@@ -28,11 +28,17 @@ TABLE_OPTIONS = ("text", "label", "counts", "label_names", "task", "id", "label_
 
 
 def _records(ds: datasets.Dataset, classes: datasets.ClassLabel | None = None,
-             column: str | None = None, path=None) -> Iterator[tuple]:
+             column: str | None = None, rows: Rows | None = None) -> Iterator[tuple]:
     for i, record in enumerate(ds):
+        where = f"row {i}"
         if classes is not None and record.get(column) is not None:
-            record[column] = _class_names(classes, record[column], path, f"row {i}", column)
-        yield f"row {i}", record
+            named = False
+            with rows.row(where):  # an id outside the classes (-1: "no label") is skippable like any bad row
+                record[column] = _class_names(classes, record[column], rows.path, where, column)
+                named = True
+            if not named:
+                continue
+        yield where, record
 
 
 def _class_label(ds: datasets.Dataset, column: str) -> datasets.ClassLabel | None:
@@ -93,7 +99,7 @@ def load_table(ds: datasets.Dataset, opts: Mapping, rows: Rows) -> None:
     classes = _class_label(ds, column) if opts.get("counts") is None else None
     if classes is not None and not opts.get("label_names"):
         opts = {**opts, "label_names": list(classes.names)}  # the dataset's own order, not sorted names
-    load_generic(rows.path, opts, rows, table=_records(ds, classes, column, rows.path))
+    load_generic(rows.path, opts, rows, table=_records(ds, classes, column, rows))
 
 
 def load_parquet(path: Path, opts: Mapping, rows: Rows) -> None:
