@@ -48,6 +48,7 @@ from shala.config import load_config
 from shala.distributed import Dist
 from shala.evaluate import write_json
 from shala.metrics import format_value
+from shala.models import DEFAULT_MODEL
 from shala.outputs import RunDir
 from shala.rollout import DEFAULT_FORM
 
@@ -121,12 +122,23 @@ def parse_args(argv):
     return known, rest
 
 
+def _base_label(cfg, with_model: bool = True) -> str:
+    """What sets the base model's reading apart, besides the rollout form: the model when not the default (and
+    ``with_model``), and the prompt (a few-shot prefix, drawn by ``--split-seed`` from at most ``--train-limit``
+    rows, or no chat template); "" for the default."""
+    shots = f"few-shot-{cfg.few_shot}" + (f"-split{cfg.split_seed}" if cfg.split_seed else "") + (
+        f"-limit{cfg.train_limit}" if cfg.train_limit else "") if cfg.few_shot else None
+    model = None if cfg.model == DEFAULT_MODEL or not with_model else re.sub(
+        r"[^A-Za-z0-9._-]+", "_", Path(str(cfg.model)).name)
+    return "-".join(x for x in (model, shots, None if cfg.chat_template else "no-chat-template") if x)
+
+
 def _base_file(root: Path, cfg) -> Path:
-    """Where the base model's evaluation in ``cfg``'s form and prompt is kept: ``base[-FORM][+PROMPT].json``
-    (the slot reading is the same in every form, not under another prompt)."""
-    prompt = "-".join([*([f"few-shot-{cfg.few_shot}"] if cfg.few_shot else []),
-                       *([] if cfg.chat_template else ["no-chat-template"])])
-    return root / ("base" + ("" if cfg.form == DEFAULT_FORM else f"-{cfg.form}") + (f"+{prompt}" if prompt else "")
+    """Where the base model's evaluation in ``cfg``'s form, model and prompt is kept:
+    ``base[-FORM][+LABEL].json`` (the slot reading is the same in every form, not under another model or
+    prompt)."""
+    label = _base_label(cfg)
+    return root / ("base" + ("" if cfg.form == DEFAULT_FORM else f"-{cfg.form}") + (f"+{label}" if label else "")
                    + ".json")
 
 
@@ -143,19 +155,20 @@ def _cell_config(rest, options, seed, out: Path):
     return cfg, False
 
 
-def run_cells(args, rest, dist) -> dict:
-    """Train (or read) every cell; return ``{method: {seed: cell directory}}``; write the base model's results."""
+def run_cells(args, rest, dist) -> tuple:
+    """Train (or read) every cell; write the base model's results; return ``{method: {seed: cell directory}}``
+    and ``{base file: label}`` for the base readings these cells share."""
     from shala.train import Trainer
 
     out = Path(args.output_dir)
     # every cell's options are checked before any cell trains
     plan = [(method, seed, out / method / f"seed-{seed}") for method in args.methods for seed in args.seeds]
     configs = [_cell_config(rest, args.arms[method], seed, cell) for method, seed, cell in plan]
-    cells = {method: {} for method in args.methods}
+    cells, bases = {method: {} for method in args.methods}, {}
     for (method, seed, cell), (cfg, finished) in zip(plan, configs):
         base_file = _base_file(out, cfg)
         if not finished:
-            cfg.eval_before = cfg.eval_before and not base_file.exists()  # the base model, once per form and prompt
+            cfg.eval_before = cfg.eval_before and not base_file.exists()  # once per form, model and prompt
             log.info("compare: training %s, seed %d, into %s", method, seed, cell)
             summary = Trainer(cfg, dist).fit()
             if summary.get("interrupted"):
@@ -167,7 +180,9 @@ def run_cells(args, rest, dist) -> dict:
                     for p in sorted(cell.glob("eval_before*.json")) for name in [p.stem]}
             write_json(base_file, base)
         cells[method][seed] = cell
-    return cells
+        # the table names the model only where this run's cells use more than one
+        bases[base_file] = _base_label(cfg, with_model=len({c.model for c, _ in configs}) > 1)
+    return cells, bases
 
 
 def _read_sets(cell: Path) -> dict:
@@ -326,10 +341,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         return {}
     out = Path(args.output_dir)
     with Dist.from_env(None) as dist:
-        cells = run_cells(args, rest, dist)
+        cells, bases = run_cells(args, rest, dist)
     if not dist.is_main:
         return {}
-    base = [(p.stem.partition("+")[2], json.loads(p.read_text())) for p in sorted(out.glob("base*.json"))]
+    # this run's base readings only: the folder may hold others' (another model, prompt or form)
+    base = [(label, json.loads(p.read_text())) for p, label in sorted(bases.items()) if p.exists()]
     results = {m: {s: _read_sets(c) for s, c in by_seed.items()} for m, by_seed in cells.items()}
     set_names = list(next(iter(next(iter(results.values())).values())))
     all_stats, tables = {}, []

@@ -39,8 +39,10 @@ def test_compare_two_methods_two_seeds_one_table_and_resume(tmp_path, monkeypatc
     real = train.Trainer.fit
     monkeypatch.setattr(train.Trainer, "fit", lambda self, *a, **k: (trained.append(str(self.run.path)),
                                                                       real(self, *a, **k))[1])
+    (out / "base+other.json").write_text((out / "base+tiny.json").read_text())  # another run's base reading
     compare.main(argv)
     assert trained == []
+    assert "base model (other)" not in (out / "comparison.md").read_text()
     (out / "sft-soft" / "seed-1" / "summary.json").unlink()
     again = compare.main(argv)
     assert trained == [str(out / "sft-soft" / "seed-1")]
@@ -64,7 +66,7 @@ def test_compare_with_the_verbalized_form_reads_the_base_model_in_each_form(tmp_
     compare.main(["--methods", "shala,shala-verbalized,sft-verbalized", "--seeds", "0", "--output-dir", str(out),
                   "--model", model, *FAST, "--steps", "1", "--no-plot", "--resamples", "200",
                   "--verbal-format", "tenths"])
-    assert sorted(p.name for p in out.glob("base*.json")) == ["base-verbalized.json", "base.json"]
+    assert sorted(p.name for p in out.glob("base*.json")) == ["base+tiny.json", "base-verbalized+tiny.json"]
     held = json.loads((out / "comparison.json").read_text())["sets"]["held-out"]
     assert set(held["methods"]) == {"shala", "shala-verbalized", "sft-verbalized"}
     assert {"base model", "base model, verbalized greedy"} <= set(held["fixed"])
@@ -116,10 +118,16 @@ def test_each_prompt_has_its_own_base_model_reading():
     from shala.config import load_config
 
     names = {tuple(a): compare._base_file(Path("o"), load_config(a)).name for a in
-             ([], ["--form", "verbalized"], ["--few-shot", "3"], ["--no-chat-template", "--form", "rationale"])}
+             ([], ["--form", "verbalized"], ["--few-shot", "3"], ["--no-chat-template", "--form", "rationale"],
+              ["--few-shot", "1", "--split-seed", "2", "--train-limit", "50"], ["--model", "gemma3-270m"],
+              ["--model", "/m/my model", "--split-seed", "2"])}
     assert names == {(): "base.json", ("--form", "verbalized"): "base-verbalized.json",
                      ("--few-shot", "3"): "base+few-shot-3.json",
-                     ("--no-chat-template", "--form", "rationale"): "base-rationale+no-chat-template.json"}
+                     ("--no-chat-template", "--form", "rationale"): "base-rationale+no-chat-template.json",
+                     ("--few-shot", "1", "--split-seed", "2", "--train-limit", "50"):
+                         "base+few-shot-1-split2-limit50.json",  # the prefix is drawn from the split's rows
+                     ("--model", "gemma3-270m"): "base+gemma3-270m.json",
+                     ("--model", "/m/my model", "--split-seed", "2"): "base+my_model.json"}
     torch.manual_seed(0)
     q = torch.distributions.Dirichlet(torch.ones(3)).sample((20,))
 
