@@ -1,6 +1,7 @@
 """Options from flags and YAML: one parser for both, every bad value or combination named before anything loads."""
 
 import logging
+import re
 
 import pytest
 
@@ -60,10 +61,16 @@ def test_a_shipped_recipe_is_read_by_name_and_flags_beside_it_win():
     assert long.steps == 400 and long.save_every == 50 and long.eval_every == 50
     assert load_config(["--config", "long.yaml", "--steps", "7"]).steps == 7
     assert load_config([]).steps != long.steps
+    # the recipe sets the budget only: another form keeps its own group and batch sizes
+    verbal, plain = load_config(["--config", "long", "--form", "verbalized"]), load_config(["--form", "verbalized"])
+    assert (verbal.group_size, verbal.batch_size, verbal.steps) == (plain.group_size, plain.batch_size, 400)
 
 
 def test_a_config_that_is_neither_a_file_nor_a_recipe_lists_the_recipes(tmp_path):
-    with pytest.raises(ValueError, match=r"--config lnog: no such file, nor a shipped recipe \(long\)"):
+    from shala import recipes
+
+    listed = re.escape(", ".join(recipes.names()))
+    with pytest.raises(ValueError, match=rf"--config lnog: no such file, nor a shipped recipe \({listed}\)"):
         load_config(["--config", "lnog"])
     # a file of that name wins over the recipe
     (tmp_path / "long").write_text("steps: 3\n")
@@ -84,6 +91,7 @@ def test_a_config_that_is_neither_a_file_nor_a_recipe_lists_the_recipes(tmp_path
     (["--resume", "auto", "--overwrite"], r"--resume continues the run .* --overwrite moves it aside"),
     (["--resume", ""], r"--resume must be 'auto' or a checkpoint directory"),
     (["--form", "answer", "--max-new-tokens", "8"], r"the answer form writes one token"),
+    (["--form", "rationale", "--few-shot", "2"], r"--few-shot 2 with --form rationale: the examples answer without"),
 ])
 def test_bad_options_and_combinations(argv, message):
     if "cuda" in argv and __import__("torch").cuda.is_available():
