@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    trained = adapter_meta(args.adapter) if args.adapter else {}
+    trained = trained_meta(args.adapter, args.model)
     args.form = args.form or trained.get("form", DEFAULT_FORM)
     args.verbal_format = args.verbal_format or trained.get("verbal_format", "percent")
     default_threads()
@@ -299,8 +299,9 @@ def prompt_settings(args, trained: dict, train_rows) -> dict:
     shots = trained.get("shots", [])
     if args.few_shot is not None and args.few_shot != len(shots):
         if trained:
-            raise ValueError(f"--few-shot {args.few_shot}: the adapter was trained with {len(shots)} example(s) "
-                             "before each prompt, which its evaluation uses (leave --few-shot out)")
+            raise ValueError(f"--few-shot {args.few_shot}: the adapter (or merged model) was trained with "
+                             f"{len(shots)} example(s) before each prompt, which its evaluation uses (leave "
+                             "--few-shot out)")
         if args.split != "eval":
             raise ValueError(f"--few-shot {args.few_shot} picks from the train split; with --split {args.split} it "
                              "would show the evaluated items themselves (use --split eval)")
@@ -319,6 +320,15 @@ def check_output_file(path, *, option: str) -> None:
         parent = parent.parent
     if not os.access(parent, os.W_OK):
         raise ValueError(f"{option} {path}: {parent} cannot be written")
+
+
+def trained_meta(adapter, model) -> dict:
+    """What shala.train recorded about the weights evaluated: the adapter's ``shala.json``, else that of a model
+    folder ``shala.export --merge`` wrote (its prompt and form); {} for any other model."""
+    if adapter:
+        return adapter_meta(adapter)
+    meta = Path(str(model)) / "shala.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {}
 
 
 def adapter_meta(adapter) -> dict:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from shala import export, train
+from shala import evaluate, export, train
 from tests.test_train import FAST
 from tests.tiny import save_tiny
 
@@ -36,6 +36,9 @@ def test_merged_export_loads_in_plain_transformers_with_the_adapters_logits(trai
     model, final = trained
     out = export.main(["--adapter", str(final), "--out", str(tmp_path / "merged"), "--merge"])
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+    # shala.evaluate --model reads the merged model's prompt and form as it would the adapter's
+    assert evaluate.trained_meta(None, out) == evaluate.adapter_meta(final) != {}
+    assert evaluate.trained_meta(None, model) == {}
     assert (out / "generation_config.json").is_file()
     assert "quantization_config" not in json.loads((out / "config.json").read_text())
     plain = AutoModelForCausalLM.from_pretrained(out, local_files_only=True).eval()

@@ -79,7 +79,8 @@ def test_a_few_shot_plain_text_prompt_is_trained_recorded_and_evaluated_the_same
     ev = evaluate.main(args)
     assert ev["jsd"] == pytest.approx(res["after"]["jsd"], abs=1e-6)  # the adapter's prompt, not the default's
     assert evaluate.main([*args, "--chat-template"])["jsd"] != pytest.approx(ev["jsd"], abs=1e-6)
-    with pytest.raises(ValueError, match=r"--few-shot 3: the adapter was trained with 2 example\(s\)"):
+    with pytest.raises(ValueError, match=r"--few-shot 3: the adapter \(or merged model\) was trained with 2 "
+                                         r"example\(s\)"):
         evaluate.main([*args, "--few-shot", "3"])
 
 
