@@ -127,5 +127,6 @@ class Dist:
                 tdist.barrier()
             # A trainer is freed only by the cycle collector, and its DDP wrapper keeps the group alive: left
             # to interpreter shutdown, the group's worker threads are torn down there and the process aborts.
+            # (After an error the traceback's frames still hold the trainer; that exit fails anyway.)
             gc.collect()
             tdist.destroy_process_group()

@@ -41,6 +41,8 @@ def test_few_shot_examples_take_each_label_in_turn_and_precede_the_item(tok):
     shots = pick_shots(rows, 4, seed=0)
     majority = [max(range(3), key=lambda k: (s["probs"][k], -k)) for s in shots]
     assert majority[:3] == [0, 1, 2] and len(shots) == 4
+    # the fourth comes from the one label with rows left: the first class's, which holds the tied row
+    assert {shots[0]["inputs"]["premise"], shots[3]["inputs"]["premise"]} == {"P2.", "P4."}
     assert pick_shots(rows, 4, seed=0) == shots and {s["inputs"]["premise"] for s in pick_shots(rows, 5, 1)} == {
         f"P{i}." for i in range(5)}
     with pytest.raises(ValueError, match=r"--few-shot 6: expected 0 to 5"):

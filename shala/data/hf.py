@@ -29,6 +29,8 @@ TABLE_OPTIONS = ("text", "label", "counts", "label_names", "task", "id", "label_
 
 def _records(ds: datasets.Dataset, classes: datasets.ClassLabel | None = None,
              column: str | None = None, rows: Rows | None = None) -> Iterator[tuple]:
+    """``(where, record)`` per row; a ``classes`` column's ids read as names, a bad id a row error of ``rows``
+    (required with ``classes``)."""
     for i, record in enumerate(ds):
         where = f"row {i}"
         if classes is not None and record.get(column) is not None:
