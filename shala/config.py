@@ -329,9 +329,10 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
     check_device(cfg.device)
     parse_label_map(cfg.eval_label_map)
     check_form_options(cfg.form, max_new_tokens=cfg.max_new_tokens)
-    if cfg.few_shot and cfg.form == "rationale":
-        raise ValueError(f"--few-shot {cfg.few_shot} with --form rationale: the examples answer without the "
-                         "explanation that form asks for; use --form answer or verbalized")
+    if cfg.few_shot and not FORMS[cfg.form].takes_shots:
+        raise ValueError(f"--few-shot {cfg.few_shot} with --form {cfg.form}: the examples answer without the "
+                         "explanation that form asks for; use --form "
+                         + " or ".join(n for n, f in FORMS.items() if f.takes_shots))
     terms = cfg.reward_weights()
     for mode, weight in terms.items():
         if weight <= 0:

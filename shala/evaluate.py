@@ -302,6 +302,9 @@ def prompt_settings(args, trained: dict, train_rows) -> dict:
             raise ValueError(f"--few-shot {args.few_shot}: the adapter (or merged model) was trained with "
                              f"{len(shots)} example(s) before each prompt, which its evaluation uses (leave "
                              "--few-shot out)")
+        if not FORMS[args.form].takes_shots:
+            raise ValueError(f"--few-shot {args.few_shot} with --form {args.form}: the examples answer without "
+                             "the explanation that form asks for")
         if args.split != "eval":
             raise ValueError(f"--few-shot {args.few_shot} picks from the train split; with --split {args.split} it "
                              "would show the evaluated items themselves (use --split eval)")

@@ -127,6 +127,7 @@ class RolloutForm:
     default_max_new_tokens = 1
     default_reward = "slot=1"  # the reward when --reward is not given
     writes_distribution = False  # the completion states a distribution (the ``verbal`` reward can read it)
+    takes_shots = True  # --few-shot examples, answered as this form's prompt asks
     #: shala.train options this form sets when they are not given (its budget differs from the answer form's)
     option_defaults: dict = {}
 
@@ -330,6 +331,7 @@ class RationaleForm(RolloutForm):
 
     name = "rationale"
     default_max_new_tokens = 48
+    takes_shots = False  # an example answers without the explanation this prompt asks for
 
     def __init__(self, builder, **kw):
         super().__init__(builder, **kw)
