@@ -165,6 +165,7 @@ def run_cells(args, rest, dist) -> tuple:
     plan = [(method, seed, out / method / f"seed-{seed}") for method in args.methods for seed in args.seeds]
     configs = [_cell_config(rest, args.arms[method], seed, cell) for method, seed, cell in plan]
     cells, bases = {method: {} for method in args.methods}, {}
+    with_model = len({cfg.model for cfg, _ in configs}) > 1  # the table names the model only then
     for (method, seed, cell), (cfg, finished) in zip(plan, configs):
         base_file = _base_file(out, cfg)
         if not finished:
@@ -180,8 +181,7 @@ def run_cells(args, rest, dist) -> tuple:
                     for p in sorted(cell.glob("eval_before*.json")) for name in [p.stem]}
             write_json(base_file, base)
         cells[method][seed] = cell
-        # the table names the model only where this run's cells use more than one
-        bases[base_file] = _base_label(cfg, with_model=len({c.model for c, _ in configs}) > 1)
+        bases[base_file] = _base_label(cfg, with_model=with_model)
     return cells, bases
 
 

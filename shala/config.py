@@ -328,11 +328,7 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
         raise ValueError("--resume continues the run in --output-dir and --overwrite moves it aside: pass one")
     check_device(cfg.device)
     parse_label_map(cfg.eval_label_map)
-    check_form_options(cfg.form, max_new_tokens=cfg.max_new_tokens)
-    if cfg.few_shot and not FORMS[cfg.form].takes_shots:
-        raise ValueError(f"--few-shot {cfg.few_shot} with --form {cfg.form}: the examples answer without the "
-                         "explanation that form asks for; use --form "
-                         + " or ".join(n for n, f in FORMS.items() if f.takes_shots))
+    check_form_options(cfg.form, max_new_tokens=cfg.max_new_tokens, few_shot=cfg.few_shot)
     terms = cfg.reward_weights()
     for mode, weight in terms.items():
         if weight <= 0:

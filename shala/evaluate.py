@@ -34,7 +34,7 @@ from shala.label_jsd import label_reward
 from shala.lm import next_token_logits
 from shala.models import DEFAULT_MODEL, adapter_folder, context_length, default_threads, load_model, load_tokenizer
 from shala.prompts import PromptBuilder, fit_prompts, pick_shots
-from shala.rollout import DEFAULT_FORM, FORMS, make_form
+from shala.rollout import DEFAULT_FORM, FORMS, check_form_options, make_form
 from shala.verbalized import GRANULARITIES
 
 log = logging.getLogger("shala.evaluate")
@@ -302,9 +302,7 @@ def prompt_settings(args, trained: dict, train_rows) -> dict:
             raise ValueError(f"--few-shot {args.few_shot}: the adapter (or merged model) was trained with "
                              f"{len(shots)} example(s) before each prompt, which its evaluation uses (leave "
                              "--few-shot out)")
-        if not FORMS[args.form].takes_shots:
-            raise ValueError(f"--few-shot {args.few_shot} with --form {args.form}: the examples answer without "
-                             "the explanation that form asks for")
+        check_form_options(args.form, few_shot=args.few_shot)
         if args.split != "eval":
             raise ValueError(f"--few-shot {args.few_shot} picks from the train split; with --split {args.split} it "
                              "would show the evaluated items themselves (use --split eval)")
@@ -328,15 +326,16 @@ def check_output_file(path, *, option: str) -> None:
 def trained_meta(adapter, model) -> dict:
     """What shala.train recorded about the weights evaluated: the adapter's ``shala.json``, else that of a model
     folder ``shala.export --merge`` wrote (its prompt and form); {} for any other model."""
-    if adapter:
-        return adapter_meta(adapter)
-    meta = Path(str(model)) / "shala.json"
-    return json.loads(meta.read_text()) if meta.is_file() else {}
+    return adapter_meta(adapter) if adapter else _read_meta(Path(str(model)))
 
 
 def adapter_meta(adapter) -> dict:
     """What shala.train recorded about an adapter (``shala.json``: task, labels, form, ...); {} for another's."""
-    meta = adapter_folder(adapter) / "shala.json"
+    return _read_meta(adapter_folder(adapter))
+
+
+def _read_meta(folder: Path) -> dict:
+    meta = folder / "shala.json"
     return json.loads(meta.read_text()) if meta.is_file() else {}
 
 

@@ -629,9 +629,13 @@ def _form(name: str) -> type:
     return FORMS[name]
 
 
-def check_form_options(name: str, *, max_new_tokens: Optional[int]) -> None:
+def check_form_options(name: str, *, max_new_tokens: Optional[int] = None, few_shot: Optional[int] = None) -> None:
     """Raise ValueError when form ``name`` does not exist or cannot take these options."""
-    _form(name).check_options(max_new_tokens=max_new_tokens)
+    form = _form(name)
+    form.check_options(max_new_tokens=max_new_tokens)
+    if few_shot and not form.takes_shots:
+        raise ValueError(f"--few-shot {few_shot} with --form {name}: the examples answer without the explanation "
+                         "that form asks for; use --form " + " or ".join(n for n, f in FORMS.items() if f.takes_shots))
 
 
 def make_form(name: str, builder, **kw) -> RolloutForm:

@@ -82,6 +82,13 @@ def test_form_options_are_checked():
         check_form_options("rationale", max_new_tokens=0)
     with pytest.raises(ValueError, match="--form must be one of"):
         check_form_options("essay", max_new_tokens=None)
+    for name, form in FORMS.items():  # examples only where the form's prompt is answered as they answer
+        if form.takes_shots:
+            check_form_options(name, few_shot=2)
+        else:
+            with pytest.raises(ValueError, match=f"--few-shot 2 with --form {name}: the examples answer without"):
+                check_form_options(name, few_shot=2)
+    assert not all(form.takes_shots for form in FORMS.values())
 
 
 @pytest.mark.parametrize("name", ["rationale", "verbalized"])
