@@ -22,6 +22,8 @@ log = logging.getLogger("shala.train")
 
 __all__ = ["TrainState", "TrainingError"]
 
+FLAT_WARN_AFTER = 10  # RL steps in a row with equal rewards in every group before a collapse is reported
+
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row)."""
@@ -35,6 +37,8 @@ class TrainState:
         self.step = 0
         self.bad_in_a_row = 0  # consecutive skipped (non-finite) steps
         self.skipped = 0
+        self.flat_in_a_row = 0  # consecutive RL steps whose every group got equal rewards (no policy gradient)
+        self.flat_steps = 0
         self.metrics_lines = 0  # lines of metrics.jsonl written so far
         self.best: dict = {}  # {"step", "jsd"} of the best evaluation during training (--save-best)
 
@@ -46,6 +50,17 @@ class TrainState:
         if not ok:
             log.warning("step %d skipped: non-finite rewards, loss or gradients (%d in a row)", self.step,
                         self.bad_in_a_row)
+
+    def record_flat(self, flat: bool) -> None:
+        """Count an RL step whose every group got equal rewards: its advantages are all 0. A run of them means
+        the policy answers each prompt the same way every time, and sampling no longer teaches it anything."""
+        self.flat_in_a_row = self.flat_in_a_row + 1 if flat else 0
+        self.flat_steps += int(flat)
+        if self.flat_in_a_row == FLAT_WARN_AFTER:
+            log.warning("steps %d to %d: every group's rollouts got equal rewards, so the policy gradient is 0; "
+                        "the policy has collapsed to one answer per prompt and may not recover (a lower --lr, "
+                        "--kl-coef or a higher --temperature keep answers apart)",
+                        self.step - FLAT_WARN_AFTER + 1, self.step)
 
     def check(self, max_bad_steps: int) -> None:
         """Raise TrainingError after ``max_bad_steps`` skipped steps in a row."""
@@ -80,6 +95,7 @@ class TrainState:
             "rng": self.dist.gather_object(rng),
             "bad_in_a_row": self.bad_in_a_row,
             "skipped": self.skipped,
+            "flat": [self.flat_in_a_row, self.flat_steps],
             "metrics_lines": self.metrics_lines,
             "best": json.dumps(self.best),
         }
@@ -111,6 +127,7 @@ class TrainState:
         self.step = int(state["step"])
         self.bad_in_a_row = int(state["bad_in_a_row"])
         self.skipped = int(state["skipped"])
+        self.flat_in_a_row, self.flat_steps = (int(x) for x in state.get("flat", (0, 0)))  # older checkpoints: none
         self.metrics_lines = int(state["metrics_lines"])
         self.best = json.loads(state.get("best", "{}"))
 
