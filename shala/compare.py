@@ -51,6 +51,7 @@ from shala.metrics import format_value
 from shala.models import DEFAULT_MODEL
 from shala.outputs import RunDir
 from shala.rollout import DEFAULT_FORM
+from shala.state import FLAT_WARN_AFTER
 
 log = logging.getLogger("shala.compare")
 
@@ -353,11 +354,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         per_method = {m: [by_seed[s][name] for s in args.seeds] for m, by_seed in results.items()}
         all_stats[name] = summarize_set(name, per_method, base, args.resamples, args.versus)
         tables.append(markdown(name, all_stats[name], args.seeds))
-    seconds = {m: [json.loads((c / "summary.json").read_text()).get("train_seconds") for c in by_seed.values()]
-               for m, by_seed in cells.items()}
+    summaries = {m: {s: json.loads((c / "summary.json").read_text()) for s, c in by_seed.items()}
+                 for m, by_seed in cells.items()}
+    seconds = {m: [summary.get("train_seconds") for summary in by_seed.values()] for m, by_seed in summaries.items()}
+    collapsed = [f"{m} seed {s} (step {summary['collapsed_at']})" for m, by_seed in summaries.items()
+                 for s, summary in by_seed.items() if summary.get("collapsed_at")]
     text = "\n\n".join(tables) + ("\n\nΔ: mean over seeds and items of the per-item difference in JSD, CI from a "
                                   f"paired percentile bootstrap over items ({args.resamples} resamples) pooled "
                                   "across seeds; * the CI excludes 0.\n")
+    if collapsed:  # such a cell stopped learning: its row measures the collapse
+        text += (f"\nCollapsed (every group's rewards equal for {FLAT_WARN_AFTER} steps in a row: no policy "
+                 "gradient from then on): " + ", ".join(collapsed) + ".\n")
     print(text)
     (out / "comparison.md").write_text(text)
     write_json(out / "comparison.json", {"sets": all_stats, "seeds": args.seeds, "methods": args.methods,

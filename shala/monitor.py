@@ -65,6 +65,8 @@ class RunMonitor:
         step = t.state.step
         metrics = t.dist.mean({**metrics, "skipped_total": t.state.skipped,
                                "lr": t.policy.scheduler.get_last_lr()[0]})
+        if "zero_std_frac" in metrics:  # an RL step; the mean over processes is 1 when flat on each
+            t.state.record_flat(metrics["zero_std_frac"] == 1.0)
         evaluated = self.evaluate_now() if cfg.eval_every and step % cfg.eval_every == 0 else {}
         metrics.update(evaluated)
         if step % cfg.log_every == 0 or step == cfg.steps or evaluated:

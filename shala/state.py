@@ -39,6 +39,7 @@ class TrainState:
         self.skipped = 0
         self.flat_in_a_row = 0  # consecutive RL steps whose every group got equal rewards (no policy gradient)
         self.flat_steps = 0
+        self.collapsed_at = 0  # the step that completed the first FLAT_WARN_AFTER flat steps in a row; 0: none
         self.metrics_lines = 0  # lines of metrics.jsonl written so far
         self.best: dict = {}  # {"step", "jsd"} of the best evaluation during training (--save-best)
 
@@ -57,10 +58,15 @@ class TrainState:
         self.flat_in_a_row = self.flat_in_a_row + 1 if flat else 0
         self.flat_steps += int(flat)
         if self.flat_in_a_row == FLAT_WARN_AFTER:
+            self.collapsed_at = self.collapsed_at or self.step
             log.warning("steps %d to %d: every group's rollouts got equal rewards, so the policy gradient is 0; "
                         "the policy has collapsed to one answer per prompt and may not recover (a lower --lr, "
                         "--kl-coef or a higher --temperature keep answers apart)",
                         self.step - FLAT_WARN_AFTER + 1, self.step)
+
+    def counts(self) -> dict:
+        """The run's counters for its summary: skipped and flat steps, and the step a collapse was seen (or None)."""
+        return {"skipped_steps": self.skipped, "flat_steps": self.flat_steps, "collapsed_at": self.collapsed_at or None}
 
     def check(self, max_bad_steps: int) -> None:
         """Raise TrainingError after ``max_bad_steps`` skipped steps in a row."""
@@ -95,7 +101,7 @@ class TrainState:
             "rng": self.dist.gather_object(rng),
             "bad_in_a_row": self.bad_in_a_row,
             "skipped": self.skipped,
-            "flat": [self.flat_in_a_row, self.flat_steps],
+            "flat": [self.flat_in_a_row, self.flat_steps, self.collapsed_at],
             "metrics_lines": self.metrics_lines,
             "best": json.dumps(self.best),
         }
@@ -127,7 +133,7 @@ class TrainState:
         self.step = int(state["step"])
         self.bad_in_a_row = int(state["bad_in_a_row"])
         self.skipped = int(state["skipped"])
-        self.flat_in_a_row, self.flat_steps = (int(x) for x in state.get("flat", (0, 0)))  # older checkpoints: none
+        self.flat_in_a_row, self.flat_steps, self.collapsed_at = (int(x) for x in state.get("flat", (0, 0, 0)))
         self.metrics_lines = int(state["metrics_lines"])
         self.best = json.loads(state.get("best", "{}"))
 

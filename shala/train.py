@@ -184,8 +184,6 @@ class Trainer:
                     metrics = (self.rl_step if cfg.method in RL_METHODS else self.sft_step)(self.next_batch())
                 state.record(dist.all(metrics.pop("ok")))
                 last = self.monitor.log(metrics)
-                if "zero_std_frac" in last:
-                    state.record_flat(last["zero_std_frac"] == 1.0)  # the mean over processes: flat on each
                 bar.update(1)
                 bar.set_postfix({k: f"{last[k]:.3f}" for k in shown if k in last})
                 state.check(cfg.max_bad_steps)
@@ -198,8 +196,7 @@ class Trainer:
                     return {"interrupted": True, "step": state.step, "signal": stop.signal}
                 if done_here:
                     return {"stopped": True, "step": state.step}
-        out = {"train_seconds": time.perf_counter() - t_start, "steps": state.step, "skipped_steps": state.skipped,
-               "flat_steps": state.flat_steps,
+        out = {"train_seconds": time.perf_counter() - t_start, "steps": state.step, **state.counts(),
                "truncated_prompts": self.truncated, "run_id": cfg.run_id()}
         if not (cfg.save_every and state.step % cfg.save_every == 0) and start_step < state.step:
             state.save(run.path / "checkpoints", cfg, extra=self._adapter_into)

@@ -284,7 +284,7 @@ def test_a_collapsed_policy_is_reported(tiny_dir, tmp_path, monkeypatch, caplog)
     trainer.policy.core.get_base_model().register_forward_hook(one_answer)
     with caplog.at_level("WARNING", logger="shala.train"):
         res = trainer.fit()
-    assert res["flat_steps"] == 3
+    assert res["flat_steps"] == 3 and res["collapsed_at"] == 2
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["zero_std_frac"] for r in rows] == [1.0, 1.0, 1.0] and all(r["adv_abs_mean"] == 0 for r in rows)
     warned = [r.message for r in caplog.records if "collapsed to one answer per prompt" in r.message]
