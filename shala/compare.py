@@ -357,14 +357,14 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     summaries = {m: {s: json.loads((c / "summary.json").read_text()) for s, c in by_seed.items()}
                  for m, by_seed in cells.items()}
     seconds = {m: [summary.get("train_seconds") for summary in by_seed.values()] for m, by_seed in summaries.items()}
-    collapsed = [f"{m} seed {s} (step {summary['collapsed_at']})" for m, by_seed in summaries.items()
-                 for s, summary in by_seed.items() if summary.get("collapsed_at")]
+    collapsed = [f"{m} seed {s} (from step {summary['collapsed_at']}; {summary['flat_steps']} flat steps in all)"
+                 for m, by_seed in summaries.items() for s, summary in by_seed.items() if summary.get("collapsed_at")]
     text = "\n\n".join(tables) + ("\n\nΔ: mean over seeds and items of the per-item difference in JSD, CI from a "
                                   f"paired percentile bootstrap over items ({args.resamples} resamples) pooled "
                                   "across seeds; * the CI excludes 0.\n")
     if collapsed:  # such a cell stopped learning: its row measures the collapse
-        text += (f"\nCollapsed (every group's rewards equal for {FLAT_WARN_AFTER} steps in a row: no policy "
-                 "gradient from then on): " + ", ".join(collapsed) + ".\n")
+        text += (f"\nCollapsed (every group's rewards equal, so no policy-gradient term, for {FLAT_WARN_AFTER} or "
+                 "more steps in a row): " + ", ".join(collapsed) + ".\n")
     print(text)
     (out / "comparison.md").write_text(text)
     write_json(out / "comparison.json", {"sets": all_stats, "seeds": args.seeds, "methods": args.methods,

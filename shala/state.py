@@ -58,7 +58,7 @@ class TrainState:
         self.flat_in_a_row = self.flat_in_a_row + 1 if flat else 0
         self.flat_steps += int(flat)
         if self.flat_in_a_row == FLAT_WARN_AFTER:
-            self.collapsed_at = self.collapsed_at or self.step
+            self.collapsed_at = self.collapsed_at or self.step - FLAT_WARN_AFTER + 1
             log.warning("steps %d to %d: every group's rollouts got equal rewards, so the policy gradient is 0; "
                         "the policy has collapsed to one answer per prompt and may not recover (a lower --lr, "
                         "--kl-coef or a higher --temperature keep answers apart)",
@@ -133,6 +133,9 @@ class TrainState:
         self.step = int(state["step"])
         self.bad_in_a_row = int(state["bad_in_a_row"])
         self.skipped = int(state["skipped"])
+        if "flat" not in state:
+            log.warning("the checkpoint predates the flat-step counters: flat steps are counted from step %d",
+                        self.step)
         self.flat_in_a_row, self.flat_steps, self.collapsed_at = (int(x) for x in state.get("flat", (0, 0, 0)))
         self.metrics_lines = int(state["metrics_lines"])
         self.best = json.loads(state.get("best", "{}"))

@@ -45,8 +45,8 @@ def test_compare_two_methods_two_seeds_one_table_and_resume(tmp_path, monkeypatc
     assert "base model (other)" not in (out / "comparison.md").read_text()
     assert "Collapsed" not in table
     summary_file = out / "shala" / "seed-1" / "summary.json"
-    summary_file.write_text(json.dumps({**json.loads(summary_file.read_text()), "collapsed_at": 9}))
-    assert "): shala seed 1 (step 9).\n" in compare.main(argv)["table"]  # a collapsed cell is named under the table
+    summary_file.write_text(json.dumps({**json.loads(summary_file.read_text()), "collapsed_at": 1, "flat_steps": 2}))
+    assert "): shala seed 1 (from step 1; 2 flat steps in all).\n" in compare.main(argv)["table"]  # named below
     (out / "sft-soft" / "seed-1" / "summary.json").unlink()
     again = compare.main(argv)
     assert trained == [str(out / "sft-soft" / "seed-1")]

@@ -266,29 +266,40 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_dir, tmp_path, monkeypatch,
     assert all(torch.equal(before[n], after[n]) for n in before), "a non-finite step changed the weights"
 
 
-def test_a_collapsed_policy_is_reported(tiny_dir, tmp_path, monkeypatch, caplog):
+def test_a_collapsed_policy_is_reported_and_counted_across_a_resume(tiny_dir, tmp_path, monkeypatch, caplog):
     from shala import state as train_state
 
     monkeypatch.setattr(train_state, "FLAT_WARN_AFTER", 2)
-    cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--steps", "3",
-                       "--no-eval-before", "--no-eval-after"])
-    trainer = train.Trainer(cfg)
-    label = trainer.builder.label_ids[0]
 
-    def one_answer(module, args, output):  # every rollout samples the same label: equal rewards in each group
-        bias = torch.full_like(output.logits, -1e4)
-        bias[..., label] = 0.0
-        output.logits = 0.0 * output.logits + bias  # still a function of the weights
-        return output
+    def trainer(out, *extra):
+        cfg = load_config(["--model", tiny_dir, "--output-dir", str(out), *FAST, "--steps", "3",
+                           "--no-eval-before", "--no-eval-after", *extra])
+        t = train.Trainer(cfg)
+        label = t.builder.label_ids[0]
 
-    trainer.policy.core.get_base_model().register_forward_hook(one_answer)
+        def one_answer(module, args, output):  # every rollout samples the same label: equal rewards in each group
+            bias = torch.full_like(output.logits, -1e4)
+            bias[..., label] = 0.0
+            output.logits = 0.0 * output.logits + bias  # still a function of the weights
+            return output
+
+        t.policy.core.get_base_model().register_forward_hook(one_answer)
+        return t
+
+    def warnings():
+        return [r.message for r in caplog.records if "collapsed to one answer per prompt" in r.message]
+
     with caplog.at_level("WARNING", logger="shala.train"):
-        res = trainer.fit()
-    assert res["flat_steps"] == 3 and res["collapsed_at"] == 2
-    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["zero_std_frac"] for r in rows] == [1.0, 1.0, 1.0] and all(r["adv_abs_mean"] == 0 for r in rows)
-    warned = [r.message for r in caplog.records if "collapsed to one answer per prompt" in r.message]
-    assert warned == [warned[0]] and warned[0].startswith("steps 1 to 2:")
+        res = trainer(tmp_path / "a").fit()
+        rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["zero_std_frac"] for r in rows] == [1.0, 1.0, 1.0] and all(r["adv_abs_mean"] == 0 for r in rows)
+        assert (res["flat_steps"], res["collapsed_at"]) == (3, 1)
+        assert len(warnings()) == 1 and warnings()[0].startswith("steps 1 to 2:")
+        caplog.clear()
+        trainer(tmp_path / "b").fit(stop_after=1)  # stopped after step 1, resumed: the same counts and warning
+        resumed = trainer(tmp_path / "b", "--resume", "auto").fit()
+        assert (resumed["flat_steps"], resumed["collapsed_at"]) == (3, 1)
+        assert len(warnings()) == 1 and warnings()[0].startswith("steps 1 to 2:")
 
 
 @pytest.mark.parametrize(
