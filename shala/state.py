@@ -39,7 +39,7 @@ class TrainState:
         self.skipped = 0
         self.flat_in_a_row = 0  # consecutive RL steps whose every group got equal rewards (no policy gradient)
         self.flat_steps = 0
-        self.collapsed_at = 0  # the step that completed the first FLAT_WARN_AFTER flat steps in a row; 0: none
+        self.collapsed_at = 0  # the first step of the first FLAT_WARN_AFTER flat steps in a row; 0: none
         self.metrics_lines = 0  # lines of metrics.jsonl written so far
         self.best: dict = {}  # {"step", "jsd"} of the best evaluation during training (--save-best)
 
@@ -58,11 +58,11 @@ class TrainState:
         self.flat_in_a_row = self.flat_in_a_row + 1 if flat else 0
         self.flat_steps += int(flat)
         if self.flat_in_a_row == FLAT_WARN_AFTER:
-            self.collapsed_at = self.collapsed_at or self.step - FLAT_WARN_AFTER + 1
+            first = self.step - FLAT_WARN_AFTER + 1
+            self.collapsed_at = self.collapsed_at or first
             log.warning("steps %d to %d: every group's rollouts got equal rewards, so the policy gradient is 0; "
                         "the policy has collapsed to one answer per prompt and may not recover (a lower --lr, "
-                        "--kl-coef or a higher --temperature keep answers apart)",
-                        self.step - FLAT_WARN_AFTER + 1, self.step)
+                        "--kl-coef or a higher --temperature keep answers apart)", first, self.step)
 
     def counts(self) -> dict:
         """The run's counters for its summary: skipped and flat steps, and the step a collapse was seen (or None)."""
