@@ -68,7 +68,9 @@ setup(
     install_requires=[
         "torch>=2.13",
         "triton>=3.3",
-        "transformers>=4.56",
+        # 5.25 imports the hub's `kernels` package, which this repository's kernels/ folder shadows
+        # whenever the repository root is on sys.path (python -m from the root)
+        "transformers>=4.56,<5.25",
         "peft>=0.17",
         "datasets>=3.0",
         "accelerate>=1.0",
