@@ -61,16 +61,13 @@ setup(
     python_requires=">=3.10",
     packages=["shala", "shala.data", "shala.integrations", "shala.kernels", "shala.data_files",
               "shala.recipes"],
-    package_dir={"shala": "shala", "shala.kernels": "kernels", "shala.data_files": "shala/data_files"},
     package_data={"shala.data_files": ["*.jsonl", "*.md", "LICENSE*"], "shala.recipes": ["*.yaml"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=[
         "torch>=2.13",
         "triton>=3.3",
-        # 5.25 imports the hub's `kernels` package, which this repository's kernels/ folder shadows
-        # whenever the repository root is on sys.path (python -m from the root)
-        "transformers>=4.56,<5.25",
+        "transformers>=4.56",
         "peft>=0.17",
         "datasets>=3.0",
         "accelerate>=1.0",

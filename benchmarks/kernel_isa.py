@@ -13,7 +13,7 @@ thread handles per iteration, ``BLOCK_V / (32 * num_warps)``), with the kernel's
 registers and local-memory (spill) bytes from ``cuobjdump -res-usage``. This is a
 static measure of the work the streaming loops issue, not a time: times come from
 ``benchmarks.bench_rewards`` on a GPU. ``--kernel-file`` reads another version of
-the kernel module (e.g. ``git show REV:kernels/label_jsd.py > old.py``) for a
+the kernel module (e.g. ``git show REV:shala/kernels/label_jsd.py > old.py``) for a
 before/after table; ``--name`` labels its rows.
 
 Results: ``benchmarks/results/sm90-static/kernel_isa[-NAME].{json,md}`` (or ``--out``).
@@ -154,7 +154,7 @@ def analyse(LJ, name: str, dtypes=("bf16", "fp32")) -> list[dict]:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.kernel_isa", description=__doc__.split("\n\n")[0])
-    p.add_argument("--kernel-file", default=None, help="another version of kernels/label_jsd.py to read instead")
+    p.add_argument("--kernel-file", default=None, help="another version of shala/kernels/label_jsd.py to read instead")
     p.add_argument("--name", default=None, help="label of this kernel's rows and suffix of the result files")
     p.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=["bf16", "fp16", "fp32"])
     p.add_argument("--out", default=None, help="directory for the result files (default benchmarks/results/sm90-static)")
@@ -163,7 +163,7 @@ def main(argv=None) -> dict:
     LJ = load_kernel_module(args.kernel_file)
     env = environment("cpu")
     name = args.name or env["commit"]
-    env.update(device="sm_90 (compiled ahead of time, not run)", kernel_file=args.kernel_file or "kernels/label_jsd.py")
+    env.update(device="sm_90 (compiled ahead of time, not run)", kernel_file=args.kernel_file or "shala/kernels/label_jsd.py")
     rows = analyse(LJ, name, tuple(args.dtypes))
     suffix = f"-{args.name}" if args.name else ""
     path = write_results(f"kernel_isa{suffix}", env, rows, COLUMNS, args.out or RESULTS / "sm90-static")

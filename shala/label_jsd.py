@@ -1,4 +1,4 @@
-"""The label-distribution reward and JS-divergence loss: the public face of ``kernels/label_jsd.py``.
+"""The label-distribution reward and JS-divergence loss: the public face of ``shala/kernels/label_jsd.py``.
 
 The fused kernel (``shala.kernels.label_jsd``) serves CUDA tensors, and CPU
 tensors under ``TRITON_INTERPRET=1``; the float64 PyTorch reference

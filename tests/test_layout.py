@@ -71,3 +71,17 @@ def test_only_rollout_py_tells_the_forms_apart():
                                                      for c in [node.left, *node.comparators]):
                 found.append(f"{path.name}:{node.lineno}")
     assert not found, "the rollout form compared by name in " + ", ".join(found)
+
+
+def test_no_top_level_folder_shadows_an_installed_package():
+    """``python -m`` from the repository root puts the root first on ``sys.path``: a package folder
+    there named like an installed one is imported in its place (transformers imports the hub's
+    ``kernels``, and a ``kernels/`` folder here broke every model load)."""
+    import importlib.metadata
+
+    root = SHALA.parent
+    installed = importlib.metadata.packages_distributions()
+    ours = {p.parent.name for p in root.glob("*/__init__.py")}
+    clash = {name: installed[name] for name in ours - {"shala"} if name in installed}
+    assert not clash, f"top-level folders of {root} named like installed packages: {clash}"
+    assert "kernels" not in ours

@@ -1,1 +1,0 @@
-"""Triton kernels, installed as ``shala.kernels`` (importing this package does not import triton)."""
