@@ -31,6 +31,7 @@ other options is refused unless ``--overwrite`` is given.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -126,12 +127,14 @@ def parse_args(argv):
 def _base_label(cfg, with_model: bool = True) -> str:
     """What sets the base model's reading apart, besides the rollout form: the model when not the default (and
     ``with_model``), and the prompt (a few-shot prefix, drawn by ``--split-seed`` from at most ``--train-limit``
-    rows, or no chat template); "" for the default."""
+    rows, no chat template, or an instruction, by its hash); "" for the default."""
     shots = f"few-shot-{cfg.few_shot}" + (f"-split{cfg.split_seed}" if cfg.split_seed else "") + (
         f"-limit{cfg.train_limit}" if cfg.train_limit else "") if cfg.few_shot else None
     model = None if cfg.model == DEFAULT_MODEL or not with_model else re.sub(
         r"[^A-Za-z0-9._-]+", "_", Path(str(cfg.model)).name)
-    return "-".join(x for x in (model, shots, None if cfg.chat_template else "no-chat-template") if x)
+    instruction = None if cfg.instruction is None else "instruction-" + hashlib.sha1(
+        cfg.instruction.encode()).hexdigest()[:8]
+    return "-".join(x for x in (model, shots, None if cfg.chat_template else "no-chat-template", instruction) if x)
 
 
 def _base_file(root: Path, cfg) -> Path:

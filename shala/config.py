@@ -32,6 +32,7 @@ from shala.distributed import check_device
 from shala.batches import parse_label_map
 from shala.data_files import DEFAULT_DATASET
 from shala.models import DEFAULT_MODEL, MODEL_HELP
+from shala.prompts import check_instruction
 from shala import recipes
 from shala.rewards import parse_reward_terms
 from shala.rollout import DEFAULT_FORM, FORMS, check_form_options
@@ -99,6 +100,10 @@ class TrainConfig:
     chat_template: bool = _f(True, "wrap prompts in the tokenizer's chat template (off, or without one: plain text)")
     few_shot: int = _f(0, "ask and answer N training items before each prompt (majority label; the shares in the "
                           "verbalized form), taken in turn from each label, shuffled by --split-seed")
+    instruction: Optional[str] = _f(None, "the question asked of each item in place of the task's own: a text with "
+                                          "the item's input fields and {options} (the label words) in braces, e.g. "
+                                          "'{premise} Question: {hypothesis} True, false or unknown? Answer "
+                                          "{options}.' (YAML keeps line breaks)")
 
     # rewards (method shala; grpo-accuracy uses accuracy alone)
     reward: list = _f(None, "reward terms as MODE=WEIGHT (repeatable; modes: slot, histogram, sampled, accuracy, "
@@ -186,7 +191,7 @@ class TrainConfig:
 
     #: Options whose default leaves a run as it was before they existed: hashed only when set otherwise, so
     #: that runs made before them keep their identity.
-    HASHED_WHEN_SET = ("train_dataset", "source_weight", "bf16", "chat_template", "few_shot")
+    HASHED_WHEN_SET = ("train_dataset", "source_weight", "bf16", "chat_template", "few_shot", "instruction")
 
     #: Run-defining options a resume may change: ``--steps`` (extend the run; the learning-rate schedule is
     #: laid over the new total from the step reached).
@@ -329,6 +334,8 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
     check_device(cfg.device)
     parse_label_map(cfg.eval_label_map)
     check_form_options(cfg.form, max_new_tokens=cfg.max_new_tokens, few_shot=cfg.few_shot)
+    if cfg.instruction is not None:
+        check_instruction(cfg.instruction)
     terms = cfg.reward_weights()
     for mode, weight in terms.items():
         if weight <= 0:
@@ -451,7 +458,8 @@ HELP_SECTIONS = {
     "data": ("dataset", "data_option", "skip_invalid", "train_dataset", "source_weight", "eval_fraction", "split_seed",
              "train_limit", "max_prompt_tokens", "truncate_prompts"),
     "method and rollouts": ("method", "seed", "form", "verbal_format", "group_size", "batch_size", "max_new_tokens",
-                            "temperature", "shared_prefix", "constrain_answer", "chat_template", "few_shot"),
+                            "temperature", "shared_prefix", "constrain_answer", "chat_template", "few_shot",
+                            "instruction"),
     "reward and weighting": ("reward", "format_penalty", "sum_penalty", "normalize", "mass_weight", "weighting",
                              "weight_alpha", "weight_temperature", "weight_warmup", "scale", "adv_eps"),
     "optimisation": ("steps", "ppo_epochs", "micro_batch_size", "lr", "weight_decay", "lr_schedule", "warmup_steps",

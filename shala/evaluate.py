@@ -34,7 +34,7 @@ from shala.label_jsd import label_reward
 from shala.lm import next_token_logits
 from shala.models import (DEFAULT_MODEL, MODEL_HELP, adapter_folder, context_length, default_threads, load_model,
                           load_tokenizer)
-from shala.prompts import PromptBuilder, fit_prompts, pick_shots
+from shala.prompts import PromptBuilder, check_instruction, fit_prompts, pick_shots
 from shala.rollout import DEFAULT_FORM, FORMS, check_form_options, make_form
 from shala.verbalized import GRANULARITIES
 
@@ -238,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--few-shot", type=int, default=None,
                    help="ask and answer N items of the train split before each prompt, picked as shala.train "
                         "--few-shot picks them (default: the adapter's examples, else 0)")
+    p.add_argument("--instruction", default=None,
+                   help="the question asked of each item in place of the task's own, as shala.train --instruction "
+                        "(default: the adapter's, else the task's)")
     p.add_argument("--output", default=None, help="write the metrics (and per-item p) to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -258,6 +261,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise ValueError(f"--eval-samples {args.samples}: a number >= 0, for a form that writes its distribution "
                          f"({', '.join(n for n, f in FORMS.items() if f.writes_distribution)})")
     check_device(args.device)
+    if args.instruction is not None:
+        check_instruction(args.instruction)
     if args.output:
         check_output_file(args.output, option="--output")
     options = shala_data.parse_data_options(args.data_option)
@@ -294,8 +299,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def prompt_settings(args, trained: dict, train_rows) -> dict:
-    """The chat template and few-shot examples: the flags', else the adapter's, else none (``train_rows``:
-    the train split, where ``--few-shot`` picks from)."""
+    """The chat template, few-shot examples and instruction: the flags', else the adapter's, else the defaults
+    (``train_rows``: the train split, where ``--few-shot`` picks from)."""
     shots = trained.get("shots", [])
     if args.few_shot is not None and args.few_shot != len(shots):
         if trained:
@@ -307,8 +312,15 @@ def prompt_settings(args, trained: dict, train_rows) -> dict:
             raise ValueError(f"--few-shot {args.few_shot} picks from the train split; with --split {args.split} it "
                              "would show the evaluated items themselves (use --split eval)")
         shots = pick_shots(train_rows, args.few_shot, args.seed)
+    instruction = trained.get("instruction")
+    if args.instruction is not None and args.instruction != instruction:
+        if trained:
+            was = "the task's own instruction" if instruction is None else repr(instruction)
+            raise ValueError(f"--instruction {args.instruction!r}: the adapter (or merged model) was trained with "
+                             f"{was}, which its evaluation uses (leave --instruction out)")
+        instruction = args.instruction
     chat = trained.get("chat_template", True) if args.chat_template is None else args.chat_template
-    return {"chat_template": chat, "shots": shots}
+    return {"chat_template": chat, "shots": shots, "instruction": instruction}
 
 
 def check_output_file(path, *, option: str) -> None:

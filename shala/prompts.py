@@ -15,11 +15,12 @@ slot therefore sits after the space, and the label tokens are the digits.
 from __future__ import annotations
 
 import random
+import string
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
 __all__ = ["TaskTemplate", "TEMPLATES", "PromptBuilder", "VerbalizerError", "PromptTooLong", "get_template", "Rollout",
-           "fit_prompts", "pick_shots"]
+           "fit_prompts", "pick_shots", "check_instruction"]
 
 CUE = "Answer:"
 
@@ -75,6 +76,27 @@ def get_template(task: str) -> Optional[TaskTemplate]:
     return TEMPLATES.get(task)
 
 
+def check_instruction(text: str, *, option: str = "--instruction") -> list:
+    """The placeholders of a custom instruction, in order; ValueError, naming ``option``, for a text that
+    is empty or not a ``str.format`` template of named fields (``{premise}``, ``{options}``)."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError(f"{option}: expected a non-empty text with the item's input fields in braces, got {text!r}")
+    try:
+        parts = list(string.Formatter().parse(text))
+    except ValueError as e:
+        raise ValueError(f"{option} {text!r}: {e} (write a literal brace as {{{{ or }}}})") from None
+    names = []
+    for _, name, spec, conversion in parts:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise ValueError(f"{option} {text!r}: '{{{name}{'!' + conversion if conversion else ''}"
+                             f"{':' + spec if spec else ''}}}' is not a placeholder; expected an input field's "
+                             "name or 'options' in braces, e.g. {premise}")
+        names.append(name)
+    return names
+
+
 class VerbalizerError(ValueError):
     """Raised when label verbalizers do not begin with distinct tokens."""
 
@@ -109,20 +131,27 @@ class PromptBuilder:
         label_names: the dataset's label names, in class order.
         system: optional system message.
         chat_template: use the tokenizer's chat template (when it has one); False: plain text.
+        instruction: the question asked of each item in place of the task's (see :func:`check_instruction`):
+            the item's input fields and ``{options}``, the label words, in braces.
         shots: labelled examples (``{"inputs", "probs"}``, see :func:`pick_shots`) asked and answered before
             each item: the majority label after the cue, or the rounded shares in the verbalized prompt.
     """
 
     def __init__(self, tokenizer, task: str, label_names: Sequence[str], *, system: Optional[str] = None,
-                 chat_template: bool = True, shots: Sequence[Mapping] = ()):
+                 chat_template: bool = True, shots: Sequence[Mapping] = (), instruction: Optional[str] = None):
         self.tokenizer = tokenizer
         self.chat_template = chat_template
+        if instruction is not None:
+            check_instruction(instruction)
+        self.instruction = instruction
         self.shots = [{"inputs": dict(s["inputs"]), "probs": [float(x) for x in s["probs"]]} for s in shots]
         self.task = task
         self.label_names = list(label_names)
         if len(self.label_names) < 2:
             raise ValueError(f"a label space needs at least 2 labels, got {self.label_names}")
         self.template = get_template(task)
+        if instruction is not None:  # the task's verbalizers stay: they name the label tokens
+            self.template = TaskTemplate(instruction, self.template.verbalizers if self.template else {})
         self.system = system
         self.words = [self.template.verbalizer(n) if self.template else n for n in self.label_names]
         self.cue_ids, self.label_ids = self._slot_tokens()
@@ -137,7 +166,8 @@ class PromptBuilder:
 
     def settings(self) -> dict:
         """How prompts are written beyond the task: what an evaluation needs to write them the same way."""
-        return {"chat_template": self.chat_template, "shots": self.shots}
+        return {"chat_template": self.chat_template, "shots": self.shots,
+                **({"instruction": self.instruction} if self.instruction is not None else {})}
 
     # -- tokens -----------------------------------------------------------------------------
     def _encode(self, text: str) -> list:
@@ -171,6 +201,9 @@ class PromptBuilder:
             try:
                 text = self.template.instruction.format(options=options, **inputs)
             except KeyError as e:
+                if self.instruction is not None:
+                    raise ValueError(f"--instruction names {{{e.args[0]}}}, which is neither an input field of the "
+                                     f"item (its fields: {', '.join(sorted(inputs))}) nor {{options}}") from None
                 raise KeyError(
                     f"task {self.task!r}: the template needs input field {e.args[0]!r}, the item has {sorted(inputs)}"
                 ) from None
@@ -296,7 +329,10 @@ def fit_prompts(rows: Sequence[Mapping], builder: PromptBuilder, length: Callabl
     out, cut, over = [], 0, []
     for row in rows:
         inputs = row["inputs"]
-        n = length(inputs)
+        try:
+            n = length(inputs)
+        except ValueError as e:  # a custom instruction that names a field this row lacks
+            raise ValueError(f"{where}: item {row['id']}: {e}") from None
         if n > limit:
             if not truncate:
                 over.append(f"{row['id']} ({n} tokens)")

@@ -69,8 +69,8 @@ class Trainer:
         self.rewards = cfg.reward_weights()
         self.data = TrainData.from_config(cfg, self.device, train_dataset, eval_dataset)
         self.tokenizer = load_tokenizer(cfg.model)
-        self.builder = PromptBuilder(self.tokenizer, self.data.task, self.data.label_names,
-                                     chat_template=cfg.chat_template, shots=self.data.shots(cfg))
+        self.builder = PromptBuilder(self.tokenizer, self.data.task, self.data.label_names, shots=self.data.shots(cfg),
+                                     chat_template=cfg.chat_template, instruction=cfg.instruction)
         self.label_ids = torch.tensor(self.builder.label_ids, device=self.device)
         self.form = make_form(cfg.form, self.builder, group_size=cfg.group_size, temperature=cfg.temperature,
                               constrain_answer=cfg.constrain_answer, micro_batch_size=cfg.micro_batch_size,

@@ -1,5 +1,6 @@
 """python -m shala.compare: several methods and seeds, one table with CIs, resumable, on a tiny model."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -124,14 +125,17 @@ def test_each_prompt_has_its_own_base_model_reading():
     names = {tuple(a): compare._base_file(Path("o"), load_config(a)).name for a in
              ([], ["--form", "verbalized"], ["--few-shot", "3"], ["--no-chat-template", "--form", "rationale"],
               ["--few-shot", "1", "--split-seed", "2", "--train-limit", "50"], ["--model", "gemma3-270m"],
-              ["--model", "/m/my model", "--split-seed", "2"])}
+              ["--model", "/m/my model", "--split-seed", "2"],
+              ["--instruction", "{premise} / {hypothesis}? {options}"])}
     assert names == {(): "base.json", ("--form", "verbalized"): "base-verbalized.json",
                      ("--few-shot", "3"): "base+few-shot-3.json",
                      ("--no-chat-template", "--form", "rationale"): "base-rationale+no-chat-template.json",
                      ("--few-shot", "1", "--split-seed", "2", "--train-limit", "50"):
                          "base+few-shot-1-split2-limit50.json",  # the prefix is drawn from the split's rows
                      ("--model", "gemma3-270m"): "base+gemma3-270m.json",
-                     ("--model", "/m/my model", "--split-seed", "2"): "base+my_model.json"}
+                     ("--model", "/m/my model", "--split-seed", "2"): "base+my_model.json",
+                     ("--instruction", "{premise} / {hypothesis}? {options}"): "base+instruction-" + hashlib.sha1(
+                         b"{premise} / {hypothesis}? {options}").hexdigest()[:8] + ".json"}
     torch.manual_seed(0)
     q = torch.distributions.Dirichlet(torch.ones(3)).sample((20,))
 

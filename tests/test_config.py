@@ -92,6 +92,10 @@ def test_a_config_that_is_neither_a_file_nor_a_recipe_lists_the_recipes(tmp_path
     (["--resume", ""], r"--resume must be 'auto' or a checkpoint directory"),
     (["--form", "answer", "--max-new-tokens", "8"], r"the answer form writes one token"),
     (["--form", "rationale", "--few-shot", "2"], r"--few-shot 2 with --form rationale: the examples answer without"),
+    (["--instruction", " "], r"--instruction: expected a non-empty text with the item's input fields in braces"),
+    (["--instruction", "{premise} {hypothesis"], r"--instruction '\{premise\} \{hypothesis': .*literal brace"),
+    (["--instruction", "{premise} {} {options}"], r"'\{\}' is not a placeholder; expected an input field's name"),
+    (["--instruction", "{premise:>9} {options}"], r"'\{premise:>9\}' is not a placeholder"),
 ])
 def test_bad_options_and_combinations(argv, message):
     if "cuda" in argv and __import__("torch").cuda.is_available():
@@ -125,13 +129,15 @@ def test_defaults_warn_about_nothing(caplog):
 def test_run_identity_covers_what_the_run_computes():
     base = TrainConfig()
     assert base.run_id() == TrainConfig().run_id()
-    for field in ("lr", "lora_alpha", "dtype", "temperature", "seed", "reward", "weighting"):
+    for field in ("lr", "lora_alpha", "dtype", "temperature", "seed", "reward", "weighting", "instruction"):
         changed = TrainConfig(**{field: {"lr": 1e-3, "lora_alpha": 8, "dtype": "bfloat16", "temperature": 0.7,
-                                         "seed": 3, "reward": ["histogram=1"], "weighting": "none"}[field]})
+                                         "seed": 3, "reward": ["histogram=1"], "weighting": "none",
+                                         "instruction": "{premise} {hypothesis} {options}"}[field]})
         assert changed.run_id() != base.run_id(), field
         assert any(c.startswith(f"--{field.replace('_', '-')} ") for c in changed.resume_conflicts(base.to_dict()))
     for field, value in (("output_dir", "elsewhere"), ("save_every", 3), ("progress", False), ("resume", "auto")):
         assert TrainConfig(**{field: value}).run_id() == base.run_id(), field
+    assert "instruction" not in base.run_options()  # runs from before the option keep their identity
 
 
 def test_coerce_is_the_flags_parser():

@@ -132,11 +132,12 @@ def test_few_shot_evaluation_of_a_base_model_shows_the_examples_training_would()
     trained = TrainData.from_config(cfg).shots(cfg)
     _, train_rows = evaluate.load_eval_rows("bundled", split="eval", seed=0, eval_fraction=0.2, options={},
                                             skip_invalid=False, limit=None)
-    args = argparse.Namespace(few_shot=3, split="eval", seed=0, chat_template=None, form="answer")
-    assert evaluate.prompt_settings(args, {}, train_rows) == {"chat_template": True, "shots": trained}
+    args = argparse.Namespace(few_shot=3, split="eval", seed=0, chat_template=None, form="answer", instruction=None)
+    assert evaluate.prompt_settings(args, {}, train_rows) == {"chat_template": True, "shots": trained,
+                                                              "instruction": None}
     with pytest.raises(ValueError, match=r"--few-shot 3 with --form rationale: the examples answer without"):
         evaluate.prompt_settings(argparse.Namespace(**{**vars(args), "form": "rationale"}), {}, train_rows)
     assert len(trained) == 3
     with pytest.raises(ValueError, match=r"--few-shot 3 picks from the train split; with --split all"):
         evaluate.prompt_settings(argparse.Namespace(few_shot=3, split="all", seed=0, chat_template=None,
-                                                    form="answer"), {}, [])
+                                                    form="answer", instruction=None), {}, [])

@@ -136,3 +136,28 @@ def test_smollm2_tokenizer_separates_every_template():
     for task in TEMPLATES:
         pb = PromptBuilder(tok, task, LABELS.get(task, ["0", "1"]))
         assert len(set(pb.label_ids)) == len(pb.label_names)
+
+
+def test_an_instruction_replaces_the_tasks_question_and_keeps_its_label_words(tok):
+    from shala.prompts import fit_prompts
+
+    shots = [{"inputs": {"premise": "P.", "hypothesis": "H."}, "probs": [0.0, 1.0, 0.0]}]
+    question = "{premise} Question: {hypothesis} True, false or unknown? Answer {options}."
+    pb = PromptBuilder(tok, "nli", NLI_LABELS, chat_template=False, shots=shots, instruction=question)
+    default = PromptBuilder(tok, "nli", NLI_LABELS, chat_template=False, shots=shots)
+    text = tok.decode(pb.prompt_ids(ITEM))
+    assert text == ("P. Question: H. True, false or unknown? Answer entailment, neutral or contradiction.\n"
+                    "Answer: neutral\n\nA man plays a guitar on stage. Question: A person makes music. True, false "
+                    "or unknown? Answer entailment, neutral or contradiction.\nAnswer:")
+    assert pb.label_ids == default.label_ids and pb.cue_ids == default.cue_ids
+    assert pb.settings() == {"chat_template": False, "shots": shots, "instruction": question}
+    assert "instruction" not in default.settings()  # adapters trained on the task's question read as before
+    # a field the rows lack is named with the row, before any model loads
+    bad = PromptBuilder(tok, "nli", NLI_LABELS, instruction="{premise} {claim} {options}")
+    rows = [{"id": "r7", "inputs": ITEM}]
+    with pytest.raises(ValueError, match=r"--dataset x: item r7: --instruction names \{claim\}, which is neither "
+                                         r"an input field of the item \(its fields: hypothesis, premise\) nor "
+                                         r"\{options\}"):
+        fit_prompts(rows, bad, lambda x: len(bad.prompt_ids(x)), limit=512, truncate=False, where="--dataset x")
+    with pytest.raises(ValueError, match=r"--instruction '\{premise\}\}': Single '\}' encountered"):
+        PromptBuilder(tok, "nli", NLI_LABELS, instruction="{premise}}")

@@ -67,12 +67,13 @@ def test_default_run_outputs_and_adapter_evaluates(tiny_dir, tmp_path, caplog):
     assert ev["n"] == 4
 
 
-def test_a_few_shot_plain_text_prompt_is_trained_recorded_and_evaluated_the_same_way(tiny_dir, tmp_path):
+def test_a_plain_few_shot_prompt_with_its_own_question_is_trained_recorded_and_evaluated_alike(tiny_dir, tmp_path):
     from shala import evaluate
 
-    res = run(tiny_dir, tmp_path, "--steps", "1", "--few-shot", "2", "--no-chat-template")
+    instruction = "P: {premise}\nH: {hypothesis}\nWhich is it, {options}?"
+    res = run(tiny_dir, tmp_path, "--steps", "1", "--few-shot", "2", "--no-chat-template", "--instruction", instruction)
     meta = json.loads((tmp_path / "final" / "shala.json").read_text())
-    assert meta["chat_template"] is False and len(meta["shots"]) == 2
+    assert meta["chat_template"] is False and len(meta["shots"]) == 2 and meta["instruction"] == instruction
     # picked from the training rows: the first shown label is the first class's
     assert meta["shots"][0]["probs"].index(max(meta["shots"][0]["probs"])) == 0
     args = ["--model", tiny_dir, "--adapter", str(tmp_path / "final"), "--limit", "8", "--no-progress"]
@@ -82,6 +83,9 @@ def test_a_few_shot_plain_text_prompt_is_trained_recorded_and_evaluated_the_same
     with pytest.raises(ValueError, match=r"--few-shot 3: the adapter \(or merged model\) was trained with 2 "
                                          r"example\(s\)"):
         evaluate.main([*args, "--few-shot", "3"])
+    with pytest.raises(ValueError, match=r"--instruction '\{premise\}\? \{options\}': the adapter \(or merged model\) "
+                                         r"was trained with 'P: "):
+        evaluate.main([*args, "--instruction", "{premise}? {options}"])
 
 
 def test_extra_evaluation_sets_are_evaluated_beside_the_held_out_split(tiny_dir, tmp_path):
