@@ -76,25 +76,20 @@ def get_template(task: str) -> Optional[TaskTemplate]:
     return TEMPLATES.get(task)
 
 
-def check_instruction(text: str, *, option: str = "--instruction") -> list:
-    """The placeholders of a custom instruction, in order; ValueError, naming ``option``, for a text that
-    is empty or not a ``str.format`` template of named fields (``{premise}``, ``{options}``)."""
+def check_instruction(text: str, *, option: str = "--instruction") -> None:
+    """Raise ValueError, naming ``option``, for a custom instruction that is empty or not a ``str.format``
+    template of named fields (``{premise}``, ``{options}``)."""
     if not isinstance(text, str) or not text.strip():
         raise ValueError(f"{option}: expected a non-empty text with the item's input fields in braces, got {text!r}")
     try:
         parts = list(string.Formatter().parse(text))
     except ValueError as e:
         raise ValueError(f"{option} {text!r}: {e} (write a literal brace as {{{{ or }}}})") from None
-    names = []
     for _, name, spec, conversion in parts:
-        if name is None:
-            continue
-        if not name.isidentifier() or spec or conversion:
+        if name is not None and (not name.isidentifier() or spec or conversion):
             raise ValueError(f"{option} {text!r}: '{{{name}{'!' + conversion if conversion else ''}"
                              f"{':' + spec if spec else ''}}}' is not a placeholder; expected an input field's "
                              "name or 'options' in braces, e.g. {premise}")
-        names.append(name)
-    return names
 
 
 class VerbalizerError(ValueError):
