@@ -132,13 +132,15 @@ class TrainData:
 
     The training rows are the train split of ``dataset`` (source ``main``) and every row of each
     ``train_dataset`` (``[NAME=]KIND:PATH``, its labels matched to the main ones by name, case aside).
-    ``weights`` [N] is each row's sampling weight, its source's ``--source-weight``; the prior is the
+    ``weights`` [N] is each row's sampling weight, its source's ``--source-weight`` times
+    ``n_raters ** rater_weight`` (a distribution from more raters is less noisy); the prior is the
     weighted mean of the training distributions, the marginal the sampler shows the model.
     """
 
     def __init__(self, *, dataset: str, data_option=None, skip_invalid: bool = False, eval_fraction: float = 0.2,
                  split_seed: int = 0, eval_dataset=None, eval_label_map=None, train_dataset=None, source_weight=None,
-                 train_limit=None, eval_limit=None, device="cpu", eval_tables: Optional[dict] = None):
+                 rater_weight: float = 0.0, train_limit=None, eval_limit=None, device="cpu",
+                 eval_tables: Optional[dict] = None):
         options = shala_data.parse_data_options(data_option)
         if isinstance(dataset, datasets.Dataset):  # from Python (Trainer(cfg, train_dataset=...))
             ds = shala_data.from_dataset(dataset, skip_invalid=skip_invalid, name="train_dataset", **options)
@@ -169,7 +171,14 @@ class TrainData:
         self._check_no_leak()
         self.sources = dict.fromkeys(r["source"] for r in self.train_rows)
         self.source_weights = parse_source_weights(source_weight, self.sources)
-        self.weights = torch.tensor([self.source_weights[r["source"]] for r in self.train_rows], dtype=torch.float64)
+        if not (math.isfinite(rater_weight) and rater_weight >= 0):
+            raise ValueError(f"--rater-weight must be a number >= 0, got {rater_weight!r}")
+        try:
+            self.weights = torch.tensor([self.source_weights[r["source"]] * float(r["n_raters"]) ** rater_weight
+                                         for r in self.train_rows], dtype=torch.float64)
+        except OverflowError:
+            raise ValueError(f"--rater-weight {rater_weight}: n_raters ** {rater_weight} overflows; use a smaller "
+                             "power") from None
         self.q = torch.tensor([r["probs"] for r in self.train_rows], dtype=torch.float32, device=device)  # [N, K]
         probs = np.asarray([r["probs"] for r in self.train_rows], dtype=np.float64)  # as shala.data.label_prior
         self.prior = np.average(probs, axis=0, weights=self.weights.numpy()).tolist()
@@ -227,7 +236,7 @@ class TrainData:
                    eval_fraction=cfg.eval_fraction, split_seed=cfg.split_seed,
                    eval_dataset=_file_specs(cfg.eval_dataset, eval_tables),
                    eval_label_map=cfg.eval_label_map, train_dataset=cfg.train_dataset,
-                   source_weight=cfg.source_weight,
+                   source_weight=cfg.source_weight, rater_weight=cfg.rater_weight,
                    train_limit=cfg.train_limit, eval_limit=cfg.eval_limit, device=device)
 
     def __len__(self) -> int:

@@ -64,6 +64,9 @@ class TrainConfig:
     source_weight: list = _f(None, "NAME=W: draw each row of training source NAME W times as often (default 1; "
                                    "the --dataset's source is 'main'; repeatable)", action="append",
                              metavar="NAME=W")
+    rater_weight: float = _f(0.0, "P: draw each training row n_raters**P times as often, times its --source-weight "
+                                  "(0: rater counts aside; 0.5: by the square root; 1: in proportion)",
+                             metavar="P")
     eval_label_map: list = _f(None, "OLD=NEW: count an --eval-dataset label OLD as the training label NEW "
                                     "(repeatable; labels of the same name, case aside, need none)", action="append",
                               metavar="OLD=NEW")
@@ -191,7 +194,7 @@ class TrainConfig:
 
     #: Options whose default leaves a run as it was before they existed: hashed only when set otherwise, so
     #: that runs made before them keep their identity.
-    HASHED_WHEN_SET = ("train_dataset", "source_weight", "bf16", "chat_template", "few_shot", "instruction")
+    HASHED_WHEN_SET = ("train_dataset", "source_weight", "rater_weight", "bf16", "chat_template", "few_shot", "instruction")
 
     #: Run-defining options a resume may change: ``--steps`` (extend the run; the learning-rate schedule is
     #: laid over the new total from the step reached).
@@ -295,7 +298,7 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
             raise ValueError(f"--{name.replace('_', '-')} must be a number > 0, got {v!r}")
     for name in ["weight_decay", "clip_low", "clip_high", "kl_coef", "aux_jsd", "max_grad_norm", "format_penalty",
                  "sum_penalty",
-                 "mass_weight", "adv_eps", "weight_alpha", "lora_dropout"]:
+                 "mass_weight", "adv_eps", "weight_alpha", "lora_dropout", "rater_weight"]:
         v = getattr(cfg, name)
         if not (math.isfinite(v) and v >= 0):
             raise ValueError(f"--{name.replace('_', '-')} must be a number >= 0, got {v!r}")
@@ -455,8 +458,8 @@ def _flag_type(name: str):
 HELP_SECTIONS = {
     "model": ("model", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "dtype", "device", "bf16",
               "gradient_checkpointing"),
-    "data": ("dataset", "data_option", "skip_invalid", "train_dataset", "source_weight", "eval_fraction", "split_seed",
-             "train_limit", "max_prompt_tokens", "truncate_prompts"),
+    "data": ("dataset", "data_option", "skip_invalid", "train_dataset", "source_weight", "rater_weight", "eval_fraction",
+             "split_seed", "train_limit", "max_prompt_tokens", "truncate_prompts"),
     "method and rollouts": ("method", "seed", "form", "verbal_format", "group_size", "batch_size", "max_new_tokens",
                             "temperature", "shared_prefix", "constrain_answer", "chat_template", "few_shot",
                             "instruction"),

@@ -129,15 +129,18 @@ def test_defaults_warn_about_nothing(caplog):
 def test_run_identity_covers_what_the_run_computes():
     base = TrainConfig()
     assert base.run_id() == TrainConfig().run_id()
-    for field in ("lr", "lora_alpha", "dtype", "temperature", "seed", "reward", "weighting", "instruction"):
+    for field in ("lr", "lora_alpha", "dtype", "temperature", "seed", "reward", "weighting", "instruction",
+                  "rater_weight"):
         changed = TrainConfig(**{field: {"lr": 1e-3, "lora_alpha": 8, "dtype": "bfloat16", "temperature": 0.7,
                                          "seed": 3, "reward": ["histogram=1"], "weighting": "none",
-                                         "instruction": "{premise} {hypothesis} {options}"}[field]})
+                                         "instruction": "{premise} {hypothesis} {options}",
+                                         "rater_weight": 0.5}[field]})
         assert changed.run_id() != base.run_id(), field
         assert any(c.startswith(f"--{field.replace('_', '-')} ") for c in changed.resume_conflicts(base.to_dict()))
     for field, value in (("output_dir", "elsewhere"), ("save_every", 3), ("progress", False), ("resume", "auto")):
         assert TrainConfig(**{field: value}).run_id() == base.run_id(), field
-    assert "instruction" not in base.run_options()  # runs from before the option keep their identity
+    # runs from before these options keep their identity
+    assert "instruction" not in base.run_options() and "rater_weight" not in base.run_options()
 
 
 def test_coerce_is_the_flags_parser():

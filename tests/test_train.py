@@ -437,17 +437,18 @@ def test_an_evaluation_set_with_its_labels_in_another_order_is_aligned(tmp_path)
     assert parse_eval_dataset("bundled:ambient-crowd") == ("ambient-crowd", "bundled:ambient-crowd")
 
 
+def _chaosnli(path, rows) -> str:
+    """``chaosnli:PATH`` of a file of ``(uid, label_counter)`` rows."""
+    path.write_text("".join(json.dumps({"uid": u, "label_counter": c, "example": {
+        "premise": f"P {u}", "hypothesis": f"H {u}"}}) + "\n" for u, c in rows))
+    return f"chaosnli:{path}"
+
+
 def test_training_sources_mix_with_their_weights_and_never_leak_into_evaluation(tmp_path):
     from shala.batches import MAIN, TrainData, WeightedPromptSampler, make_sampler
 
-    def write(name, rows):
-        path = tmp_path / name
-        path.write_text("".join(json.dumps({"uid": u, "label_counter": c, "example": {
-            "premise": f"P {u}", "hypothesis": f"H {u}"}}) + "\n" for u, c in rows))
-        return f"chaosnli:{path}"
-
-    main = write("main.jsonl", [(f"m{i}", {"e": 3, "n": 1}) for i in range(10)])
-    extra = write("extra.jsonl", [(f"x{i}", {"c": 4}) for i in range(6)])
+    main = _chaosnli(tmp_path / "main.jsonl", [(f"m{i}", {"e": 3, "n": 1}) for i in range(10)])
+    extra = _chaosnli(tmp_path / "extra.jsonl", [(f"x{i}", {"c": 4}) for i in range(6)])
     plain = TrainData(dataset=main, eval_fraction=0.2, train_dataset=[f"more={extra}"])
     assert [r["source"] for r in plain.train_rows] == [MAIN] * 8 + ["more"] * 6
     assert plain.prior == pytest.approx([0.75 * 8 / 14, 0.25 * 8 / 14, 6 / 14])
@@ -475,3 +476,28 @@ def test_training_sources_mix_with_their_weights_and_never_leak_into_evaluation(
                                              for i in range(8)))
     both = TrainData(dataset=f"generic:{tmp_path / 'a.jsonl'}", eval_dataset=[f"generic:{tmp_path / 'b.jsonl'}"])
     assert len(both.eval_sets["b"]) == 8
+
+
+def test_rows_are_drawn_by_their_rater_count_to_the_power_given(tmp_path):
+    from shala.batches import TrainData, WeightedPromptSampler, make_sampler
+    from shala.config import load_config
+
+    main = _chaosnli(tmp_path / "main.jsonl", [(f"m{i}", {"e": 3, "n": 1}) for i in range(10)])  # 4 raters each
+    extra = _chaosnli(tmp_path / "extra.jsonl", [(f"x{i}", {"c": 16}) for i in range(8)])  # 16 raters each
+    plain = TrainData(dataset=main, eval_fraction=0.2, train_dataset=[f"more={extra}"])
+    assert plain.weights.tolist() == [1.0] * 16
+    by_root = TrainData(dataset=main, eval_fraction=0.2, train_dataset=[f"more={extra}"], rater_weight=0.5,
+                        source_weight=["more=3"])
+    assert by_root.weights.tolist() == [2.0] * 8 + [12.0] * 8  # source weight times sqrt(raters)
+    assert by_root.prior == pytest.approx([0.75 * 16 / 112, 0.25 * 16 / 112, 96 / 112])
+    sampler = make_sampler(by_root, 4, 1, 0, seed=0)
+    assert isinstance(sampler, WeightedPromptSampler)
+    drawn = [i for _ in range(200) for i in sampler.next()]
+    assert 0.8 < sum(i >= 8 for i in drawn) / len(drawn) < 0.91  # 96/112 = 0.857 of the draws
+    alone = TrainData(dataset=main, eval_fraction=0.2, rater_weight=1.0)  # equal counts: epochs as before
+    assert type(make_sampler(alone, 4, 1, 0, 0)).__name__ == "PromptSampler"
+    for bad in ("-1", "nan"):
+        with pytest.raises(ValueError, match="--rater-weight must be a number >= 0"):
+            load_config(["--rater-weight", bad])
+    with pytest.raises(ValueError, match="overflows"):
+        TrainData(dataset=main, eval_fraction=0.2, train_dataset=[f"more={extra}"], rater_weight=1e3)
