@@ -199,7 +199,7 @@ class PromptBuilder:
                 if self.instruction is not None:
                     raise ValueError(f"--instruction names {{{e.args[0]}}}, which is neither an input field of the "
                                      f"item (its fields: {', '.join(sorted(inputs))}) nor {{options}}") from None
-                raise KeyError(
+                raise ValueError(
                     f"task {self.task!r}: the template needs input field {e.args[0]!r}, the item has {sorted(inputs)}"
                 ) from None
         if rationale:
@@ -326,7 +326,7 @@ def fit_prompts(rows: Sequence[Mapping], builder: PromptBuilder, length: Callabl
         inputs = row["inputs"]
         try:
             n = length(inputs)
-        except ValueError as e:  # a custom instruction that names a field this row lacks
+        except ValueError as e:  # the template or --instruction names a field this row lacks
             raise ValueError(f"{where}: item {row['id']}: {e}") from None
         if n > limit:
             if not truncate:

@@ -120,10 +120,16 @@ def test_generic_template_lists_fields(tok):
     assert pb.user_message({"claim_text": "x"}).startswith("Claim text: x")
 
 
-def test_missing_field_is_named(tok):
+def test_missing_field_is_named_with_its_item(tok):
+    from shala.prompts import fit_prompts
+
     pb = PromptBuilder(tok, "nli", NLI_LABELS)
-    with pytest.raises(KeyError, match="needs input field 'hypothesis'"):
+    with pytest.raises(ValueError, match="needs input field 'hypothesis'"):
         pb.user_message({"premise": "p"})
+    rows = [{"id": "r1", "inputs": ITEM}, {"id": "r2", "inputs": {"premise": "p"}}]
+    with pytest.raises(ValueError, match=r"train prompts: item r2: task 'nli': the template needs input field "
+                                         r"'hypothesis', the item has \['premise'\]"):
+        fit_prompts(rows, pb, lambda x: len(pb.prompt_ids(x)), limit=512, truncate=False, where="train prompts")
 
 
 def test_smollm2_tokenizer_separates_every_template():
