@@ -194,7 +194,8 @@ class TrainConfig:
 
     #: Options whose default leaves a run as it was before they existed: hashed only when set otherwise, so
     #: that runs made before them keep their identity.
-    HASHED_WHEN_SET = ("train_dataset", "source_weight", "rater_weight", "bf16", "chat_template", "few_shot", "instruction")
+    HASHED_WHEN_SET = ("train_dataset", "source_weight", "rater_weight", "bf16", "chat_template", "few_shot",
+                       "instruction")
 
     #: Run-defining options a resume may change: ``--steps`` (extend the run; the learning-rate schedule is
     #: laid over the new total from the step reached).
@@ -458,8 +459,8 @@ def _flag_type(name: str):
 HELP_SECTIONS = {
     "model": ("model", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "dtype", "device", "bf16",
               "gradient_checkpointing"),
-    "data": ("dataset", "data_option", "skip_invalid", "train_dataset", "source_weight", "rater_weight", "eval_fraction",
-             "split_seed", "train_limit", "max_prompt_tokens", "truncate_prompts"),
+    "data": ("dataset", "data_option", "skip_invalid", "train_dataset", "source_weight", "rater_weight",
+             "eval_fraction", "split_seed", "train_limit", "max_prompt_tokens", "truncate_prompts"),
     "method and rollouts": ("method", "seed", "form", "verbal_format", "group_size", "batch_size", "max_new_tokens",
                             "temperature", "shared_prefix", "constrain_answer", "chat_template", "few_shot",
                             "instruction"),
