@@ -141,6 +141,8 @@ class TrainData:
                  split_seed: int = 0, eval_dataset=None, eval_label_map=None, train_dataset=None, source_weight=None,
                  rater_weight: float = 0.0, train_limit=None, eval_limit=None, device="cpu",
                  eval_tables: Optional[dict] = None):
+        if not (math.isfinite(rater_weight) and rater_weight >= 0):
+            raise ValueError(f"--rater-weight must be a number >= 0, got {rater_weight!r}")
         options = shala_data.parse_data_options(data_option)
         if isinstance(dataset, datasets.Dataset):  # from Python (Trainer(cfg, train_dataset=...))
             ds = shala_data.from_dataset(dataset, skip_invalid=skip_invalid, name="train_dataset", **options)
@@ -171,18 +173,32 @@ class TrainData:
         self._check_no_leak()
         self.sources = dict.fromkeys(r["source"] for r in self.train_rows)
         self.source_weights = parse_source_weights(source_weight, self.sources)
-        if not (math.isfinite(rater_weight) and rater_weight >= 0):
-            raise ValueError(f"--rater-weight must be a number >= 0, got {rater_weight!r}")
         try:
             self.weights = torch.tensor([self.source_weights[r["source"]] * float(r["n_raters"]) ** rater_weight
                                          for r in self.train_rows], dtype=torch.float64)
+            if not torch.isfinite(self.weights.sum()):  # a product or a sum past float64's range
+                raise OverflowError
         except OverflowError:
-            raise ValueError(f"--rater-weight {rater_weight}: n_raters ** {rater_weight} overflows; use a smaller "
-                             "power") from None
+            most = max(self.train_rows, key=lambda r: r["n_raters"])
+            raise ValueError(f"--rater-weight {rater_weight} with --source-weight {source_weight}: the rows' weights "
+                             f"overflow (source {most['source']!r} has items of {most['n_raters']} raters); use "
+                             "a smaller power or source weight") from None
+        self._log_draws(rater_weight)
         self.q = torch.tensor([r["probs"] for r in self.train_rows], dtype=torch.float32, device=device)  # [N, K]
         probs = np.asarray([r["probs"] for r in self.train_rows], dtype=np.float64)  # as shala.data.label_prior
         self.prior = np.average(probs, axis=0, weights=self.weights.numpy()).tolist()
         self.ambiguity = ambiguity(self.q)  # [N]
+
+    def _log_draws(self, rater_weight: float) -> None:
+        """Log each source's share of the draws when sources or rater counts make the shares unequal."""
+        if len(self.sources) == 1 and rater_weight == 0:
+            return
+        total = float(self.weights.sum())
+        for name in self.sources:
+            rows = [(r["n_raters"], float(w)) for r, w in zip(self.train_rows, self.weights) if r["source"] == name]
+            raters = sorted(n for n, _ in rows)
+            log.info("training source %r: %d rows, %s to %s raters each, %.1f%% of the draws", name, len(rows),
+                     raters[0], raters[-1], 100 * sum(w for _, w in rows) / total)
 
     def shots(self, cfg) -> list:
         """``--few-shot`` examples from the training rows of ``--dataset``, by ``--split-seed``
@@ -249,12 +265,11 @@ class TrainData:
         the answer slot, whose one token is the completion. Returns the counts of rows cut, per part.
         """
         cut = {"train": 0, **{name: 0 for name in self.eval_sets}}
-        if context is None and max_prompt_tokens is None:  # a model that states no context length
-            return cut
         train_len, eval_len = (lambda x: len(form.prompt(x))), (lambda x: len(builder.prompt_ids(x)))
         for part in cut:
             length, room = (train_len, form.completion_room) if part == "train" else (eval_len, 1)
-            limit = max_prompt_tokens or context - room
+            # a model that states no context length: no limit, but the rows' template fields are checked
+            limit = max_prompt_tokens or (math.inf if context is None else context - room)
             rows = self.train_rows if part == "train" else self.eval_sets[part]
             inputs, cut[part] = fit_prompts(rows, builder, length, limit=limit, truncate=truncate,
                                             where=f"{part} prompts")

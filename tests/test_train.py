@@ -478,26 +478,32 @@ def test_training_sources_mix_with_their_weights_and_never_leak_into_evaluation(
     assert len(both.eval_sets["b"]) == 8
 
 
-def test_rows_are_drawn_by_their_rater_count_to_the_power_given(tmp_path):
+def test_rows_are_drawn_by_their_rater_count_to_the_power_given(tmp_path, caplog):
     from shala.batches import TrainData, WeightedPromptSampler, make_sampler
-    from shala.config import load_config
 
     main = _chaosnli(tmp_path / "main.jsonl", [(f"m{i}", {"e": 3, "n": 1}) for i in range(10)])  # 4 raters each
     extra = _chaosnli(tmp_path / "extra.jsonl", [(f"x{i}", {"c": 16}) for i in range(8)])  # 16 raters each
     plain = TrainData(dataset=main, eval_fraction=0.2, train_dataset=[f"more={extra}"])
     assert plain.weights.tolist() == [1.0] * 16
-    by_root = TrainData(dataset=main, eval_fraction=0.2, train_dataset=[f"more={extra}"], rater_weight=0.5,
-                        source_weight=["more=3"])
+    cfg = load_config(["--dataset", main, "--eval-fraction", "0.2", "--train-dataset", f"more={extra}",
+                       "--rater-weight", "0.5", "--source-weight", "more=3"])
+    with caplog.at_level("INFO", logger="shala.train"):
+        by_root = TrainData.from_config(cfg)
     assert by_root.weights.tolist() == [2.0] * 8 + [12.0] * 8  # source weight times sqrt(raters)
+    assert "training source 'more': 8 rows, 16 to 16 raters each, 85.7% of the draws" in caplog.text
     assert by_root.prior == pytest.approx([0.75 * 16 / 112, 0.25 * 16 / 112, 96 / 112])
     sampler = make_sampler(by_root, 4, 1, 0, seed=0)
     assert isinstance(sampler, WeightedPromptSampler)
     drawn = [i for _ in range(200) for i in sampler.next()]
     assert 0.8 < sum(i >= 8 for i in drawn) / len(drawn) < 0.91  # 96/112 = 0.857 of the draws
-    alone = TrainData(dataset=main, eval_fraction=0.2, rater_weight=1.0)  # equal counts: epochs as before
+    alone = TrainData(dataset=main, eval_fraction=0.2, rater_weight=1.0)  # equal weights: epoch permutations
     assert type(make_sampler(alone, 4, 1, 0, 0)).__name__ == "PromptSampler"
     for bad in ("-1", "nan"):
         with pytest.raises(ValueError, match="--rater-weight must be a number >= 0"):
             load_config(["--rater-weight", bad])
-    with pytest.raises(ValueError, match="overflows"):
-        TrainData(dataset=main, eval_fraction=0.2, train_dataset=[f"more={extra}"], rater_weight=1e3)
+        with pytest.raises(ValueError, match="--rater-weight must be a number >= 0"):  # before any file is read
+            TrainData(dataset=f"chaosnli:{tmp_path / 'absent.jsonl'}", rater_weight=float(bad))
+    for power, weights in ((1e3, None), (0.5, ["more=1e308"])):  # the power, then the product, past float64
+        with pytest.raises(ValueError, match="the rows' weights overflow .source 'more' has items of 16 raters"):
+            TrainData(dataset=main, eval_fraction=0.2, train_dataset=[f"more={extra}"], rater_weight=power,
+                      source_weight=weights)
