@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -273,13 +274,13 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         check_adapter_labels(args.adapter, task, label_names)
     tokenizer = load_tokenizer(args.model)
     builder = PromptBuilder(tokenizer, task, label_names, **prompt_settings(args, trained, prior_rows))
-    limit = args.max_prompt_tokens or (context_length(args.model) or 0) - 1
-    if limit > 0:
-        inputs, cut = fit_prompts(rows, builder, lambda x: len(builder.prompt_ids(x)), limit=limit,
-                                  truncate=args.truncate_prompts, where=f"--dataset {args.dataset}")
-        if cut:
-            log.warning("%d prompt(s) were longer than %d tokens: their longest input field was cut", cut, limit)
-            rows = rows.map(lambda r, i: {"inputs": inputs[i]}, with_indices=True)
+    # no stated context: no limit, but every row's template fields are still checked before the model loads
+    limit = args.max_prompt_tokens or (context_length(args.model) or math.inf) - 1
+    inputs, cut = fit_prompts(rows, builder, lambda x: len(builder.prompt_ids(x)), limit=limit,
+                              truncate=args.truncate_prompts, where=f"--dataset {args.dataset}")
+    if cut:
+        log.warning("%d prompt(s) were longer than %d tokens: their longest input field was cut", cut, limit)
+        rows = rows.map(lambda r, i: {"inputs": inputs[i]}, with_indices=True)
     model = load_model(args.model, dtype=args.dtype, adapter=args.adapter, device=args.device)
     result = evaluate_dataset(model, builder, rows, prior=shala_data.label_prior(prior_rows),
                               batch_size=args.batch_size, progress=not args.no_progress, resamples=args.resamples)

@@ -327,7 +327,8 @@ def fit_prompts(rows: Sequence[Mapping], builder: PromptBuilder, length: Callabl
         try:
             n = length(inputs)
         except ValueError as e:  # the template or --instruction names a field this row lacks
-            raise ValueError(f"{where}: item {row['id']}: {e}") from None
+            source = f" of source {row['source']!r}" if "source" in row else ""  # training ids may repeat
+            raise ValueError(f"{where}: item {row['id']}{source}: {e}") from None
         if n > limit:
             if not truncate:
                 over.append(f"{row['id']} ({n} tokens)")

@@ -130,6 +130,10 @@ def test_missing_field_is_named_with_its_item(tok):
     with pytest.raises(ValueError, match=r"train prompts: item r2: task 'nli': the template needs input field "
                                          r"'hypothesis', the item has \['premise'\]"):
         fit_prompts(rows, pb, lambda x: len(pb.prompt_ids(x)), limit=512, truncate=False, where="train prompts")
+    rows[1]["source"] = "snli5"  # training ids may repeat across sources; no context limit still checks fields
+    with pytest.raises(ValueError, match=r"train prompts: item r2 of source 'snli5': task 'nli'"):
+        fit_prompts(rows, pb, lambda x: len(pb.prompt_ids(x)), limit=float("inf"), truncate=False,
+                    where="train prompts")
 
 
 def test_smollm2_tokenizer_separates_every_template():
