@@ -196,9 +196,9 @@ class TrainData:
         total = float(self.weights.sum())
         for name in self.sources:
             rows = [(r["n_raters"], float(w)) for r, w in zip(self.train_rows, self.weights) if r["source"] == name]
-            raters = sorted(n for n, _ in rows)
+            raters = [n for n, _ in rows]
             log.info("training source %r: %d rows, %s to %s raters each, %.1f%% of the draws", name, len(rows),
-                     raters[0], raters[-1], 100 * sum(w for _, w in rows) / total)
+                     min(raters), max(raters), 100 * sum(w for _, w in rows) / total)
 
     def shots(self, cfg) -> list:
         """``--few-shot`` examples from the training rows of ``--dataset``, by ``--split-seed``
