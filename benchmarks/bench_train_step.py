@@ -1,7 +1,7 @@
 """One RL training step: ``shala.train`` against TRL's ``GRPOTrainer`` on the same work.
 
 Run: ``python -m benchmarks.bench_train_step [--quick] [--model M] [--batch-size B] [--group-size G]
-[--steps N] [--max-new-tokens T] [--threads N] [--sides shala,trl] [--out DIR]``.
+[--steps N] [--max-new-tokens T] [--few-shot N] [--threads N] [--sides shala,trl] [--out DIR]``.
 
 Each side runs in its own subprocess (so the peak RSS is that side's alone), with
 the same thread count, the same model, LoRA adapter (shala's r, alpha, dropout and
@@ -15,6 +15,8 @@ steps after one untimed warm-up step:
 * ``shala-plain``: the same with ``--no-shared-prefix``: every rollout's prompt is
   encoded again, in generation and in the update (only completions longer than the
   answer token share anything).
+* ``shala-common``: the same with ``--common-prefix``: the leading tokens every prompt of
+  a forward shares (the system turn, a ``--few-shot`` prefix) are encoded once per forward.
 * ``trl``: ``trl.GRPOTrainer`` on the same model object, loaded the same way. Its
   dataset holds the rows shala draws for those steps, in that order (no shuffling),
   as the text of shala's chat-formatted prompt ending at the answer cue (the
@@ -69,7 +71,7 @@ import torch
 
 from benchmarks._common import environment, write_results
 
-SIDES = ("shala", "shala-plain", "trl")  # shala-plain: shala.train --no-shared-prefix
+SIDES = ("shala", "shala-plain", "shala-common", "trl")  # --no-shared-prefix, --common-prefix
 COLUMNS = [
     "side",
     "status",
@@ -152,6 +154,8 @@ def train_argv(args, out_dir: str) -> list:
         "--lr-schedule", "constant", "--warmup-steps", "0", "--output-dir", out_dir,
         "--no-eval-before", "--no-eval-after", "--no-plot", "--save-every", "0", "--no-progress",
         *(["--no-shared-prefix"] if args.side == "shala-plain" else []),
+        *(["--common-prefix"] if args.side == "shala-common" else []),
+        *(["--few-shot", str(args.few_shot)] if args.few_shot else []),
     ]  # fmt: skip
 
 
@@ -428,10 +432,13 @@ def parse_args(argv=None):
     p.add_argument("--group-size", type=int, default=None, help="G: completions per prompt (default 8; quick 4)")
     p.add_argument("--steps", type=int, default=None, help="timed steps after one warm-up step (default 3; quick 2)")
     p.add_argument("--max-new-tokens", type=int, default=1, help="completion length (shala's --max-new-tokens)")
+    p.add_argument("--few-shot", type=int, default=0, help="shala.train --few-shot of shala's sides (TRL's prompts "
+                                                               "carry no examples)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads of both sides (default: every usable core)")
     p.add_argument("--sides", default=None, help="comma-separated: shala, shala-plain (every prompt encoded G "
-                                                 "times: --no-shared-prefix), trl (default: all three; shala,trl "
-                                                 "for the one-token answer, where nothing is shared)")
+                                                 "times: --no-shared-prefix), shala-common (--common-prefix), trl "
+                                                 "(default: shala, shala-plain, trl; shala,trl for the one-token "
+                                                 "answer, where no completion shares a prompt)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed to each side")
     p.add_argument("--out", default=None, help="directory for the result files (default benchmarks/results/<device>)")
     p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side in this process
@@ -449,11 +456,14 @@ def parse_args(argv=None):
         if getattr(args, key) < 1:
             raise SystemExit(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.sides is None:
-        args.sides = ",".join(SIDES) if args.max_new_tokens > 1 else "shala,trl"
+        args.sides = "shala,shala-plain,trl" if args.max_new_tokens > 1 else "shala,trl"
     args.sides = [s.strip() for s in args.sides.split(",") if s.strip()]
     bad = [s for s in args.sides if s not in SIDES]
     if bad or not args.sides:
         raise SystemExit(f"--sides must name some of {list(SIDES)}, got {bad or args.sides}")
+    if args.few_shot < 0 or (args.few_shot and "trl" in args.sides):
+        raise SystemExit(f"--few-shot {args.few_shot}: a number >= 0, for shala's sides only (TRL's prompts carry "
+                         f"no examples), got sides {args.sides}")
     return args
 
 
@@ -484,6 +494,7 @@ def main(argv=None) -> dict:
         benchmark_mode="quick (tiny random model: a smoke run, not a result)" if args.quick else "full",
         model=model_label, batch_size=args.batch_size, group_size=args.group_size,
         rollouts_per_step=args.batch_size * args.group_size, completion_length=args.max_new_tokens,
+        few_shot=args.few_shot,
         warmup_steps=1, timed_steps=args.steps, threads=args.threads, **_versions(),
         same_prompts=(shala_res.get("status") == trl_res.get("status") == "measured"
                       and [s["row_ids"] for s in shala_res["per_step"]] == [s["row_ids"] for s in trl_res["per_step"]])

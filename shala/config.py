@@ -62,11 +62,9 @@ class TrainConfig:
                                    "repeatable; its labels matched to the --dataset's by name)", action="append",
                              metavar="[NAME=]KIND:PATH")
     source_weight: list = _f(None, "NAME=W: draw each row of training source NAME W times as often (default 1; "
-                                   "the --dataset's source is 'main'; repeatable)", action="append",
-                             metavar="NAME=W")
+                                   "the --dataset's source is 'main'; repeatable)", action="append", metavar="NAME=W")
     rater_weight: float = _f(0.0, "P: draw each training row n_raters**P times as often, times its --source-weight "
-                                  "(0: rater counts aside; 0.5: by the square root; 1: in proportion)",
-                             metavar="P")
+                                  "(0: rater counts aside; 0.5: by the square root; 1: in proportion)", metavar="P")
     eval_label_map: list = _f(None, "OLD=NEW: count an --eval-dataset label OLD as the training label NEW "
                                     "(repeatable; labels of the same name, case aside, need none)", action="append",
                               metavar="OLD=NEW")
@@ -90,14 +88,15 @@ class TrainConfig:
                    choices=tuple(FORMS))
     verbal_format: str = _f("percent", "numbers of the verbalized form: 'percent' (integers 0-100) or 'tenths' "
                                        "(one digit per label)", choices=tuple(GRANULARITIES))
-    group_size: int = _f(64, "G: completions sampled per prompt (in the answer form they cost a draw each, "
-                              "not a forward)")
+    group_size: int = _f(64, "G: completions sampled per prompt (the answer form draws them from one forward)")
     batch_size: int = _f(8, "prompts per step (per process under torchrun)")
     max_new_tokens: Optional[int] = _f(None, "most tokens a generated completion may have (rationale: default 48); "
                                              "the answer form writes one")
     temperature: float = _f(1.0, "sampling temperature of the rollouts")
     shared_prefix: bool = _f(True, "encode each prompt once for its G completions, in generation and in the update "
                                    "(the same logits and gradients to float rounding)")
+    common_prefix: bool = _f(False, "encode the leading tokens all prompts of a forward share (system turn, "
+                                    "--few-shot examples) once for them: same logits to float rounding, faster")
     constrain_answer: bool = _f(True, "sample the token after the answer cue from the label tokens only (guided "
                                       "decoding); its log-prob is the label-renormalised one")
     chat_template: bool = _f(True, "wrap prompts in the tokenizer's chat template (off, or without one: plain text)")
@@ -189,8 +188,9 @@ class TrainConfig:
     #: Options a resumed run may change: where and how often things are written and shown, and how (not
     #: what) it computes. Every other option defines what the run computes, and so its identity (:meth:`run_id`).
     RUN_FREE = ("output_dir", "resume", "overwrite", "device", "eval_batch_size", "eval_samples", "eval_before",
-                "eval_after", "eval_label_map", "shared_prefix", "gradient_checkpointing", "eval_every", "save_best",
-                "report_to", "save_every", "keep_checkpoints", "log_every", "plot", "progress", "max_bad_steps")
+                "eval_after", "eval_label_map", "shared_prefix", "common_prefix", "gradient_checkpointing",
+                "eval_every", "save_best", "report_to", "save_every", "keep_checkpoints", "log_every", "plot",
+                "progress", "max_bad_steps")
 
     #: Options whose default leaves a run as it was before they existed: hashed only when set otherwise, so
     #: that runs made before them keep their identity.
@@ -462,8 +462,8 @@ HELP_SECTIONS = {
     "data": ("dataset", "data_option", "skip_invalid", "train_dataset", "source_weight", "rater_weight",
              "eval_fraction", "split_seed", "train_limit", "max_prompt_tokens", "truncate_prompts"),
     "method and rollouts": ("method", "seed", "form", "verbal_format", "group_size", "batch_size", "max_new_tokens",
-                            "temperature", "shared_prefix", "constrain_answer", "chat_template", "few_shot",
-                            "instruction"),
+                            "temperature", "shared_prefix", "common_prefix", "constrain_answer", "chat_template",
+                            "few_shot", "instruction"),
     "reward and weighting": ("reward", "format_penalty", "sum_penalty", "normalize", "mass_weight", "weighting",
                              "weight_alpha", "weight_temperature", "weight_warmup", "scale", "adv_eps"),
     "optimisation": ("steps", "ppo_epochs", "micro_batch_size", "lr", "weight_decay", "lr_schedule", "warmup_steps",

@@ -46,8 +46,12 @@ __all__ = ["predict", "evaluate_dataset", "evaluate_sharded", "add_form_predicti
 
 
 @torch.no_grad()
-def predict(model, builder: PromptBuilder, rows, *, batch_size: int = 16, progress: bool = True, desc: str = "eval"):
-    """Label distribution ``p`` [N, K] (float64) and label mass [N] at the answer slot of every row."""
+def predict(model, builder: PromptBuilder, rows, *, batch_size: int = 16, progress: bool = True, desc: str = "eval",
+            common_prefix: bool = False):
+    """Label distribution ``p`` [N, K] (float64) and label mass [N] at the answer slot of every row.
+
+    ``common_prefix``: the leading tokens every prompt of a batch shares are encoded once per batch
+    (:func:`shala.lm.next_token_logits`)."""
     prompts = [builder.prompt_ids(r["inputs"]) for r in rows]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # less padding per batch
     probs = torch.empty(len(prompts), len(builder.label_ids), dtype=torch.float64)
@@ -58,7 +62,7 @@ def predict(model, builder: PromptBuilder, rows, *, batch_size: int = 16, progre
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
             idx = order[start : start + batch_size]
-            logits = next_token_logits(model, [prompts[i] for i in idx], pad_id)
+            logits = next_token_logits(model, [prompts[i] for i in idx], pad_id, common_prefix=common_prefix)
             q = torch.full((len(idx), len(builder.label_ids)), 1.0 / len(builder.label_ids), device=logits.device)
             out = label_reward(logits.float(), builder.label_ids, q, normalize="vocab")
             if not bool(out.finite.all()):
@@ -72,7 +76,8 @@ def predict(model, builder: PromptBuilder, rows, *, batch_size: int = 16, progre
 
 
 def evaluate_dataset(model, builder: PromptBuilder, rows, *, prior: Sequence[float], batch_size: int = 16,
-                     progress: bool = True, desc: str = "eval", precomputed=None, resamples: int = 2000) -> dict:
+                     progress: bool = True, desc: str = "eval", precomputed=None, resamples: int = 2000,
+                     common_prefix: bool = False) -> dict:
     """Metrics of the model and of the baselines on ``rows`` (a dataset in the SHALA schema).
 
     ``precomputed``: ``(p, label_mass)`` already predicted (e.g. gathered from several processes).
@@ -81,7 +86,8 @@ def evaluate_dataset(model, builder: PromptBuilder, rows, *, prior: Sequence[flo
     """
     t0 = time.perf_counter()
     if precomputed is None:
-        p, mass = predict(model, builder, rows, batch_size=batch_size, progress=progress, desc=desc)
+        p, mass = predict(model, builder, rows, batch_size=batch_size, progress=progress, desc=desc,
+                          common_prefix=common_prefix)
     else:
         p, mass = precomputed
     q = torch.tensor(list(rows["probs"]), dtype=torch.float64)
@@ -122,12 +128,12 @@ def add_form_predictions(result: dict, form, model, rows, *, samples: int = 0, b
 
 
 def evaluate_sharded(model, builder: PromptBuilder, rows, *, prior: Sequence[float], dist, batch_size: int = 16,
-                     progress: bool = True, desc: str = "eval") -> Optional[dict]:
+                     progress: bool = True, desc: str = "eval", common_prefix: bool = False) -> Optional[dict]:
     """:func:`evaluate_dataset` with the rows sharded across processes; the main process returns the result."""
     t0 = time.perf_counter()
     mine = list(range(dist.rank, len(rows), dist.world))
     probs, mass = predict(model, builder, rows.select(mine), batch_size=batch_size,
-                          progress=progress and dist.is_main, desc=desc)
+                          progress=progress and dist.is_main, desc=desc, common_prefix=common_prefix)
     gathered = dist.gather_object((mine, probs, mass))
     if not dist.is_main:
         return None
@@ -242,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instruction", default=None,
                    help="the question asked of each item in place of the task's own, as shala.train --instruction "
                         "(default: the adapter's, else the task's)")
+    p.add_argument("--common-prefix", action="store_true",
+                   help="encode the leading tokens all prompts of a batch share (the system turn, a few-shot prefix) "
+                        "once per batch: faster with --few-shot, the same distributions to float rounding")
     p.add_argument("--output", default=None, help="write the metrics (and per-item p) to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -283,9 +292,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         rows = rows.map(lambda r, i: {"inputs": inputs[i]}, with_indices=True)
     model = load_model(args.model, dtype=args.dtype, adapter=args.adapter, device=args.device)
     result = evaluate_dataset(model, builder, rows, prior=shala_data.label_prior(prior_rows),
-                              batch_size=args.batch_size, progress=not args.no_progress, resamples=args.resamples)
+                              batch_size=args.batch_size, progress=not args.no_progress, resamples=args.resamples,
+                              common_prefix=args.common_prefix)
     form = make_form(args.form, builder, group_size=max(1, args.samples), temperature=args.temperature,
-                     constrain_answer=args.constrain_answer, device=args.device, verbal_format=args.verbal_format)
+                     constrain_answer=args.constrain_answer, device=args.device, verbal_format=args.verbal_format,
+                     common_prefix=args.common_prefix)
     add_form_predictions(result, form, model, rows, samples=args.samples, batch_size=args.batch_size)
     result.update(model=args.model, adapter=args.adapter, dataset=args.dataset, split=args.split, seed=args.seed,
                   prior_fitted_on="train split" if args.split == "eval" else "evaluated rows")

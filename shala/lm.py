@@ -5,6 +5,11 @@ position ids count attended tokens only, so padding never shifts a position.
 Only the columns that are used get logits (``logits_to_keep``), never the whole
 prompt's ``[T, V]``.
 
+Common prefixes: the prompts of a batch often begin alike (the chat template's
+system turn, a few-shot prefix); :func:`next_token_logits` with ``common_prefix``
+encodes those leading tokens once for the batch and runs each prompt's rest on
+their KV cache. Outputs and gradients equal the plain forward's to float rounding.
+
 Shared prefixes: the G completions of a prompt share it, so :func:`generate_shared`
 and :func:`shared_completion_logits` encode each distinct prompt once (all but
 its last token) and run its completions on that prompt's KV cache, selected out
@@ -20,8 +25,8 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["pad_left", "position_ids", "next_token_logits", "completion_logits", "shared_completion_logits",
-           "generate_shared", "group_prompts", "cache_argument", "returned_cache"]
+__all__ = ["pad_left", "position_ids", "common_prefix_length", "next_token_logits", "completion_logits",
+           "shared_completion_logits", "generate_shared", "group_prompts", "cache_argument", "returned_cache"]
 
 log = logging.getLogger("shala.train")
 
@@ -47,8 +52,32 @@ def _device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def next_token_logits(model, prompts: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-    """Next-token logits after each (left-padded) prompt: ``[B, V]``."""
+def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens every prompt shares, leaving each at least its last token of its own."""
+    n = min(len(p) for p in prompts) - 1
+    first = prompts[0]
+    for p in prompts[1:]:
+        k = 0
+        while k < n and p[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
+def next_token_logits(model, prompts: Sequence[Sequence[int]], pad_id: int, *,
+                      common_prefix: bool = False) -> torch.Tensor:
+    """Next-token logits after each (left-padded) prompt: ``[B, V]``.
+
+    ``common_prefix``: encode the leading tokens all prompts share once, with gradients if enabled,
+    and run each prompt's rest on their KV cache (see the module's docstring). Falls back to the
+    plain forward where no token is shared or the model's cache cannot be shared.
+    """
+    if common_prefix and len(prompts) > 1:
+        n = common_prefix_length(prompts)
+        if n > 0:
+            logits = _after_common_prefix(model, prompts, n, pad_id)
+            if logits is not None:
+                return logits
     ids, mask = pad_left(prompts, pad_id, _device(model))
     out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), logits_to_keep=1)
     return out.logits[:, -1]  # [B, V]
@@ -108,6 +137,36 @@ def _prefill(model, ids: torch.Tensor, mask: torch.Tensor):
     return cache
 
 
+def _after_common_prefix(model, prompts: Sequence[Sequence[int]], n: int, pad_id: int):
+    """:func:`next_token_logits` with the first ``n`` tokens (shared by every prompt) encoded once, or None."""
+    device = _device(model)
+    head = torch.tensor([list(prompts[0][:n])], device=device)
+    ones = torch.ones_like(head)
+    out = model(input_ids=head, attention_mask=ones, position_ids=position_ids(ones), use_cache=True,
+                logits_to_keep=1)
+    cache = returned_cache(out)
+    if not _shareable(cache):
+        _fallback(model, f"returns a KV cache whose rows cannot be shared ({type(cache).__name__})")
+        return None
+    cache.batch_repeat_interleave(len(prompts))
+    # the rests are right-padded after the shared head, so that each row's tokens follow the head with nothing
+    # between them (a sliding window then covers the plain prompt's tokens); each row is read at its last token
+    rests = [list(p[n:]) for p in prompts]
+    width = max(len(r) for r in rests)
+    ids = torch.full((len(rests), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rests):
+        ids[i, : len(r)] = torch.as_tensor(r)
+        mask[i, : len(r)] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    last = torch.tensor([len(r) - 1 for r in rests], device=device)
+    cols, which = torch.unique(last, return_inverse=True)  # the columns read, each computed once
+    out = model(input_ids=ids, attention_mask=torch.cat([ones.expand(len(rests), n), mask], 1),
+                position_ids=n + torch.arange(width, device=device).expand(len(rests), width), use_cache=True,
+                logits_to_keep=cols, **{cache_argument(model): cache})
+    return out.logits[torch.arange(len(rests), device=device), which]
+
+
 _WARNED: set = set()
 
 
@@ -115,7 +174,7 @@ def _fallback(model, why: str) -> None:
     name = type(model).__name__
     if name not in _WARNED:
         _WARNED.add(name)
-        log.warning("shared prefix: %s %s; encoding every rollout's prompt instead", name, why)
+        log.warning("shared prefix: %s %s; encoding every prompt in full instead", name, why)
 
 
 def group_prompts(sequences: Sequence[Sequence[int]], prompt_lens: Sequence[int]) -> tuple:

@@ -121,6 +121,9 @@ class RolloutForm:
         shared_prefix: encode each prompt once for its G completions, in generation and in scoring
             (:func:`shala.lm.generate_shared`, :func:`shala.lm.shared_completion_logits`); the same
             logits and gradients to float rounding.
+        common_prefix: encode the leading tokens that all prompts of a forward at the answer slot share (the
+            system turn, a few-shot prefix) once per forward (:func:`shala.lm.next_token_logits`); the same
+            logits and gradients to float rounding.
     """
 
     name = ""
@@ -133,12 +136,13 @@ class RolloutForm:
 
     def __init__(self, builder, *, group_size: int, temperature: float = 1.0, constrain_answer: bool = True,
                  micro_batch_size: int = 8, single_pass: bool = True, max_new_tokens: Optional[int] = None,
-                 device="cpu", need_slots: bool = True, verbal_format: str = "percent", shared_prefix: bool = True):
+                 device="cpu", need_slots: bool = True, verbal_format: str = "percent", shared_prefix: bool = True,
+                 common_prefix: bool = False):
         self.check_options(max_new_tokens=max_new_tokens)
         self.max_new_tokens = max_new_tokens or self.default_max_new_tokens
         self.builder, self.G, self.temperature = builder, group_size, temperature
         self.constrain_answer, self.micro_batch_size, self.single_pass = constrain_answer, micro_batch_size, single_pass
-        self.shared_prefix = shared_prefix
+        self.shared_prefix, self.common_prefix = shared_prefix, common_prefix
         self.device = torch.device(device)
         self.pad_id = builder.tokenizer.pad_token_id
         self.label_ids = torch.tensor(builder.label_ids, device=self.device)
@@ -191,6 +195,10 @@ class RolloutForm:
         scorer = shared_completion_logits if self.shared_prefix else completion_logits
         return scorer(model, [batch.tokens[i] for i in mb], [int(batch.prompt_lens[i]) for i in mb])
 
+    def next_logits(self, model, prompts: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Next-token logits [B, V] after each prompt (those of the answer slot, for prompts that end at it)."""
+        return next_token_logits(model, prompts, self.pad_id, common_prefix=self.common_prefix)
+
     def _label_lookup(self, vocab: int) -> torch.Tensor:
         lookup = torch.full((vocab,), -1, dtype=torch.long, device=self.device)
         lookup[self.label_ids] = torch.arange(len(self.label_ids), device=self.device)
@@ -222,12 +230,12 @@ class AnswerForm(RolloutForm):
         live = None
         if self.single_pass and B <= self.micro_batch_size:  # this forward, with its graph, is the update's
             policy.core.train()
-            live = next_token_logits(policy.model, prompts, self.pad_id).float()  # [B, V]
+            live = self.next_logits(policy.model, prompts).float()  # [B, V]
             logits = live.detach()
         else:
             policy.core.eval()
             with torch.no_grad():
-                logits = torch.cat([next_token_logits(policy.core, [prompts[k] for k in mb], self.pad_id).float()
+                logits = torch.cat([self.next_logits(policy.core, [prompts[k] for k in mb]).float()
                                     for mb in _chunks(B, self.micro_batch_size)])  # [B, V]
         with torch.no_grad():
             if self.constrain_answer:
@@ -268,7 +276,7 @@ class AnswerForm(RolloutForm):
             logits, batch._live = batch._live, None  # its graph is backpropagated once
         else:
             prompts = [batch.tokens[int(i) * self.G][:-1] for i in slot_rows]
-            logits = next_token_logits(model, prompts, self.pad_id).float()  # [s, V]
+            logits = self.next_logits(model, prompts).float()  # [s, V]
         tok = torch.tensor([batch.tokens[i][-1] for i in idx.tolist()], device=self.device)
         logp = self._answer_logp(logits, tok.reshape(len(slot_rows), self.G)).reshape(-1, 1)  # [s*G, 1]
         return TokenLogProbs(logp, torch.ones_like(logp, dtype=torch.bool), logits, slot_rows)
@@ -512,7 +520,7 @@ class VerbalizedForm(RolloutForm):
             parse_errors=errors)
         if self.need_slots:
             batch.slot_prompts = [self.builder.prompt_ids(r["inputs"]) for r in rows]
-            batch.slot_logits = next_token_logits(core, batch.slot_prompts, self.pad_id).float()  # [B, V]
+            batch.slot_logits = self.next_logits(core, batch.slot_prompts).float()  # [B, V]
         if not self.single_pass:  # the sampling log-probs, for the ratio of later passes
             width = int(batch.completion_lens.max())
             olds = [self.log_probs(core, batch, mb, slots=False).logp for mb in self.microbatches(batch)]
@@ -614,8 +622,7 @@ class VerbalizedForm(RolloutForm):
         slot_logits = slot_rows = None
         if slots and self.need_slots:
             slot_rows = batch.slot_of[idx].unique_consecutive()
-            slot_logits = next_token_logits(model, [batch.slot_prompts[int(s)] for s in slot_rows],
-                                            self.pad_id).float()
+            slot_logits = self.next_logits(model, [batch.slot_prompts[int(s)] for s in slot_rows]).float()
         return TokenLogProbs(logp, choose, slot_logits, slot_rows)
 
 

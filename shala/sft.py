@@ -18,7 +18,6 @@ import torch
 
 from shala.batches import Batch
 from shala.label_jsd import label_reward
-from shala.lm import next_token_logits
 from shala.losses import jsd_term, majority_label_loss
 
 __all__ = ["SupervisedStep"]
@@ -60,7 +59,7 @@ class SupervisedStep:
 
     def _slot_logits(self, batch: Batch, mb: list) -> torch.Tensor:
         prompts = [self.form.builder.prompt_ids(batch.rows[i]["inputs"]) for i in mb]
-        return next_token_logits(self.policy.model, prompts, self.form.pad_id).float()  # [b, V]
+        return self.form.next_logits(self.policy.model, prompts).float()  # [b, V]
 
     def _soft(self, batch, mb, w, n):
         logits = self._slot_logits(batch, mb)

@@ -75,7 +75,7 @@ class Trainer:
         self.form = make_form(cfg.form, self.builder, group_size=cfg.group_size, temperature=cfg.temperature,
                               constrain_answer=cfg.constrain_answer, micro_batch_size=cfg.micro_batch_size,
                               single_pass=cfg.ppo_epochs == 1, max_new_tokens=cfg.max_new_tokens, device=self.device,
-                              verbal_format=cfg.verbal_format, shared_prefix=shared_prefix(cfg),
+                              verbal_format=cfg.verbal_format, **prefix_sharing(cfg),
                               need_slots="slot" in self.rewards or cfg.aux_jsd > 0)
         self.truncated = self.data.fit_prompts(self.builder, self.form, context=context_length(cfg.model),
                                                max_prompt_tokens=cfg.max_prompt_tokens, truncate=cfg.truncate_prompts)
@@ -224,12 +224,12 @@ class Trainer:
         return self.monitor.evaluate(prefix)
 
 
-def shared_prefix(cfg: TrainConfig) -> bool:
-    """Whether prompts are encoded once per group: not under gradient checkpointing, whose layers drop a cache."""
-    if cfg.shared_prefix and cfg.gradient_checkpointing:
-        log.info("--gradient-checkpointing: each completion is encoded with its prompt (checkpointed layers "
-                 "take no cache, so the prompt's cannot be shared)")
-    return cfg.shared_prefix and not cfg.gradient_checkpointing
+def prefix_sharing(cfg: TrainConfig) -> dict:
+    """Which prompt encodings are shared: none under gradient checkpointing, whose layers drop a cache."""
+    if (cfg.shared_prefix or cfg.common_prefix) and cfg.gradient_checkpointing:
+        log.info("--gradient-checkpointing: every prompt is encoded in full (checkpointed layers keep no cache)")
+    shared = not cfg.gradient_checkpointing
+    return {"shared_prefix": cfg.shared_prefix and shared, "common_prefix": cfg.common_prefix and shared}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -76,6 +76,20 @@ def test_train_step_times_the_shared_prefix_beside_the_plain_path(tmp_path):
                         rows["shala"]["step_s"])
 
 
+def test_train_step_times_the_common_prefix_beside_the_plain_path(tmp_path):
+    data = bench_train_step.main(["--quick", "--threads", "1", "--few-shot", "2", "--sides", "shala,shala-common",
+                                  "--out", str(tmp_path)])
+    rows = {r["side"]: r for r in data["rows"]}
+    assert rows["shala"]["status"] == rows["shala-common"]["status"] == "measured"
+    assert data["environment"]["few_shot"] == 2
+    # the same prompts, examples included, either way: the head is encoded once, not dropped
+    assert [s["tokens"] for s in rows["shala"]["per_step"]] == [s["tokens"] for s in rows["shala-common"]["per_step"]]
+    assert math.isclose(rows["shala-common"]["step_time_vs_shala"], rows["shala-common"]["step_s"] /
+                        rows["shala"]["step_s"])
+    with pytest.raises(SystemExit, match="--few-shot 2: a number >= 0, for shala's sides only"):
+        bench_train_step.parse_args(["--quick", "--few-shot", "2"])
+
+
 def test_train_step_skips_trl_when_missing(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))

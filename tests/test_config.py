@@ -176,5 +176,4 @@ def test_the_verbalized_form_brings_its_own_budget_and_given_options_win(tmp_pat
     assert load_config(["--method", "sft-verbalized", "--form", "verbalized"]).ignored_options() == []
     default = load_config([])
     assert (default.group_size, default.steps) == (64, 160)  # the answer form's budget is unchanged
-    assert f"--form verbalized: {own['group_size']}" in build_parser().format_help().replace("\n", " ").replace(
-        "  ", " ")
+    assert f"--form verbalized: {own['group_size']}" in " ".join(build_parser().format_help().split())

@@ -1,9 +1,11 @@
-"""Shared prefixes: each prompt encoded once for its G completions gives the plain path's logits and gradients."""
+"""Shared prefixes: each prompt encoded once for its G completions, and the leading tokens all prompts of a
+batch share encoded once for the batch, give the plain path's logits and gradients."""
 
 import pytest
 import torch
 
-from shala.lm import completion_logits, generate_shared, pad_left, shared_completion_logits
+from shala.lm import (common_prefix_length, completion_logits, generate_shared, next_token_logits, pad_left,
+                      shared_completion_logits)
 from tests.tiny import tiny_model, tiny_tokenizer
 
 ARCHS = ["llama", "qwen2", "gemma3"]
@@ -56,6 +58,57 @@ def test_scoring_gives_the_plain_logits_and_gradients(tok, arch, lora, caplog):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
+def test_common_prefix_length_leaves_every_prompt_a_token_of_its_own():
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2  # equal prompts: the last token stays each row's
+    assert common_prefix_length([[1, 2], [3, 2]]) == 0
+    assert common_prefix_length([[7], [7, 8]]) == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_common_prefix_gives_the_plain_logits_and_gradients(tok, arch, lora, caplog):
+    model = _model(tok, arch, lora)
+    g = torch.Generator().manual_seed(1)
+    head = tok.encode("Answer as one of many readers would. Premise: A dog runs. Hypothesis: An animal moves.")
+    # rests of unequal lengths, one prompt a plain prefix of another, so the padding falls between head and rest
+    rests = [torch.randint(5, len(tok), (int(k),), generator=g).tolist() for k in (1, 6, 3, 9)]
+    rests.append(rests[1][:4])
+    prompts = [head + r for r in rests]
+    assert common_prefix_length(prompts) >= len(head)
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain = next_token_logits(model, prompts, tok.pad_token_id)
+    common = next_token_logits(model, prompts, tok.pad_token_id, common_prefix=True)
+    assert common.shape == plain.shape and bool(common.isfinite().all())
+    torch.testing.assert_close(common, plain, rtol=0, atol=2e-5)
+    assert "shared prefix" not in caplog.text  # shared indeed, not the fallback
+    w = torch.randn(plain.shape, generator=g)
+    grads_plain = torch.autograd.grad((plain * w).sum(), params)
+    grads_common = torch.autograd.grad((common * w).sum(), params)
+    for a, b in zip(grads_common, grads_plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+
+
+def test_common_prefix_falls_back_where_nothing_is_shared_or_the_cache_cannot_be(tok, caplog, monkeypatch):
+    from shala import lm
+
+    model = tiny_model(len(tok)).eval()
+    calls = []
+    real = lm._after_common_prefix
+    monkeypatch.setattr(lm, "_after_common_prefix", lambda *a: calls.append(a[2]) or real(*a))
+    unshared = [[5, 6, 7], [8, 6, 7, 9]]
+    torch.testing.assert_close(next_token_logits(model, unshared, 0, common_prefix=True),
+                               next_token_logits(model, unshared, 0))
+    assert calls == []  # no leading token in common: the plain forward, with no cache pass
+    monkeypatch.setattr(lm, "_WARNED", set())
+    monkeypatch.setattr(lm, "_shareable", lambda cache: False)
+    shared = [[5, 6, 7], [5, 6, 9, 10]]
+    torch.testing.assert_close(next_token_logits(model, shared, 0, common_prefix=True),
+                               next_token_logits(model, shared, 0))
+    assert calls == [2]
+    assert "shared prefix: LlamaForCausalLM returns a KV cache whose rows cannot be shared" in caplog.text
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_generation_gives_the_plain_logits_and_samples(tok, arch, caplog):
     model = tiny_model(len(tok), arch=arch).eval()
@@ -106,3 +159,32 @@ def test_training_with_the_kl_reference_pass_is_the_plain_paths(tmp_path, lora):
     # float rounding differs between the paths, and Adam scales a near-zero gradient up to a step of lr: after
     # three steps at lr 5e-3 that reached 1.2e-3 relative in the KL on a 2-core AMD EPYC
     assert kl_a == pytest.approx(kl_b, rel=5e-3, abs=1e-7) and a == pytest.approx(b, rel=5e-3)
+
+
+def test_training_and_evaluation_with_a_common_prefix_are_the_plain_paths(tmp_path, monkeypatch):
+    """--common-prefix with a few-shot prefix: the head is encoded once per forward and the run is unchanged."""
+    import json
+
+    from shala import lm, train
+    from tests.test_train import FAST
+    from tests.tiny import save_tiny
+
+    tiny = save_tiny(tmp_path / "tiny")
+    heads = []
+    real = lm._after_common_prefix
+    monkeypatch.setattr(lm, "_after_common_prefix", lambda *a: heads.append(a[2]) or real(*a))
+    opts = ["--model", tiny, *FAST, "--few-shot", "2", "--lr", "5e-3", "--steps", "3", "--no-eval-before",
+            "--save-every", "0"]
+    runs = {}
+    for common in ("--common-prefix", "--no-common-prefix"):
+        out = tmp_path / common
+        heads.clear()
+        summary = train.main([*opts, common, "--output-dir", str(out)])
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        after = json.loads((out / "eval_after.json").read_text())
+        runs[common] = (summary["adapter_checksums"][0], [r["slot_jsd"] for r in rows], after["jsd"], list(heads))
+    (a, jsd_a, after_a, heads_a), (b, jsd_b, after_b, heads_b) = runs.values()
+    # sampling, the update and the evaluation each encoded the two examples once per forward, never with it off
+    assert heads_b == [] and len(heads_a) >= 3 * 2 + 1 and min(heads_a) > 20
+    assert jsd_a == pytest.approx(jsd_b, rel=1e-4) and after_a == pytest.approx(after_b, rel=1e-4)
+    assert a == pytest.approx(b, rel=5e-3)
