@@ -230,7 +230,7 @@ def run_shala(args) -> dict:
                           "row_ids": [r["id"] for r in rows]})
             print(f"shala step {len(steps) - 1}: {dt:.3f} s", flush=True)
         result = _summary(steps, device, peak_reset, cfg.batch_size * cfg.group_size)
-        result["device"] = str(device)
+        result.update(device=str(device), few_shot=len(trainer.builder.shots))  # the examples each prompt holds
         return result
 
 
@@ -361,7 +361,8 @@ def run_trl(args) -> dict:
 def _child(args, side: str, result_file: Path, model: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "benchmarks.bench_train_step", "--side", side, "--result-file", str(result_file),
            "--model", model, "--batch-size", str(args.batch_size), "--group-size", str(args.group_size),
-           "--steps", str(args.steps), "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads)]
+           "--steps", str(args.steps), "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
+           "--few-shot", str(args.few_shot)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1",
@@ -461,7 +462,7 @@ def parse_args(argv=None):
     bad = [s for s in args.sides if s not in SIDES]
     if bad or not args.sides:
         raise SystemExit(f"--sides must name some of {list(SIDES)}, got {bad or args.sides}")
-    if args.few_shot < 0 or (args.few_shot and "trl" in args.sides):
+    if args.few_shot < 0 or (args.few_shot and "trl" in args.sides and not args.side):  # a child runs one side
         raise SystemExit(f"--few-shot {args.few_shot}: a number >= 0, for shala's sides only (TRL's prompts carry "
                          f"no examples), got sides {args.sides}")
     return args
