@@ -348,9 +348,11 @@ def test_help_documents_every_option(capsys):
         assert "--" + f.name.replace("_", "-") in text, f.name
 
 
-@pytest.mark.parametrize("form", [[], ["--form", "rationale", "--max-new-tokens", "4"]], ids=["answer", "rationale"])
+@pytest.mark.parametrize("form", [[], ["--form", "rationale", "--max-new-tokens", "4"],
+                                  ["--few-shot", "1", "--common-prefix"]], ids=["answer", "rationale", "common-prefix"])
 def test_torchrun_two_processes_stay_in_sync(tiny_dir, tmp_path, form):
-    """The rationale form generates and scores on shared prompt prefixes (the default) in each process."""
+    """The rationale form generates and scores on shared prompt prefixes (the default) in each process; with
+    --common-prefix the answer form's update encodes the examples once, through the DDP wrapper."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "shala.train", "--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--steps", "2",
