@@ -67,11 +67,16 @@ def test_common_prefix_length_leaves_every_prompt_a_token_of_its_own():
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_common_prefix_gives_the_plain_logits_and_gradients(tok, arch, lora, caplog):
+def test_common_prefix_gives_the_plain_logits_and_gradients(tok, arch, lora, monkeypatch):
+    from shala import lm
+
     model = _model(tok, arch, lora)
+    shared = []  # what the head-once path returned: None would be the plain fallback
+    real = lm._after_common_prefix
+    monkeypatch.setattr(lm, "_after_common_prefix", lambda *a: shared.append(real(*a)) or shared[-1])
     g = torch.Generator().manual_seed(1)
     head = tok.encode("Answer as one of many readers would. Premise: A dog runs. Hypothesis: An animal moves.")
-    # rests of unequal lengths, one prompt a plain prefix of another, so the padding falls between head and rest
+    # rests of unequal lengths, one prompt a plain prefix of another: the shorter rests are padded after them
     rests = [torch.randint(5, len(tok), (int(k),), generator=g).tolist() for k in (1, 6, 3, 9)]
     rests.append(rests[1][:4])
     prompts = [head + r for r in rests]
@@ -81,7 +86,7 @@ def test_common_prefix_gives_the_plain_logits_and_gradients(tok, arch, lora, cap
     common = next_token_logits(model, prompts, tok.pad_token_id, common_prefix=True)
     assert common.shape == plain.shape and bool(common.isfinite().all())
     torch.testing.assert_close(common, plain, rtol=0, atol=2e-5)
-    assert "shared prefix" not in caplog.text  # shared indeed, not the fallback
+    assert len(shared) == 1 and shared[0] is common  # the head was encoded once, not the fallback
     w = torch.randn(plain.shape, generator=g)
     grads_plain = torch.autograd.grad((plain * w).sum(), params)
     grads_common = torch.autograd.grad((common * w).sum(), params)
@@ -170,9 +175,16 @@ def test_training_and_evaluation_with_a_common_prefix_are_the_plain_paths(tmp_pa
     from tests.tiny import save_tiny
 
     tiny = save_tiny(tmp_path / "tiny")
-    heads = []
+    heads = []  # the head's length at each forward that encoded it once (the fallback returns None)
     real = lm._after_common_prefix
-    monkeypatch.setattr(lm, "_after_common_prefix", lambda *a: heads.append(a[2]) or real(*a))
+
+    def counted(model, prompts, n, pad_id):
+        out = real(model, prompts, n, pad_id)
+        assert out is not None, "the head-once path fell back to the plain forward"
+        heads.append(n)
+        return out
+
+    monkeypatch.setattr(lm, "_after_common_prefix", counted)
     opts = ["--model", tiny, *FAST, "--few-shot", "2", "--lr", "5e-3", "--steps", "3", "--no-eval-before",
             "--save-every", "0"]
     runs = {}
