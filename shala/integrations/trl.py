@@ -98,11 +98,13 @@ class SlotReward:
         format_penalty: subtracted from the reward of a completion with no label after the cue.
         target_column: the dataset column with each row's annotators' distribution.
         batch_size: sequences per forward.
+        common_prefix: encode the leading tokens the sequences of a forward share (the group's prompt, or the
+            system turn) once per forward (:func:`shala.lm.next_token_logits`); the same rewards to float rounding.
     """
 
     def __init__(self, model, builder, *, format_penalty: float = 1.0, target_column: str = "probs",
-                 batch_size: int = 16):
-        self.model, self.builder = model, builder
+                 batch_size: int = 16, common_prefix: bool = False):
+        self.model, self.builder, self.common_prefix = model, builder, common_prefix
         self.format_penalty, self.target_column, self.batch_size = format_penalty, target_column, batch_size
         self.__name__ = "shala_slot"
 
@@ -124,7 +126,8 @@ class SlotReward:
         for s in range(0, len(located), self.batch_size):
             part = located[s : s + self.batch_size]
             # the slot's logits: after the tokens up to the slot (the cue's last token)
-            logits.append(next_token_logits(self.model, [r.tokens[: r.slot + 1] for r in part], pad).float())
+            logits.append(next_token_logits(self.model, [r.tokens[: r.slot + 1] for r in part], pad,
+                                            common_prefix=self.common_prefix).float())
         self.model.train(training)
         label_ids = torch.tensor(self.builder.label_ids, device=logits[0].device)
         slot = label_reward(torch.cat(logits), label_ids, q.to(logits[0].device, torch.float32))
