@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["pad_left", "position_ids", "common_prefix_length", "next_token_logits", "completion_logits",
+__all__ = ["pad_left", "pad_right", "position_ids", "common_prefix_length", "next_token_logits", "completion_logits",
            "shared_completion_logits", "generate_shared", "group_prompts", "cache_argument", "returned_cache"]
 
 log = logging.getLogger("shala.train")
@@ -33,13 +33,23 @@ log = logging.getLogger("shala.train")
 
 def pad_left(seqs: Sequence[Sequence[int]], pad_id: int, device="cpu"):
     """Left-pad token lists: ``(input_ids [B, T], attention_mask [B, T])``."""
+    return _pad(seqs, pad_id, device, left=True)
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int, device="cpu"):
+    """Right-pad token lists: ``(input_ids [B, T], attention_mask [B, T])``."""
+    return _pad(seqs, pad_id, device, left=False)
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, device, *, left: bool):
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
     for i, s in enumerate(seqs):
         if len(s):
-            ids[i, width - len(s) :] = torch.as_tensor(s, dtype=torch.long)
-            mask[i, width - len(s) :] = 1
+            cols = slice(width - len(s), width) if left else slice(0, len(s))
+            ids[i, cols] = torch.as_tensor(s, dtype=torch.long)
+            mask[i, cols] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -140,28 +150,21 @@ def _prefill(model, ids: torch.Tensor, mask: torch.Tensor):
 def _after_common_prefix(model, prompts: Sequence[Sequence[int]], n: int, pad_id: int):
     """:func:`next_token_logits` with the first ``n`` tokens (shared by every prompt) encoded once, or None."""
     device = _device(model)
-    head = torch.tensor([list(prompts[0][:n])], device=device)
-    ones = torch.ones_like(head)
-    out = model(input_ids=head, attention_mask=ones, position_ids=position_ids(ones), use_cache=True,
-                logits_to_keep=1)
-    cache = returned_cache(out)
-    if not _shareable(cache):
-        _fallback(model, f"returns a KV cache whose rows cannot be shared ({type(cache).__name__})")
+    # _prefill encodes all but the last column: the head's n tokens, with the first prompt's next one fed to it
+    cache = _prefill(model, torch.tensor([list(prompts[0][: n + 1])], device=device),
+                     torch.ones((1, n + 1), dtype=torch.long, device=device))
+    if cache is None:
         return None
     cache.batch_repeat_interleave(len(prompts))
     # the rests are right-padded after the shared head, so that each row's tokens follow the head with nothing
     # between them (a sliding window then covers the plain prompt's tokens); each row is read at its last token
     rests = [list(p[n:]) for p in prompts]
-    width = max(len(r) for r in rests)
-    ids = torch.full((len(rests), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rests):
-        ids[i, : len(r)] = torch.as_tensor(r)
-        mask[i, : len(r)] = 1
-    ids, mask = ids.to(device), mask.to(device)
+    ids, mask = pad_right(rests, pad_id, device)
+    width = ids.shape[1]
     last = torch.tensor([len(r) - 1 for r in rests], device=device)
     cols, which = torch.unique(last, return_inverse=True)  # the columns read, each computed once
-    out = model(input_ids=ids, attention_mask=torch.cat([ones.expand(len(rests), n), mask], 1),
+    head = torch.ones((len(rests), n), dtype=torch.long, device=device)
+    out = model(input_ids=ids, attention_mask=torch.cat([head, mask], 1),
                 position_ids=n + torch.arange(width, device=device).expand(len(rests), width), use_cache=True,
                 logits_to_keep=cols, **{cache_argument(model): cache})
     return out.logits[torch.arange(len(rests), device=device), which]
@@ -206,13 +209,8 @@ def shared_completion_logits(model, sequences: Sequence[Sequence[int]], prompt_l
         return completion_logits(model, sequences, prompt_lens)
     rows = torch.tensor(owner, device=device)
     cache.batch_select_indices(rows)
-    wc = max(len(s) - p for s, p in zip(sequences, prompt_lens))
-    tail = torch.zeros((len(sequences), 1 + wc), dtype=torch.long)
-    fed = torch.zeros_like(tail)
-    for r, (seq, p) in enumerate(zip(sequences, prompt_lens)):
-        tail[r, : len(seq) - p + 1] = torch.as_tensor(seq[p - 1 :])
-        fed[r, : len(seq) - p + 1] = 1
-    tail, fed = tail.to(device), fed.to(device)
+    tail, fed = pad_right([seq[p - 1 :] for seq, p in zip(sequences, prompt_lens)], 0, device)  # [n, 1 + wc]
+    wc = tail.shape[1] - 1
     attn = torch.cat([mask[rows], fed[:, 1:]], 1)  # [n, P + wc]
     pos = (mask.sum(1)[rows] - 1).unsqueeze(1) + torch.arange(1 + wc, device=device)
     out = model(input_ids=tail, attention_mask=attn, position_ids=pos, use_cache=True,
