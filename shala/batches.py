@@ -201,9 +201,9 @@ class TrainData:
                      min(raters), max(raters), 100 * sum(w for _, w in rows) / total)
 
     def shots(self, cfg) -> list:
-        """``--few-shot`` examples from the training rows of ``--dataset``, by ``--split-seed``
-        (:func:`shala.prompts.pick_shots`)."""
-        return pick_shots([r for r in self.train_rows if r["source"] == MAIN], cfg.few_shot, cfg.split_seed)
+        """``--few-shot`` examples from the training rows of ``--dataset``, by ``--shot-seed`` (else
+        ``--split-seed``; :func:`shala.prompts.pick_shots`)."""
+        return pick_shots([r for r in self.train_rows if r["source"] == MAIN], cfg.few_shot, cfg.shots_seed())
 
     def _load_extra(self, option: str, spec, taken, skip_invalid: bool, mapping: Optional[dict] = None,
                     name: Optional[str] = None):

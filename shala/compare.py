@@ -126,9 +126,10 @@ def parse_args(argv):
 
 def _base_label(cfg, with_model: bool = True) -> str:
     """What sets the base model's reading apart, besides the rollout form: the model when not the default (and
-    ``with_model``), and the prompt (a few-shot prefix, drawn by ``--split-seed`` from at most ``--train-limit``
-    rows, no chat template, or an instruction, by its hash); "" for the default."""
+    ``with_model``), and the prompt (a few-shot prefix, drawn by ``--shot-seed`` from at most ``--train-limit``
+    rows of the ``--split-seed`` split, no chat template, or an instruction, by its hash); "" for the default."""
     shots = f"few-shot-{cfg.few_shot}" + (f"-split{cfg.split_seed}" if cfg.split_seed else "") + (
+        f"-shots{cfg.shot_seed}" if cfg.shot_seed is not None else "") + (
         f"-limit{cfg.train_limit}" if cfg.train_limit else "") if cfg.few_shot else None
     model = None if cfg.model == DEFAULT_MODEL or not with_model else re.sub(
         r"[^A-Za-z0-9._-]+", "_", Path(str(cfg.model)).name)

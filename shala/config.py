@@ -101,7 +101,9 @@ class TrainConfig:
                                       "decoding); its log-prob is the label-renormalised one")
     chat_template: bool = _f(True, "wrap prompts in the tokenizer's chat template (off, or without one: plain text)")
     few_shot: int = _f(0, "ask and answer N training items before each prompt (majority label; the shares in the "
-                          "verbalized form), taken in turn from each label, shuffled by --split-seed")
+                          "verbalized form), taken in turn from each label, shuffled by --shot-seed")
+    shot_seed: Optional[int] = _f(None, "seed of the --few-shot examples' draw (default: --split-seed): other "
+                                        "examples, the same held-out split")
     instruction: Optional[str] = _f(None, "the question asked of each item in place of the task's own: a text with "
                                           "the item's input fields and {options} (the label words) in braces, e.g. "
                                           "'{premise} Question: {hypothesis} True, false or unknown? Answer "
@@ -195,7 +197,7 @@ class TrainConfig:
     #: Options whose default leaves a run as it was before they existed: hashed only when set otherwise, so
     #: that runs made before them keep their identity.
     HASHED_WHEN_SET = ("train_dataset", "source_weight", "rater_weight", "bf16", "chat_template", "few_shot",
-                       "instruction")
+                       "shot_seed", "instruction")
 
     #: Run-defining options a resume may change: ``--steps`` (extend the run; the learning-rate schedule is
     #: laid over the new total from the step reached).
@@ -217,23 +219,17 @@ class TrainConfig:
                    and saved.get(k, defaults[k]) != getattr(self, k)]  # set on either side
         return [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} (now {getattr(self, k)!r})" for k in changed]
 
+    def shots_seed(self) -> int:
+        """The seed of the ``--few-shot`` draw: ``--shot-seed``, else ``--split-seed``."""
+        return self.split_seed if self.shot_seed is None else self.shot_seed
+
     def lineage_id(self) -> str:
         """The run id without ``--steps`` (the same for a run and its extensions)."""
         return dataclasses.replace(self, steps=0).run_id()
 
     def with_datasets(self, train_dataset=None, eval_dataset: Optional[dict] = None) -> "TrainConfig":
         """This config with ``dataset`` (and ``eval_dataset``) naming Datasets passed from Python by fingerprint."""
-        changes = {}
-        if train_dataset is not None:
-            changes["dataset"] = f"datasets.Dataset:{_fingerprint(train_dataset, 'train_dataset')}"
-        if eval_dataset:
-            if not isinstance(eval_dataset, dict):
-                raise TypeError(f"eval_dataset: expected {{name: datasets.Dataset}}, got {type(eval_dataset).__name__}")
-            kept = [e for e in self.eval_dataset or () if e.partition("=")[0] not in eval_dataset]
-            changes["eval_dataset"] = [*kept, *(
-                f"{name}=datasets.Dataset:{_fingerprint(ds, f'eval_dataset[{name!r}]')}"
-                for name, ds in eval_dataset.items())]
-        return dataclasses.replace(self, **changes) if changes else self
+        return with_datasets(self, train_dataset, eval_dataset)
 
     def validate(self) -> "TrainConfig":
         """Raise ValueError naming the first bad option and what it expects; log options that will be ignored."""
@@ -265,6 +261,21 @@ def command_line(cfg: TrainConfig) -> str:
         else:
             words += [w for v in (value if isinstance(value, list) else [value]) for w in (flag, str(v))]
     return " ".join(shlex.quote(w) for w in words)
+
+
+def with_datasets(cfg: "TrainConfig", train_dataset=None, eval_dataset: Optional[dict] = None) -> "TrainConfig":
+    """:meth:`TrainConfig.with_datasets`."""
+    changes = {}
+    if train_dataset is not None:
+        changes["dataset"] = f"datasets.Dataset:{_fingerprint(train_dataset, 'train_dataset')}"
+    if eval_dataset:
+        if not isinstance(eval_dataset, dict):
+            raise TypeError(f"eval_dataset: expected {{name: datasets.Dataset}}, got {type(eval_dataset).__name__}")
+        kept = [e for e in cfg.eval_dataset or () if e.partition("=")[0] not in eval_dataset]
+        changes["eval_dataset"] = [*kept, *(
+            f"{name}=datasets.Dataset:{_fingerprint(ds, f'eval_dataset[{name!r}]')}"
+            for name, ds in eval_dataset.items())]
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def _fingerprint(ds, where: str) -> str:
@@ -338,6 +349,8 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
     check_device(cfg.device)
     parse_label_map(cfg.eval_label_map)
     check_form_options(cfg.form, max_new_tokens=cfg.max_new_tokens, few_shot=cfg.few_shot)
+    if cfg.shot_seed is not None and not cfg.few_shot:
+        raise ValueError(f"--shot-seed {cfg.shot_seed} draws the --few-shot examples: it needs --few-shot N")
     if cfg.instruction is not None:
         check_instruction(cfg.instruction)
     terms = cfg.reward_weights()
@@ -463,7 +476,7 @@ HELP_SECTIONS = {
              "eval_fraction", "split_seed", "train_limit", "max_prompt_tokens", "truncate_prompts"),
     "method and rollouts": ("method", "seed", "form", "verbal_format", "group_size", "batch_size", "max_new_tokens",
                             "temperature", "shared_prefix", "common_prefix", "constrain_answer", "chat_template",
-                            "few_shot", "instruction"),
+                            "few_shot", "shot_seed", "instruction"),
     "reward and weighting": ("reward", "format_penalty", "sum_penalty", "normalize", "mass_weight", "weighting",
                              "weight_alpha", "weight_temperature", "weight_warmup", "scale", "adv_eps"),
     "optimisation": ("steps", "ppo_epochs", "micro_batch_size", "lr", "weight_decay", "lr_schedule", "warmup_steps",

@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--few-shot", type=int, default=None,
                    help="ask and answer N items of the train split before each prompt, picked as shala.train "
                         "--few-shot picks them (default: the adapter's examples, else 0)")
+    p.add_argument("--shot-seed", type=int, default=None,
+                   help="seed of the --few-shot draw, as shala.train --shot-seed (default: --split-seed)")
     p.add_argument("--instruction", default=None,
                    help="the question asked of each item in place of the task's own, as shala.train --instruction "
                         "(default: the adapter's, else the task's)")
@@ -314,6 +316,10 @@ def prompt_settings(args, trained: dict, train_rows) -> dict:
     """The chat template, few-shot examples and instruction: the flags', else the adapter's, else the defaults
     (``train_rows``: the train split, where ``--few-shot`` picks from)."""
     shots = trained.get("shots", [])
+    if args.shot_seed is not None and (trained or args.few_shot is None):
+        raise ValueError(f"--shot-seed {args.shot_seed} draws the --few-shot examples: " + (
+            "the adapter (or merged model) keeps those it was trained with (leave --shot-seed out)" if trained
+            else "it needs --few-shot N"))
     if args.few_shot is not None and args.few_shot != len(shots):
         if trained:
             raise ValueError(f"--few-shot {args.few_shot}: the adapter (or merged model) was trained with "
@@ -323,7 +329,7 @@ def prompt_settings(args, trained: dict, train_rows) -> dict:
         if args.split != "eval":
             raise ValueError(f"--few-shot {args.few_shot} picks from the train split; with --split {args.split} it "
                              "would show the evaluated items themselves (use --split eval)")
-        shots = pick_shots(train_rows, args.few_shot, args.seed)
+        shots = pick_shots(train_rows, args.few_shot, args.seed if args.shot_seed is None else args.shot_seed)
     instruction = trained.get("instruction")
     if args.instruction is not None and args.instruction != instruction:
         if trained:

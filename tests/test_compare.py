@@ -124,7 +124,8 @@ def test_each_prompt_has_its_own_base_model_reading():
 
     names = {tuple(a): compare._base_file(Path("o"), load_config(a)).name for a in
              ([], ["--form", "verbalized"], ["--few-shot", "3"], ["--no-chat-template", "--form", "rationale"],
-              ["--few-shot", "1", "--split-seed", "2", "--train-limit", "50"], ["--model", "gemma3-270m"],
+              ["--few-shot", "1", "--split-seed", "2", "--train-limit", "50"], ["--few-shot", "3", "--shot-seed", "1"],
+              ["--model", "gemma3-270m"],
               ["--model", "/m/my model", "--split-seed", "2"],
               ["--instruction", "{premise} / {hypothesis}? {options}"])}
     assert names == {(): "base.json", ("--form", "verbalized"): "base-verbalized.json",
@@ -132,6 +133,7 @@ def test_each_prompt_has_its_own_base_model_reading():
                      ("--no-chat-template", "--form", "rationale"): "base-rationale+no-chat-template.json",
                      ("--few-shot", "1", "--split-seed", "2", "--train-limit", "50"):
                          "base+few-shot-1-split2-limit50.json",  # the prefix is drawn from the split's rows
+                     ("--few-shot", "3", "--shot-seed", "1"): "base+few-shot-3-shots1.json",
                      ("--model", "gemma3-270m"): "base+gemma3-270m.json",
                      ("--model", "/m/my model", "--split-seed", "2"): "base+my_model.json",
                      ("--instruction", "{premise} / {hypothesis}? {options}"): "base+instruction-" + hashlib.sha1(

@@ -132,12 +132,25 @@ def test_few_shot_evaluation_of_a_base_model_shows_the_examples_training_would()
     trained = TrainData.from_config(cfg).shots(cfg)
     _, train_rows = evaluate.load_eval_rows("bundled", split="eval", seed=0, eval_fraction=0.2, options={},
                                             skip_invalid=False, limit=None)
-    args = argparse.Namespace(few_shot=3, split="eval", seed=0, chat_template=None, form="answer", instruction=None)
+    args = argparse.Namespace(few_shot=3, split="eval", seed=0, chat_template=None, form="answer", instruction=None,
+                              shot_seed=None)
     assert evaluate.prompt_settings(args, {}, train_rows) == {"chat_template": True, "shots": trained,
                                                               "instruction": None}
+    # --shot-seed draws other examples from the same train split, in training and evaluation alike
+    other_cfg = load_config(["--few-shot", "3", "--shot-seed", "5"])
+    other_data = TrainData.from_config(other_cfg)
+    other = other_data.shots(other_cfg)
+    assert other != trained and [r["inputs"] for r in other_data.eval_rows] == [
+        r["inputs"] for r in TrainData.from_config(cfg).eval_rows]
+    assert evaluate.prompt_settings(argparse.Namespace(**{**vars(args), "shot_seed": 5}), {}, train_rows)[
+        "shots"] == other
+    with pytest.raises(ValueError, match=r"--shot-seed 5 draws the --few-shot examples: it needs --few-shot N"):
+        evaluate.prompt_settings(argparse.Namespace(**{**vars(args), "few_shot": None, "shot_seed": 5}), {}, [])
+    with pytest.raises(ValueError, match=r"--shot-seed 5 .* keeps those it was trained with"):
+        evaluate.prompt_settings(argparse.Namespace(**{**vars(args), "few_shot": None, "shot_seed": 5}),
+                                 {"shots": trained}, [])
     with pytest.raises(ValueError, match=r"--few-shot 3 with --form rationale: the examples answer without"):
         evaluate.prompt_settings(argparse.Namespace(**{**vars(args), "form": "rationale"}), {}, train_rows)
     assert len(trained) == 3
     with pytest.raises(ValueError, match=r"--few-shot 3 picks from the train split; with --split all"):
-        evaluate.prompt_settings(argparse.Namespace(few_shot=3, split="all", seed=0, chat_template=None,
-                                                    form="answer", instruction=None), {}, [])
+        evaluate.prompt_settings(argparse.Namespace(**{**vars(args), "split": "all"}), {}, [])
