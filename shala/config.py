@@ -153,7 +153,8 @@ class TrainConfig:
     bf16: bool = _f(False, "mixed precision: forward passes under bfloat16 autocast (float32 weights and optimiser "
                            "state); on a GPU with bfloat16 support, or a CPU with bfloat16 instructions")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, more "
-                                             "compute; each completion is then encoded with its prompt)")
+                                             "compute; each completion is then encoded with its prompt, and "
+                                             "--shared-prefix and --common-prefix are off)")
 
     # bookkeeping
     eval_batch_size: int = _f(16, "batch size of the before/after evaluation")
