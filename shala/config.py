@@ -220,7 +220,7 @@ class TrainConfig:
                    and saved.get(k, defaults[k]) != getattr(self, k)]  # set on either side
         return [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} (now {getattr(self, k)!r})" for k in changed]
 
-    def shots_seed(self) -> int:
+    def shot_draw_seed(self) -> int:
         """The seed of the ``--few-shot`` draw: ``--shot-seed``, else ``--split-seed``."""
         return self.split_seed if self.shot_seed is None else self.shot_seed
 
