@@ -30,6 +30,22 @@ def fixtures():
     return FIXTURES
 
 
+@pytest.fixture
+def head_once(monkeypatch):
+    """``(head length, result)`` of each call of the common-prefix path (:func:`shala.lm._after_common_prefix`);
+    a result of None is its fallback to the plain forward."""
+    from shala import lm
+
+    calls, real = [], lm._after_common_prefix
+
+    def spy(model, prompts, n, pad_id):
+        calls.append((n, real(model, prompts, n, pad_id)))
+        return calls[-1][1]
+
+    monkeypatch.setattr(lm, "_after_common_prefix", spy)
+    return calls
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -35,7 +35,7 @@ def test_verbalized_reward_is_one_minus_the_scaled_js_distance_and_penalises_wha
         reward(["p"], completions[:1], q=[Q])
 
 
-def test_slot_reward_gives_each_completion_its_own_reward_around_the_slot_distribution(monkeypatch):
+def test_slot_reward_gives_each_completion_its_own_reward_around_the_slot_distribution(head_once):
     tok = tiny_tokenizer()
     model = tiny_model(len(tok))
     builder = PromptBuilder(tok, "nli", NLI_LABELS)
@@ -52,13 +52,9 @@ def test_slot_reward_gives_each_completion_its_own_reward_around_the_slot_distri
     assert got == pytest.approx(want.tolist(), rel=1e-5)
     assert len(set(round(g, 6) for g in got[:3])) == 3  # a real advantage signal within the group
     # the group's prompt encoded once for its four completions gives the same rewards
-    from shala import lm
-
-    heads, real = [], lm._after_common_prefix
-    monkeypatch.setattr(lm, "_after_common_prefix", lambda *a: heads.append(real(*a)) or heads[-1])
     shared = SlotReward(model, builder, common_prefix=True)
     assert shared([prompt] * 4, ["x"] * 4, completion_ids=completions, probs=[Q] * 4) == pytest.approx(got, rel=1e-5)
-    assert len(heads) == 1 and heads[0] is not None  # the head-once path, not its fallback
+    assert len(head_once) == 1 and head_once[0][1] is not None  # the head-once path, not its fallback
     # the mean over the labels, weighted by p, is R(p) itself
     p = slot.probs[0].double()
     assert float((p * torch.tensor(got[:3], dtype=torch.float64)).sum()) == pytest.approx(

@@ -67,13 +67,8 @@ def test_common_prefix_length_leaves_every_prompt_a_token_of_its_own():
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_common_prefix_gives_the_plain_logits_and_gradients(tok, arch, lora, monkeypatch):
-    from shala import lm
-
+def test_common_prefix_gives_the_plain_logits_and_gradients(tok, arch, lora, head_once):
     model = _model(tok, arch, lora)
-    shared = []  # what the head-once path returned: None would be the plain fallback
-    real = lm._after_common_prefix
-    monkeypatch.setattr(lm, "_after_common_prefix", lambda *a: shared.append(real(*a)) or shared[-1])
     g = torch.Generator().manual_seed(1)
     head = tok.encode("Answer as one of many readers would. Premise: A dog runs. Hypothesis: An animal moves.")
     # rests of unequal lengths, one prompt a plain prefix of another: the shorter rests are padded after them
@@ -86,7 +81,7 @@ def test_common_prefix_gives_the_plain_logits_and_gradients(tok, arch, lora, mon
     common = next_token_logits(model, prompts, tok.pad_token_id, common_prefix=True)
     assert common.shape == plain.shape and bool(common.isfinite().all())
     torch.testing.assert_close(common, plain, rtol=0, atol=2e-5)
-    assert len(shared) == 1 and shared[0] is common  # the head was encoded once, not the fallback
+    assert len(head_once) == 1 and head_once[0][1] is common  # the head was encoded once, not the fallback
     w = torch.randn(plain.shape, generator=g)
     grads_plain = torch.autograd.grad((plain * w).sum(), params)
     grads_common = torch.autograd.grad((common * w).sum(), params)
@@ -94,23 +89,21 @@ def test_common_prefix_gives_the_plain_logits_and_gradients(tok, arch, lora, mon
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
-def test_common_prefix_falls_back_where_nothing_is_shared_or_the_cache_cannot_be(tok, caplog, monkeypatch):
+def test_common_prefix_falls_back_where_nothing_is_shared_or_the_cache_cannot_be(tok, caplog, monkeypatch,
+                                                                                   head_once):
     from shala import lm
 
     model = tiny_model(len(tok)).eval()
-    calls = []
-    real = lm._after_common_prefix
-    monkeypatch.setattr(lm, "_after_common_prefix", lambda *a: calls.append(a[2]) or real(*a))
     unshared = [[5, 6, 7], [8, 6, 7, 9]]
     torch.testing.assert_close(next_token_logits(model, unshared, 0, common_prefix=True),
                                next_token_logits(model, unshared, 0))
-    assert calls == []  # no leading token in common: the plain forward, with no cache pass
+    assert head_once == []  # no leading token in common: the plain forward, with no cache pass
     monkeypatch.setattr(lm, "_WARNED", set())
     monkeypatch.setattr(lm, "_shareable", lambda cache: False)
     shared = [[5, 6, 7], [5, 6, 9, 10]]
     torch.testing.assert_close(next_token_logits(model, shared, 0, common_prefix=True),
                                next_token_logits(model, shared, 0))
-    assert calls == [2]
+    assert head_once == [(2, None)]  # tried, then fell back
     assert "shared prefix: LlamaForCausalLM returns a KV cache whose rows cannot be shared" in caplog.text
 
 
@@ -166,37 +159,28 @@ def test_training_with_the_kl_reference_pass_is_the_plain_paths(tmp_path, lora):
     assert kl_a == pytest.approx(kl_b, rel=5e-3, abs=1e-7) and a == pytest.approx(b, rel=5e-3)
 
 
-def test_training_and_evaluation_with_a_common_prefix_are_the_plain_paths(tmp_path, monkeypatch):
+def test_training_and_evaluation_with_a_common_prefix_are_the_plain_paths(tmp_path, head_once):
     """--common-prefix with a few-shot prefix: the head is encoded once per forward and the run is unchanged."""
     import json
 
-    from shala import lm, train
+    from shala import train
     from tests.test_train import FAST
     from tests.tiny import save_tiny
 
     tiny = save_tiny(tmp_path / "tiny")
-    heads = []  # the head's length at each forward that encoded it once (the fallback returns None)
-    real = lm._after_common_prefix
-
-    def counted(model, prompts, n, pad_id):
-        out = real(model, prompts, n, pad_id)
-        assert out is not None, "the head-once path fell back to the plain forward"
-        heads.append(n)
-        return out
-
-    monkeypatch.setattr(lm, "_after_common_prefix", counted)
     opts = ["--model", tiny, *FAST, "--few-shot", "2", "--lr", "5e-3", "--steps", "3", "--no-eval-before",
             "--save-every", "0"]
     runs = {}
     for common in ("--common-prefix", "--no-common-prefix"):
         out = tmp_path / common
-        heads.clear()
+        head_once.clear()
         summary = train.main([*opts, common, "--output-dir", str(out)])
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         after = json.loads((out / "eval_after.json").read_text())
-        runs[common] = (summary["adapter_checksums"][0], [r["slot_jsd"] for r in rows], after["jsd"], list(heads))
+        runs[common] = (summary["adapter_checksums"][0], [r["slot_jsd"] for r in rows], after["jsd"], list(head_once))
     (a, jsd_a, after_a, heads_a), (b, jsd_b, after_b, heads_b) = runs.values()
     # sampling, the update and the evaluation each encoded the two examples once per forward, never with it off
-    assert heads_b == [] and len(heads_a) >= 3 * 2 + 1 and min(heads_a) > 20
+    assert heads_b == [] and len(heads_a) >= 3 * 2 + 1 and min(n for n, _ in heads_a) > 20
+    assert all(out is not None for _, out in heads_a), "the head-once path fell back to the plain forward"
     assert jsd_a == pytest.approx(jsd_b, rel=1e-4) and after_a == pytest.approx(after_b, rel=1e-4)
     assert a == pytest.approx(b, rel=5e-3)
