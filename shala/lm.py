@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import weakref
 from typing import Sequence
 
 import torch
@@ -80,7 +81,8 @@ def next_token_logits(model, prompts: Sequence[Sequence[int]], pad_id: int, *,
 
     ``common_prefix``: encode the leading tokens all prompts share once, with gradients if enabled,
     and run each prompt's rest on their KV cache (see the module's docstring). Falls back to the
-    plain forward where no token is shared or the model's cache cannot be shared.
+    plain forward where no token is shared or the model's cache cannot be shared (found on the first
+    call, not tried again).
     """
     if common_prefix and len(prompts) > 1:
         n = common_prefix_length(prompts)
@@ -138,10 +140,13 @@ def _shareable(cache) -> bool:
 
 def _prefill(model, ids: torch.Tensor, mask: torch.Tensor):
     """The KV cache of every prompt row but its last column (which the caller feeds), or None."""
+    if model in _UNSHAREABLE:  # known already: spare the forward whose cache would be thrown away
+        return None
     out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], position_ids=position_ids(mask[:, :-1]),
                 use_cache=True, logits_to_keep=1)
     cache = returned_cache(out)
     if not _shareable(cache):
+        _UNSHAREABLE.add(model)
         _fallback(model, f"returns a KV cache whose rows cannot be shared ({type(cache).__name__})")
         return None
     return cache
@@ -171,6 +176,7 @@ def _after_common_prefix(model, prompts: Sequence[Sequence[int]], n: int, pad_id
 
 
 _WARNED: set = set()
+_UNSHAREABLE: weakref.WeakSet = weakref.WeakSet()  # models whose cache was found unshareable, not tried again
 
 
 def _fallback(model, why: str) -> None:

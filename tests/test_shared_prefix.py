@@ -99,12 +99,18 @@ def test_common_prefix_falls_back_where_nothing_is_shared_or_the_cache_cannot_be
                                next_token_logits(model, unshared, 0))
     assert head_once == []  # no leading token in common: the plain forward, with no cache pass
     monkeypatch.setattr(lm, "_WARNED", set())
+    monkeypatch.setattr(lm, "_UNSHAREABLE", lm.weakref.WeakSet())
     monkeypatch.setattr(lm, "_shareable", lambda cache: False)
     shared = [[5, 6, 7], [5, 6, 9, 10]]
     torch.testing.assert_close(next_token_logits(model, shared, 0, common_prefix=True),
                                next_token_logits(model, shared, 0))
     assert head_once == [(2, None)]  # tried, then fell back
     assert "shared prefix: LlamaForCausalLM returns a KV cache whose rows cannot be shared" in caplog.text
+    forwards = []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    torch.testing.assert_close(next_token_logits(model, shared, 0, common_prefix=True),
+                               next_token_logits(model, shared, 0))
+    assert len(forwards) == 2  # once known, the head is not encoded again: one plain forward per call
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -128,6 +134,7 @@ def test_a_cache_that_cannot_be_shared_falls_back_with_a_reason(tok, caplog, mon
 
     model = tiny_model(len(tok)).train()
     monkeypatch.setattr(lm, "_WARNED", set())
+    monkeypatch.setattr(lm, "_UNSHAREABLE", lm.weakref.WeakSet())
     monkeypatch.setattr(lm, "_shareable", lambda cache: False)
     seqs, plens = [[5, 6, 7, 8], [5, 6, 7, 9, 10]], [3, 3]
     torch.testing.assert_close(shared_completion_logits(model, seqs, plens), completion_logits(model, seqs, plens))
