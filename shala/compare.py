@@ -52,7 +52,7 @@ from shala.metrics import format_value
 from shala.models import DEFAULT_MODEL
 from shala.outputs import RunDir
 from shala.rollout import DEFAULT_FORM
-from shala.state import FLAT_WARN_AFTER
+from shala.state import FLAT_WARN_AFTER, SHARE_DROPPED, SHARE_HELD
 
 log = logging.getLogger("shala.compare")
 
@@ -127,9 +127,11 @@ def parse_args(argv):
 def _base_label(cfg, with_model: bool = True) -> str:
     """What sets the base model's reading apart, besides the rollout form: the model when not the default (and
     ``with_model``), and the prompt (a few-shot prefix, drawn by ``--shot-seed`` from at most ``--train-limit``
-    rows of the ``--split-seed`` split, no chat template, or an instruction, by its hash); "" for the default."""
+    rows of the ``--split-seed`` split and laid out by ``--shot-layout``, no chat template, or an instruction,
+    by its hash); "" for the default."""
     shots = f"few-shot-{cfg.few_shot}" + (f"-split{cfg.split_seed}" if cfg.split_seed else "") + (
         f"-shots{cfg.shot_seed}" if cfg.shot_seed is not None else "") + (
+        f"-{cfg.shot_layout}" if cfg.shot_layout != "turns" else "") + (
         f"-limit{cfg.train_limit}" if cfg.train_limit else "") if cfg.few_shot else None
     model = None if cfg.model == DEFAULT_MODEL or not with_model else re.sub(
         r"[^A-Za-z0-9._-]+", "_", Path(str(cfg.model)).name)
@@ -363,12 +365,17 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     seconds = {m: [summary.get("train_seconds") for summary in by_seed.values()] for m, by_seed in summaries.items()}
     collapsed = [f"{m} seed {s} (from step {summary['collapsed_at']}; {summary['flat_steps']} flat steps in all)"
                  for m, by_seed in summaries.items() for s, summary in by_seed.items() if summary.get("collapsed_at")]
+    dropped = [f"{m} seed {s} ({summary['label_dropped']!r} at step {summary['label_dropped_at']})"
+               for m, by_seed in summaries.items() for s, summary in by_seed.items() if summary.get("label_dropped")]
     text = "\n\n".join(tables) + ("\n\nΔ: mean over seeds and items of the per-item difference in JSD, CI from a "
                                   f"paired percentile bootstrap over items ({args.resamples} resamples) pooled "
                                   "across seeds; * the CI excludes 0.\n")
     if collapsed:  # such a cell stopped learning: its row measures the collapse
         text += (f"\nCollapsed (every group's rewards equal, so no policy-gradient term, for {FLAT_WARN_AFTER} or "
                  "more steps in a row): " + ", ".join(collapsed) + ".\n")
+    if dropped:  # such a cell's mean prediction lost a label it had learned
+        text += (f"\nDropped a label (its moving-average share at the answer slot fell under {SHARE_DROPPED:g} of "
+                 f"its training share after reaching {SHARE_HELD:g} of it): " + ", ".join(dropped) + ".\n")
     print(text)
     (out / "comparison.md").write_text(text)
     write_json(out / "comparison.json", {"sets": all_stats, "seeds": args.seeds, "methods": args.methods,

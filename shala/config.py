@@ -32,7 +32,7 @@ from shala.distributed import check_device
 from shala.batches import parse_label_map
 from shala.data_files import DEFAULT_DATASET
 from shala.models import DEFAULT_MODEL, MODEL_HELP
-from shala.prompts import check_instruction
+from shala.prompts import SHOT_LAYOUTS, check_instruction
 from shala import recipes
 from shala.rewards import parse_reward_terms
 from shala.rollout import DEFAULT_FORM, FORMS, check_form_options
@@ -104,6 +104,9 @@ class TrainConfig:
                           "verbalized form), taken in turn from each label, shuffled by --shot-seed")
     shot_seed: Optional[int] = _f(None, "seed of the --few-shot examples' draw (default: --split-seed): other "
                                         "examples, the same held-out split")
+    shot_layout: str = _f("turns", "how the --few-shot examples are shown: turns (each asked in full and answered in "
+                                   "a turn of its own) or inline (their fields and answers in the item's turn, "
+                                   "the question asked once: fewer tokens)", choices=SHOT_LAYOUTS)
     instruction: Optional[str] = _f(None, "the question asked of each item in place of the task's own: a text with "
                                           "the item's input fields and {options} (the label words) in braces, e.g. "
                                           "'{premise} Question: {hypothesis} True, false or unknown? Answer "
@@ -198,7 +201,7 @@ class TrainConfig:
     #: Options whose default leaves a run as it was before they existed: hashed only when set otherwise, so
     #: that runs made before them keep their identity.
     HASHED_WHEN_SET = ("train_dataset", "source_weight", "rater_weight", "bf16", "chat_template", "few_shot",
-                       "shot_seed", "instruction")
+                       "shot_seed", "shot_layout", "instruction")
 
     #: Run-defining options a resume may change: ``--steps`` (extend the run; the learning-rate schedule is
     #: laid over the new total from the step reached).
@@ -295,7 +298,7 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
     """Raise ValueError naming the first bad option and what it expects; log options that will be ignored."""
     choices = {"method": METHODS, "form": tuple(FORMS), "scale": ADVANTAGE_SCALES, "weighting": WEIGHTINGS,
                "lr_schedule": LR_SCHEDULES, "normalize": NORMALIZE_MODES, "dtype": DTYPES,
-               "verbal_format": tuple(GRANULARITIES)}
+               "verbal_format": tuple(GRANULARITIES), "shot_layout": SHOT_LAYOUTS}
     for name, valid in choices.items():
         if getattr(cfg, name) not in valid:
             raise ValueError(f"--{name.replace('_', '-')} must be one of {list(valid)}, got {getattr(cfg, name)!r}")
@@ -352,6 +355,8 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
     check_form_options(cfg.form, max_new_tokens=cfg.max_new_tokens, few_shot=cfg.few_shot)
     if cfg.shot_seed is not None and not cfg.few_shot:
         raise ValueError(f"--shot-seed {cfg.shot_seed} draws the --few-shot examples: it needs --few-shot N")
+    if cfg.shot_layout != "turns" and not cfg.few_shot:
+        raise ValueError(f"--shot-layout {cfg.shot_layout} lays out the --few-shot examples: it needs --few-shot N")
     if cfg.instruction is not None:
         check_instruction(cfg.instruction)
     terms = cfg.reward_weights()
@@ -477,7 +482,7 @@ HELP_SECTIONS = {
              "eval_fraction", "split_seed", "train_limit", "max_prompt_tokens", "truncate_prompts"),
     "method and rollouts": ("method", "seed", "form", "verbal_format", "group_size", "batch_size", "max_new_tokens",
                             "temperature", "shared_prefix", "common_prefix", "constrain_answer", "chat_template",
-                            "few_shot", "shot_seed", "instruction"),
+                            "few_shot", "shot_seed", "shot_layout", "instruction"),
     "reward and weighting": ("reward", "format_penalty", "sum_penalty", "normalize", "mass_weight", "weighting",
                              "weight_alpha", "weight_temperature", "weight_warmup", "scale", "adv_eps"),
     "optimisation": ("steps", "ppo_epochs", "micro_batch_size", "lr", "weight_decay", "lr_schedule", "warmup_steps",

@@ -35,7 +35,7 @@ from shala.label_jsd import label_reward
 from shala.lm import next_token_logits
 from shala.models import (DEFAULT_MODEL, MODEL_HELP, adapter_folder, context_length, default_threads, load_model,
                           load_tokenizer)
-from shala.prompts import PromptBuilder, check_instruction, fit_prompts, pick_shots
+from shala.prompts import SHOT_LAYOUTS, PromptBuilder, check_instruction, fit_prompts, pick_shots
 from shala.rollout import DEFAULT_FORM, FORMS, check_form_options, make_form
 from shala.verbalized import GRANULARITIES
 
@@ -247,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--few-shot picks them (default: the adapter's examples, else 0)")
     p.add_argument("--shot-seed", type=int, default=None,
                    help="seed of the --few-shot draw, as shala.train --shot-seed (default: --split-seed)")
+    p.add_argument("--shot-layout", default=None, choices=list(SHOT_LAYOUTS),
+                   help="how the --few-shot examples are shown, as shala.train --shot-layout (default: the adapter's, "
+                        "else turns)")
     p.add_argument("--instruction", default=None,
                    help="the question asked of each item in place of the task's own, as shala.train --instruction "
                         "(default: the adapter's, else the task's)")
@@ -313,8 +316,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def prompt_settings(args, trained: dict, train_rows) -> dict:
-    """The chat template, few-shot examples and instruction: the flags', else the adapter's, else the defaults
-    (``train_rows``: the train split, where ``--few-shot`` picks from)."""
+    """The chat template, few-shot examples, their layout and the instruction: the flags', else the adapter's,
+    else the defaults (``train_rows``: the train split, where ``--few-shot`` picks from)."""
     shots = trained.get("shots", [])
     if args.shot_seed is not None and (trained or args.few_shot is None):
         raise ValueError(f"--shot-seed {args.shot_seed} draws the --few-shot examples: " + (
@@ -337,8 +340,16 @@ def prompt_settings(args, trained: dict, train_rows) -> dict:
             raise ValueError(f"--instruction {args.instruction!r}: the adapter (or merged model) was trained with "
                              f"{was}, which its evaluation uses (leave --instruction out)")
         instruction = args.instruction
+    layout = trained.get("shot_layout", "turns")
+    if args.shot_layout is not None and args.shot_layout != layout:
+        if trained:
+            raise ValueError(f"--shot-layout {args.shot_layout}: the adapter (or merged model) was trained with its "
+                             f"examples laid out as {layout}, which its evaluation uses (leave --shot-layout out)")
+        if not shots:
+            raise ValueError(f"--shot-layout {args.shot_layout} lays out the --few-shot examples: it needs --few-shot N")
+        layout = args.shot_layout
     chat = trained.get("chat_template", True) if args.chat_template is None else args.chat_template
-    return {"chat_template": chat, "shots": shots, "instruction": instruction}
+    return {"chat_template": chat, "shots": shots, "instruction": instruction, "shot_layout": layout}
 
 
 def check_output_file(path, *, option: str) -> None:

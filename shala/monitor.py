@@ -67,6 +67,10 @@ class RunMonitor:
                                "lr": t.policy.scheduler.get_last_lr()[0]})
         if "zero_std_frac" in metrics:  # an RL step; the mean over processes is 1 when flat on each
             t.state.record_flat(metrics["zero_std_frac"] == 1.0)
+        names = t.data.label_names
+        if all(f"slot_p_{n}" in metrics for n in names):  # the step's mean label distribution at the slots
+            metrics["label_share_min"] = t.state.record_shares([metrics[f"slot_p_{n}"] for n in names],
+                                                               t.data.prior, names)
         evaluated = self.evaluate_now() if cfg.eval_every and step % cfg.eval_every == 0 else {}
         metrics.update(evaluated)
         if step % cfg.log_every == 0 or step == cfg.steps or evaluated:

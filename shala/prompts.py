@@ -70,6 +70,11 @@ TEMPLATES = {
 }
 
 _GENERIC = "{fields}\n\nWhich label fits best? Answer with one of: {options}."
+SHOT_LAYOUTS = ("turns", "inline")  # each example its own question and answer; or the examples in the item's turn
+
+
+def _fields(inputs: Mapping[str, str]) -> str:
+    return "\n".join(f"{k.replace('_', ' ').capitalize()}: {v}" for k, v in inputs.items())
 
 
 def get_template(task: str) -> Optional[TaskTemplate]:
@@ -128,13 +133,20 @@ class PromptBuilder:
         chat_template: use the tokenizer's chat template (when it has one); False: plain text.
         instruction: the question asked of each item in place of the task's (see :func:`check_instruction`):
             the item's input fields and ``{options}``, the label words, in braces.
-        shots: labelled examples (``{"inputs", "probs"}``, see :func:`pick_shots`) asked and answered before
-            each item: the majority label after the cue, or the rounded shares in the verbalized prompt.
+        shots: labelled examples (``{"inputs", "probs"}``, see :func:`pick_shots`) answered before each
+            item: the majority label after the cue, or the rounded shares in the verbalized prompt.
+        shot_layout: ``"turns"``: each example asked in full and answered in its own turn; ``"inline"``: the
+            examples' input fields and answers in the item's own turn, before its question, which is asked
+            once (fewer tokens, and the chat template still frames the answer).
     """
 
     def __init__(self, tokenizer, task: str, label_names: Sequence[str], *, system: Optional[str] = None,
-                 chat_template: bool = True, shots: Sequence[Mapping] = (), instruction: Optional[str] = None):
+                 chat_template: bool = True, shots: Sequence[Mapping] = (), instruction: Optional[str] = None,
+                 shot_layout: str = "turns"):
+        if shot_layout not in SHOT_LAYOUTS:
+            raise ValueError(f"shot_layout must be one of {', '.join(SHOT_LAYOUTS)}, got {shot_layout!r}")
         self.tokenizer = tokenizer
+        self.shot_layout = shot_layout
         self.chat_template = chat_template
         if instruction is not None:
             check_instruction(instruction)
@@ -162,6 +174,7 @@ class PromptBuilder:
     def settings(self) -> dict:
         """How prompts are written beyond the task: what an evaluation needs to write them the same way."""
         return {"chat_template": self.chat_template, "shots": self.shots,
+                **({"shot_layout": self.shot_layout} if self.shot_layout != "turns" else {}),
                 **({"instruction": self.instruction} if self.instruction is not None else {})}
 
     # -- tokens -----------------------------------------------------------------------------
@@ -190,8 +203,7 @@ class PromptBuilder:
     def user_message(self, inputs: Mapping[str, str], *, rationale: bool = False) -> str:
         options = _join_options(self.words)
         if self.template is None:
-            fields = "\n".join(f"{k.replace('_', ' ').capitalize()}: {v}" for k, v in inputs.items())
-            text = _GENERIC.format(fields=fields, options=options)
+            text = _GENERIC.format(fields=_fields(inputs), options=options)
         else:
             try:
                 text = self.template.instruction.format(options=options, **inputs)
@@ -211,9 +223,8 @@ class PromptBuilder:
 
         ``rationale=True`` asks for a short explanation before the cue (and implies ``cue=False``).
         """
-        answered = [(self.user_message(s["inputs"]), f"{CUE} {self.words[_majority(s['probs'])]}")
-                    for s in self.shots]
-        ids = self._chat(self.user_message(inputs, rationale=rationale), answered)
+        answers = [f"{CUE} {self.words[_majority(s['probs'])]}" for s in self.shots]
+        ids = self._with_shots(self.user_message(inputs, rationale=rationale), self.user_message, answers)
         return ids + (list(self.cue_ids) if cue and not rationale else [])
 
     def verbal_message(self, inputs: Mapping[str, str], granularity: str = "percent") -> str:
@@ -230,9 +241,16 @@ class PromptBuilder:
         """Token ids up to where the assistant writes its verbalized distribution."""
         from shala.verbalized import render
 
-        answered = [(self.verbal_message(s["inputs"], granularity), render(s["probs"], self.words, granularity))
-                    for s in self.shots]
-        return self._chat(self.verbal_message(inputs, granularity), answered)
+        answers = [render(s["probs"], self.words, granularity) for s in self.shots]
+        return self._with_shots(self.verbal_message(inputs, granularity),
+                                lambda x: self.verbal_message(x, granularity), answers)
+
+    def _with_shots(self, user: str, question: Callable, answers: Sequence[str]) -> list:
+        """``user`` after the examples and their ``answers``: as turns (each asked by ``question``), or inline."""
+        if self.shot_layout == "turns" or not self.shots:
+            return self._chat(user, [(question(s["inputs"]), a) for s, a in zip(self.shots, answers)])
+        examples = "\n\n".join(f"{_fields(s['inputs'])}\n{a}" for s, a in zip(self.shots, answers))
+        return self._chat(f"Answered examples:\n\n{examples}\n\n{user}")
 
     def _chat(self, user: str, answered: Sequence[tuple] = ()) -> list:
         """``user`` as the last turn, after the ``(question, answer)`` pairs of ``answered``."""

@@ -161,12 +161,21 @@ def verbal_rewards(verbal: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, 1.0 - d / SQRT_LN2, torch.zeros_like(d))
 
 
+def slot_shares(probs: torch.Tensor, label_names) -> dict:
+    """``{"slot_p_<name>": mean probability}`` over the finite rows of ``probs`` [S, K]; {} without names."""
+    if not label_names:
+        return {}
+    mean = probs[torch.isfinite(probs).all(-1)].double().mean(0)  # NaN where no row is finite
+    return {f"slot_p_{n}": float(v) for n, v in zip(label_names, mean)}
+
+
 def score_rollouts(rollouts, q: torch.Tensor, weights: dict, label_ids, *, format_penalty: float,
-                   sum_penalty: float = 0.0) -> tuple:
+                   sum_penalty: float = 0.0, label_names=None) -> tuple:
     """Rewards [B, G] of a :class:`shala.rollout.RolloutBatch` of B groups, and what to log about them.
 
     The label distribution at each answer slot comes from the fused kernel (one row per distinct
     slot, mapped to its rollouts), the distributions the rollouts wrote from the batch itself.
+    With ``label_names``, the metrics hold the mean distribution at the slots as ``slot_p_<name>``.
     """
     from shala.label_jsd import label_reward
 
@@ -178,7 +187,8 @@ def score_rollouts(rollouts, q: torch.Tensor, weights: dict, label_ids, *, forma
         slot = label_reward(rollouts.slot_logits, label_ids, q[rollouts.slot_item], normalize="vocab")
         slot_probs = slot.probs[rollouts.slot_of].reshape(B, G, K)
         slot_dist = slot.js_dist[rollouts.slot_of].reshape(B, G)
-        metrics.update(slot_jsd=float(slot.js_dist.nanmean()), label_mass_slot=float(slot.label_mass.nanmean()))
+        metrics.update(slot_jsd=float(slot.js_dist.nanmean()), label_mass_slot=float(slot.label_mass.nanmean()),
+                       **slot_shares(slot.probs, label_names))
     verbal = sum_error = None
     if rollouts.verbal is not None:
         verbal = rollouts.verbal.to(device).reshape(B, G, K)

@@ -19,6 +19,7 @@ import torch
 from shala.batches import Batch
 from shala.label_jsd import label_reward
 from shala.losses import jsd_term, majority_label_loss
+from shala.rewards import slot_shares
 
 __all__ = ["SupervisedStep"]
 
@@ -54,7 +55,8 @@ class SupervisedStep:
         out = {"loss": total, "grad_norm": norm, "ok": ok, "time_update": time.perf_counter() - t0}
         if seen:
             slot = label_reward(torch.cat(seen), self.label_ids, batch.q, normalize="vocab")
-            out.update(slot_jsd=float(slot.js_dist.nanmean()), label_mass_slot=float(slot.label_mass.nanmean()))
+            out.update(slot_jsd=float(slot.js_dist.nanmean()), label_mass_slot=float(slot.label_mass.nanmean()),
+                       **slot_shares(slot.probs, self.form.builder.label_names))
         return out
 
     def _slot_logits(self, batch: Batch, mb: list) -> torch.Tensor:

@@ -70,7 +70,8 @@ class Trainer:
         self.data = TrainData.from_config(cfg, self.device, train_dataset, eval_dataset)
         self.tokenizer = load_tokenizer(cfg.model)
         self.builder = PromptBuilder(self.tokenizer, self.data.task, self.data.label_names, shots=self.data.shots(cfg),
-                                     chat_template=cfg.chat_template, instruction=cfg.instruction)
+                                     chat_template=cfg.chat_template, instruction=cfg.instruction,
+                                     shot_layout=cfg.shot_layout)
         self.label_ids = torch.tensor(self.builder.label_ids, device=self.device)
         self.form = make_form(cfg.form, self.builder, group_size=cfg.group_size, temperature=cfg.temperature,
                               constrain_answer=cfg.constrain_answer, micro_batch_size=cfg.micro_batch_size,
@@ -103,7 +104,8 @@ class Trainer:
         t1 = time.perf_counter()
 
         rewards, metrics = score_rollouts(rollouts, batch.q, self.rewards, self.label_ids,
-                                          format_penalty=cfg.format_penalty, sum_penalty=cfg.sum_penalty)  # [B, G]
+                                          format_penalty=cfg.format_penalty, sum_penalty=cfg.sum_penalty,
+                                          label_names=self.data.label_names)  # [B, G]
         w = self.weighting(batch.ambiguity, self.state.step)  # [B] or None
         adv = group_advantages(rewards.flatten().float(), G, weights=None if w is None else w.float(),
                                scale=cfg.scale, eps=cfg.adv_eps)

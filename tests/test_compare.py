@@ -46,8 +46,12 @@ def test_compare_two_methods_two_seeds_one_table_and_resume(tmp_path, monkeypatc
     assert "base model (other)" not in (out / "comparison.md").read_text()
     assert "Collapsed" not in table
     summary_file = out / "shala" / "seed-1" / "summary.json"
-    summary_file.write_text(json.dumps({**json.loads(summary_file.read_text()), "collapsed_at": 1, "flat_steps": 2}))
-    assert "): shala seed 1 (from step 1; 2 flat steps in all).\n" in compare.main(argv)["table"]  # named below
+    assert "Dropped a label" not in table
+    summary_file.write_text(json.dumps({**json.loads(summary_file.read_text()), "collapsed_at": 1, "flat_steps": 2,
+                                        "label_dropped": "neutral", "label_dropped_at": 2}))
+    named = compare.main(argv)["table"]  # such cells are named below the tables
+    assert "): shala seed 1 (from step 1; 2 flat steps in all).\n" in named
+    assert "of it): shala seed 1 ('neutral' at step 2).\n" in named
     (out / "sft-soft" / "seed-1" / "summary.json").unlink()
     again = compare.main(argv)
     assert trained == [str(out / "sft-soft" / "seed-1")]
@@ -125,7 +129,7 @@ def test_each_prompt_has_its_own_base_model_reading():
     names = {tuple(a): compare._base_file(Path("o"), load_config(a)).name for a in
              ([], ["--form", "verbalized"], ["--few-shot", "3"], ["--no-chat-template", "--form", "rationale"],
               ["--few-shot", "1", "--split-seed", "2", "--train-limit", "50"], ["--few-shot", "3", "--shot-seed", "1"],
-              ["--model", "gemma3-270m"],
+              ["--few-shot", "3", "--shot-layout", "inline"], ["--model", "gemma3-270m"],
               ["--model", "/m/my model", "--split-seed", "2"],
               ["--instruction", "{premise} / {hypothesis}? {options}"])}
     assert names == {(): "base.json", ("--form", "verbalized"): "base-verbalized.json",
@@ -134,6 +138,7 @@ def test_each_prompt_has_its_own_base_model_reading():
                      ("--few-shot", "1", "--split-seed", "2", "--train-limit", "50"):
                          "base+few-shot-1-split2-limit50.json",  # the prefix is drawn from the split's rows
                      ("--few-shot", "3", "--shot-seed", "1"): "base+few-shot-3-shots1.json",
+                     ("--few-shot", "3", "--shot-layout", "inline"): "base+few-shot-3-inline.json",
                      ("--model", "gemma3-270m"): "base+gemma3-270m.json",
                      ("--model", "/m/my model", "--split-seed", "2"): "base+my_model.json",
                      ("--instruction", "{premise} / {hypothesis}? {options}"): "base+instruction-" + hashlib.sha1(

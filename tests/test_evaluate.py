@@ -133,9 +133,18 @@ def test_few_shot_evaluation_of_a_base_model_shows_the_examples_training_would()
     _, train_rows = evaluate.load_eval_rows("bundled", split="eval", seed=0, eval_fraction=0.2, options={},
                                             skip_invalid=False, limit=None)
     args = argparse.Namespace(few_shot=3, split="eval", seed=0, chat_template=None, form="answer", instruction=None,
-                              shot_seed=None)
+                              shot_seed=None, shot_layout=None)
     assert evaluate.prompt_settings(args, {}, train_rows) == {"chat_template": True, "shots": trained,
-                                                              "instruction": None}
+                                                              "instruction": None, "shot_layout": "turns"}
+    # the layout: the flag's for a base model, the adapter's for a trained one (turns where it names none)
+    inline = argparse.Namespace(**{**vars(args), "shot_layout": "inline"})
+    assert evaluate.prompt_settings(inline, {}, train_rows)["shot_layout"] == "inline"
+    kept = argparse.Namespace(**{**vars(args), "few_shot": None})
+    assert evaluate.prompt_settings(kept, {"shots": trained, "shot_layout": "inline"}, [])["shot_layout"] == "inline"
+    with pytest.raises(ValueError, match=r"--shot-layout inline: the adapter .* laid out as turns"):
+        evaluate.prompt_settings(argparse.Namespace(**{**vars(kept), "shot_layout": "inline"}), {"shots": trained}, [])
+    with pytest.raises(ValueError, match=r"--shot-layout inline lays out the --few-shot examples: it needs"):
+        evaluate.prompt_settings(argparse.Namespace(**{**vars(kept), "shot_layout": "inline"}), {}, [])
     # --shot-seed draws other examples from the same train split, in training and evaluation alike
     other_cfg = load_config(["--few-shot", "3", "--shot-seed", "5"])
     other_data = TrainData.from_config(other_cfg)

@@ -60,6 +60,28 @@ def test_few_shot_examples_take_each_label_in_turn_and_precede_the_item(tok):
     assert "entailment: 20%, neutral: 60%, contradiction: 20%<|im_end|>" in verbal  # the only neutral item
 
 
+def test_inline_examples_share_the_item_turn_and_its_question_is_asked_once(tok):
+    shots = [{"inputs": {"premise": "P1.", "hypothesis": "H1."}, "probs": [0.1, 0.2, 0.7]},
+             {"inputs": {"premise": "P2.", "hypothesis": "H2."}, "probs": [0.2, 0.6, 0.2]}]
+    turns = PromptBuilder(tok, "nli", NLI_LABELS, shots=shots)
+    inline = PromptBuilder(tok, "nli", NLI_LABELS, shots=shots, shot_layout="inline")
+    text = tok.decode(inline.prompt_ids(ITEM))
+    assert text.count("<|im_start|>user") == 1 and text.count("<|im_start|>assistant") == 1
+    assert "<|im_start|>user\nAnswered examples:\n\nPremise: P1.\nHypothesis: H1.\nAnswer: contradiction\n\n" \
+           "Premise: P2.\nHypothesis: H2.\nAnswer: neutral\n\nPremise: A man" in text
+    assert text.count("Does the premise entail") == 1 and text.endswith("<|im_start|>assistant\nAnswer:")
+    assert len(inline.prompt_ids(ITEM)) < len(turns.prompt_ids(ITEM))
+    verbal = tok.decode(inline.verbal_prompt_ids(ITEM))
+    assert "Hypothesis: H2.\nentailment: 20%, neutral: 60%, contradiction: 20%\n\nPremise: A man" in verbal
+    assert verbal.count("Estimate how a crowd") == 1
+    assert inline.settings() == {"chat_template": True, "shots": shots, "shot_layout": "inline"}
+    assert "shot_layout" not in turns.settings()  # the layout adapters trained before it was an option used
+    no_shots = PromptBuilder(tok, "nli", NLI_LABELS, shot_layout="inline")
+    assert no_shots.prompt_ids(ITEM) == PromptBuilder(tok, "nli", NLI_LABELS).prompt_ids(ITEM)
+    with pytest.raises(ValueError, match=r"shot_layout must be one of turns, inline, got 'side'"):
+        PromptBuilder(tok, "nli", NLI_LABELS, shots=shots, shot_layout="side")
+
+
 def test_without_the_chat_template_a_prompt_is_plain_text(tok):
     shots = [{"inputs": {"premise": "P.", "hypothesis": "H."}, "probs": [0.0, 1.0, 0.0]}]
     plain = PromptBuilder(tok, "nli", NLI_LABELS, chat_template=False, shots=shots)

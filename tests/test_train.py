@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -270,25 +271,32 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_dir, tmp_path, monkeypatch,
     assert all(torch.equal(before[n], after[n]) for n in before), "a non-finite step changed the weights"
 
 
+def _three_steps_with(change, tiny_dir, out, *extra):
+    """A three-step trainer whose base model's output logits ``change(trainer, output)`` rewrites."""
+    cfg = load_config(["--model", tiny_dir, "--output-dir", str(out), *FAST, "--steps", "3", "--no-eval-before",
+                       "--no-eval-after", *extra])
+    t = train.Trainer(cfg)
+
+    def hook(module, args, output):
+        change(t, output)
+        return output
+
+    t.policy.core.get_base_model().register_forward_hook(hook)
+    return t
+
+
 def test_a_collapsed_policy_is_reported_and_counted_across_a_resume(tiny_dir, tmp_path, monkeypatch, caplog):
     from shala import state as train_state
 
     monkeypatch.setattr(train_state, "FLAT_WARN_AFTER", 2)
 
+    def one_answer(t, output):  # every rollout samples the same label: equal rewards in each group
+        bias = torch.full_like(output.logits, -1e4)
+        bias[..., t.builder.label_ids[0]] = 0.0
+        output.logits = 0.0 * output.logits + bias  # still a function of the weights
+
     def trainer(out, *extra):
-        cfg = load_config(["--model", tiny_dir, "--output-dir", str(out), *FAST, "--steps", "3",
-                           "--no-eval-before", "--no-eval-after", *extra])
-        t = train.Trainer(cfg)
-        label = t.builder.label_ids[0]
-
-        def one_answer(module, args, output):  # every rollout samples the same label: equal rewards in each group
-            bias = torch.full_like(output.logits, -1e4)
-            bias[..., label] = 0.0
-            output.logits = 0.0 * output.logits + bias  # still a function of the weights
-            return output
-
-        t.policy.core.get_base_model().register_forward_hook(one_answer)
-        return t
+        return _three_steps_with(one_answer, tiny_dir, out, *extra)
 
     def warnings():
         return [r.message for r in caplog.records if "collapsed to one answer per prompt" in r.message]
@@ -310,6 +318,7 @@ def test_a_collapsed_policy_is_reported_and_counted_across_a_resume(tiny_dir, tm
     "argv, message",
     [
         (["--method", "ppo"], "invalid choice"),
+        (["--few-shot", "2", "--shot-layout", "side"], "invalid choice: 'side'"),
         (["--group-size", "0"], "--group-size must be an integer >= 1"),
         (["--reward", "magic=1"], "mode must be one of"),
         (["--reward", "slot=abc"], "weight must be a number"),
@@ -509,3 +518,58 @@ def test_rows_are_drawn_by_their_rater_count_to_the_power_given(tmp_path, caplog
         with pytest.raises(ValueError, match="the rows' weights overflow .source 'more' has items of 16 raters"):
             TrainData(dataset=main, eval_fraction=0.2, train_dataset=[f"more={extra}"], rater_weight=power,
                       source_weight=weights)
+
+
+def test_a_dropped_label_is_reported_and_remembered_across_a_resume(tiny_dir, tmp_path, monkeypatch, caplog):
+    from shala import state as train_state
+
+    monkeypatch.setattr(train_state, "SHARE_SMOOTHING", 1.0)  # the moving average is the step's own mean
+
+    def drop_last(t, output):  # from step 2 on the last label gets no probability
+        if t.state.step >= 1:
+            output.logits = output.logits.clone()
+            output.logits[..., t.builder.label_ids[-1]] = -1e4
+
+    def trainer(out, *extra):
+        return _three_steps_with(drop_last, tiny_dir, out, *extra)
+
+    def warnings():
+        return [r.message for r in caplog.records if "dropping the label" in r.message]
+
+    with caplog.at_level("WARNING", logger="shala.train"):
+        t = trainer(tmp_path / "a")
+        name, share = t.data.label_names[-1], t.data.prior[-1]
+        res = t.fit()
+        rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+        means = [[r[f"slot_p_{n}"] for n in t.data.label_names] for r in rows]
+        assert all(abs(sum(m) - 1) < 1e-6 for m in means)
+        assert means[0][-1] >= train_state.SHARE_HELD * share  # held at step 1 (the tiny model is near uniform)
+        assert [m[-1] for m in means[1:]] == [0.0, 0.0]
+        assert [r["label_share_min"] for r in rows[1:]] == [0.0, 0.0]
+        assert (res["label_dropped"], res["label_dropped_at"]) == (name, 2)
+        assert json.loads((tmp_path / "a" / "summary.json").read_text())["label_dropped_at"] == 2
+        assert len(warnings()) == 1 and warnings()[0].startswith(f"step 2: the policy's mean probability of {name!r}")
+        caplog.clear()
+        trainer(tmp_path / "b").fit(stop_after=2)  # stopped after the drop, resumed: reported once, at step 2
+        resumed = trainer(tmp_path / "b", "--resume", "auto").fit()
+        assert (resumed["label_dropped"], resumed["label_dropped_at"]) == (name, 2)
+        assert len(warnings()) == 1
+
+
+def test_the_label_watch_counts_only_a_label_the_policy_had_learned(monkeypatch):
+    from shala import state as train_state
+
+    monkeypatch.setattr(train_state, "SHARE_SMOOTHING", 0.5)
+    s, prior, names = train_state.TrainState(None, None, None), [0.3, 0.5, 0.2], ["e", "n", "c"]
+    s.step = 1
+    assert s.record_shares([0.6, 0.39, 0.01], prior, names) == pytest.approx(0.05)  # the base's own shape
+    assert not s.dropped and s.held == [True, True, False]
+    s.step = 2
+    assert math.isnan(s.record_shares([math.nan, 0.5, 0.5], prior, names))  # nothing finite: nothing moves
+    assert s.shares == [0.6, 0.39, 0.01]
+    for step, mean in enumerate([[0.3, 0.4, 0.3], [0.5, 0.5, 0.0], [0.5, 0.5, 0.0]], start=3):
+        s.step = step
+        s.record_shares(mean, prior, names)
+    # c: 0.155 (held, 0.78 of 0.2), then 0.0775 (0.39: not yet dropped), then 0.03875 (0.19 < 0.25)
+    assert s.held == [True, True, True] and s.dropped == {"step": 5, "label": "c"}
+    assert s.counts()["label_dropped"] == "c" and s.counts()["label_dropped_at"] == 5
