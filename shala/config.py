@@ -18,6 +18,7 @@ import importlib.util
 import json
 import logging
 import math
+import re
 import shlex
 import sys
 from dataclasses import dataclass, field, fields
@@ -150,6 +151,9 @@ class TrainConfig:
     lora_alpha: int = _f(32, "LoRA alpha")
     lora_dropout: float = _f(0.0, "LoRA dropout")
     lora_targets: str = _f("all-linear", "LoRA target modules: 'all-linear' or comma-separated names")
+    lora_layers: Optional[str] = _f(None, "the decoder layers LoRA adapts (default: all), as indices and ranges "
+                                          "from 0, e.g. '15-29' or '0,28-29': with the lower layers frozen the "
+                                          "backward pass stops above them")
     dtype: str = _f("float32", "model dtype: float32 | bfloat16 | float16", choices=DTYPES)
     device: Optional[str] = _f(None, "cpu or cuda (default: cuda when available); under torchrun the local GPU",
                                expects="'cpu', 'cuda' or 'cuda:N'")
@@ -201,7 +205,7 @@ class TrainConfig:
     #: Options whose default leaves a run as it was before they existed: hashed only when set otherwise, so
     #: that runs made before them keep their identity.
     HASHED_WHEN_SET = ("train_dataset", "source_weight", "rater_weight", "bf16", "chat_template", "few_shot",
-                       "shot_seed", "shot_layout", "instruction")
+                       "shot_seed", "shot_layout", "instruction", "lora_layers")
 
     #: Run-defining options a resume may change: ``--steps`` (extend the run; the learning-rate schedule is
     #: laid over the new total from the step reached).
@@ -294,6 +298,21 @@ def _fingerprint(ds, where: str) -> str:
     return h.hexdigest()[:16]
 
 
+def parse_layers(text: str, n_layers: Optional[int] = None) -> list:
+    """``--lora-layers`` as sorted layer indices: '15-29' or '0,28-29'; with ``n_layers``, each below it."""
+    layers = set()
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if m is None or (m[2] is not None and int(m[2]) < int(m[1])):
+            raise ValueError(f"--lora-layers {text!r}: expected layer indices and ranges from 0, e.g. '15-29' or "
+                             f"'0,28-29', got {part.strip()!r}")
+        layers.update(range(int(m[1]), int(m[2] or m[1]) + 1))
+    if n_layers is not None and max(layers) >= n_layers:
+        raise ValueError(f"--lora-layers {text!r}: the model has {n_layers} decoder layers (0 to {n_layers - 1}), "
+                         f"so there is no layer {max(layers)}")
+    return sorted(layers)
+
+
 def validate(cfg: "TrainConfig") -> "TrainConfig":
     """Raise ValueError naming the first bad option and what it expects; log options that will be ignored."""
     choices = {"method": METHODS, "form": tuple(FORMS), "scale": ADVANTAGE_SCALES, "weighting": WEIGHTINGS,
@@ -326,6 +345,8 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
         raise ValueError(f"--weight-alpha must be in [0, 1] with --weighting dynamic, got {cfg.weight_alpha}")
     if cfg.lora_r < 0:
         raise ValueError(f"--lora-r must be >= 0 (0: full fine-tuning), got {cfg.lora_r}")
+    if cfg.lora_layers is not None:
+        parse_layers(cfg.lora_layers)
     if cfg.lora_dropout >= 1:
         raise ValueError(f"--lora-dropout must be < 1, got {cfg.lora_dropout}")
     for reporter in parse_report_to(cfg.report_to):  # on every process, before anything starts
@@ -397,7 +418,7 @@ def ignored_options(cfg: "TrainConfig") -> list:
                   if k in given]
     if cfg.lora_r == 0:
         notes += [f"--{k.replace('_', '-')} does not apply with --lora-r 0 (full fine-tuning); ignored"
-                  for k in ("lora_alpha", "lora_dropout", "lora_targets") if k in given]
+                  for k in ("lora_alpha", "lora_dropout", "lora_targets", "lora_layers") if k in given]
     if cfg.warmup_steps > cfg.steps:
         notes.append(f"--warmup-steps {cfg.warmup_steps} is longer than the run (--steps {cfg.steps}): the "
                      "learning rate never reaches --lr")
@@ -476,7 +497,7 @@ def _flag_type(name: str):
 
 #: The sections of ``--help``, each option in one (a test holds every option to exactly one).
 HELP_SECTIONS = {
-    "model": ("model", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "dtype", "device", "bf16",
+    "model": ("model", "lora_r", "lora_alpha", "lora_dropout", "lora_targets", "lora_layers", "dtype", "device", "bf16",
               "gradient_checkpointing"),
     "data": ("dataset", "data_option", "skip_invalid", "train_dataset", "source_weight", "rater_weight",
              "eval_fraction", "split_seed", "train_limit", "max_prompt_tokens", "truncate_prompts"),

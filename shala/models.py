@@ -157,14 +157,24 @@ def load_tokenizer(name: str = DEFAULT_MODEL):
     return tok
 
 
-def context_length(name: str = DEFAULT_MODEL) -> Optional[int]:
-    """The model's context length (``max_position_embeddings``), read from its config without its weights."""
+def _text_config(name: str):
+    """The model's text config, read without its weights."""
     from transformers import AutoConfig
 
     directory, gguf = resolve_model(name)
     kwargs = {"gguf_file": gguf} if gguf else {}
-    config = AutoConfig.from_pretrained(directory, local_files_only=True, **kwargs)
-    n = getattr(config.get_text_config(), "max_position_embeddings", None)
+    return AutoConfig.from_pretrained(directory, local_files_only=True, **kwargs).get_text_config()
+
+
+def context_length(name: str = DEFAULT_MODEL) -> Optional[int]:
+    """The model's context length (``max_position_embeddings``), read from its config without its weights."""
+    n = getattr(_text_config(name), "max_position_embeddings", None)
+    return int(n) if n else None
+
+
+def num_layers(name: str = DEFAULT_MODEL) -> Optional[int]:
+    """The model's number of decoder layers (``num_hidden_layers``), read from its config without its weights."""
+    n = getattr(_text_config(name), "num_hidden_layers", None)
     return int(n) if n else None
 
 

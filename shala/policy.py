@@ -12,6 +12,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from shala.config import parse_layers
 from shala.models import load_model
 
 __all__ = ["Policy"]
@@ -33,9 +34,13 @@ class Policy:
             targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [
                 t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
             torch.manual_seed(cfg.seed)  # identical adapter init on every process
+            layers = None if cfg.lora_layers is None else parse_layers(cfg.lora_layers)
+            if layers is not None and targets == "all-linear":  # peft takes layers only with named targets
+                targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                                  if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] != "lm_head"})
             model = get_peft_model(model, LoraConfig(
                 r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-                task_type="CAUSAL_LM"))
+                layers_to_transform=layers, task_type="CAUSAL_LM"))
         elif cfg.kl_coef > 0:
             self._reference = copy.deepcopy(model).eval().requires_grad_(False)
         if cfg.gradient_checkpointing:  # non-reentrant: the LoRA inputs need no requires_grad hook

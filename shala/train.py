@@ -28,10 +28,10 @@ from shala import checkpoint as ckpt
 from shala.advantages import group_advantages
 from shala.batches import HELD_OUT, Batch, TrainData, make_sampler
 from shala.choices import RL_METHODS
-from shala.config import TrainConfig, load_config
+from shala.config import TrainConfig, load_config, parse_layers
 from shala.distributed import Dist
 from shala.losses import jsd_term, kl_penalty, policy_loss
-from shala.models import context_length, default_threads, load_tokenizer
+from shala.models import context_length, default_threads, load_tokenizer, num_layers
 from shala.monitor import RunMonitor
 from shala.outputs import RunDir, write_adapter
 from shala.policy import Policy
@@ -63,6 +63,8 @@ class Trainer:
         self.cfg, self.dist = cfg, dist or Dist.from_env(cfg.device)
         self.device = self.dist.device
         self.run = RunDir(cfg.output_dir, is_main=self.dist.is_main)
+        if cfg.lora_layers is not None and cfg.lora_r > 0:  # against the model's depth, before it loads
+            parse_layers(cfg.lora_layers, num_layers(cfg.model))
         self.run.claim(cfg)  # before anything slow: a directory of another run is refused here
         self.dist.barrier()
         torch.manual_seed(cfg.seed)

@@ -94,6 +94,9 @@ def test_a_config_that_is_neither_a_file_nor_a_recipe_lists_the_recipes(tmp_path
     (["--form", "rationale", "--few-shot", "2"], r"--few-shot 2 with --form rationale: the examples answer without"),
     (["--shot-seed", "3"], r"--shot-seed 3 draws the --few-shot examples: it needs --few-shot N"),
     (["--shot-layout", "inline"], r"--shot-layout inline lays out the --few-shot examples: it needs --few-shot N"),
+    (["--lora-layers", "5-2"], r"--lora-layers '5-2': expected layer indices and ranges from 0, e\.g\. '15-29' "
+                               r"or '0,28-29', got '5-2'"),
+    (["--lora-layers", "0,x"], r"--lora-layers '0,x': expected .* got 'x'"),
     (["--instruction", " "], r"--instruction: expected a non-empty text with the item's input fields in braces"),
     (["--instruction", "{premise} {hypothesis"], r"--instruction '\{premise\} \{hypothesis': .*literal brace"),
     (["--instruction", "{premise} {} {options}"], r"'\{\}' is not a placeholder; expected an input field's name"),
@@ -132,17 +135,25 @@ def test_run_identity_covers_what_the_run_computes():
     base = TrainConfig()
     assert base.run_id() == TrainConfig().run_id()
     for field in ("lr", "lora_alpha", "dtype", "temperature", "seed", "reward", "weighting", "instruction",
-                  "rater_weight", "shot_seed", "shot_layout"):
+                  "rater_weight", "shot_seed", "shot_layout", "lora_layers"):
         changed = TrainConfig(**{field: {"lr": 1e-3, "lora_alpha": 8, "dtype": "bfloat16", "temperature": 0.7,
                                          "seed": 3, "reward": ["histogram=1"], "weighting": "none",
                                          "instruction": "{premise} {hypothesis} {options}",
-                                         "rater_weight": 0.5, "shot_seed": 0, "shot_layout": "inline"}[field]})
+                                         "rater_weight": 0.5, "shot_seed": 0, "shot_layout": "inline",
+                                         "lora_layers": "1"}[field]})
         assert changed.run_id() != base.run_id(), field
         assert any(c.startswith(f"--{field.replace('_', '-')} ") for c in changed.resume_conflicts(base.to_dict()))
     for field, value in (("output_dir", "elsewhere"), ("save_every", 3), ("progress", False), ("resume", "auto")):
         assert TrainConfig(**{field: value}).run_id() == base.run_id(), field
     # runs from before these options keep their identity
-    assert not {"instruction", "rater_weight", "shot_seed", "shot_layout"} & set(base.run_options())
+    assert not {"instruction", "rater_weight", "shot_seed", "shot_layout", "lora_layers"} & set(base.run_options())
+
+
+def test_lora_layers_are_indices_and_ranges():
+    from shala.config import parse_layers
+
+    assert parse_layers("15-17") == [15, 16, 17] and parse_layers("3, 0-1,1") == [0, 1, 3]
+    assert parse_layers("29", n_layers=30) == [29]
 
 
 def test_coerce_is_the_flags_parser():

@@ -51,6 +51,32 @@ def test_one_step_changes_only_the_adapter(tiny_dir, tmp_path):
         assert key in line
 
 
+def test_lora_layers_adapts_only_those_layers_and_names_the_depth_it_exceeds(tiny_dir, tmp_path):
+    cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--steps", "1",
+                       "--no-eval-before", "--no-eval-after", "--lora-layers", "1"])
+    trainer = train.Trainer(cfg)
+    adapted = [n for n, _ in trainer.policy.named_params]
+    assert adapted and all(".layers.1." in n for n in adapted), adapted[:3]
+    reached = set()  # the decoder layers whose output the backward pass goes through
+
+    def watch(i):
+        def hook(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            if hidden.requires_grad:
+                hidden.register_hook(lambda g: reached.add(i))
+        return hook
+
+    for i, layer in enumerate(trainer.policy.core.get_base_model().model.layers):
+        layer.register_forward_hook(watch(i))
+    trainer.fit()
+    assert reached == {1}  # layer 0, below every adapter, is left out of the backward pass
+    with pytest.raises(ValueError, match=r"--lora-layers '1-2': the model has 2 decoder layers \(0 to 1\), so "
+                                         r"there is no layer 2"):
+        train.Trainer(load_config(["--model", tiny_dir, "--output-dir", str(tmp_path / "b"), *FAST,
+                                   "--lora-layers", "1-2"]))
+    assert not (tmp_path / "b").exists()  # refused before the run directory was claimed
+
+
 def test_default_run_outputs_and_adapter_evaluates(tiny_dir, tmp_path, caplog):
     import logging
 
