@@ -52,7 +52,7 @@ from shala.metrics import format_value
 from shala.models import DEFAULT_MODEL
 from shala.outputs import RunDir
 from shala.rollout import DEFAULT_FORM
-from shala.state import FLAT_WARN_AFTER, SHARE_DROPPED, SHARE_HELD
+from shala.state import DROP_AFTER, FLAT_WARN_AFTER, SHARE_DROPPED, SHARE_HELD
 
 log = logging.getLogger("shala.compare")
 
@@ -365,7 +365,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     seconds = {m: [summary.get("train_seconds") for summary in by_seed.values()] for m, by_seed in summaries.items()}
     collapsed = [f"{m} seed {s} (from step {summary['collapsed_at']}; {summary['flat_steps']} flat steps in all)"
                  for m, by_seed in summaries.items() for s, summary in by_seed.items() if summary.get("collapsed_at")]
-    dropped = [f"{m} seed {s} ({summary['label_dropped']!r} at step {summary['label_dropped_at']})"
+    dropped = [f"{m} seed {s} ({summary['label_dropped']!r} from step {summary['label_dropped_at']})"
                for m, by_seed in summaries.items() for s, summary in by_seed.items() if summary.get("label_dropped")]
     text = "\n\n".join(tables) + ("\n\nΔ: mean over seeds and items of the per-item difference in JSD, CI from a "
                                   f"paired percentile bootstrap over items ({args.resamples} resamples) pooled "
@@ -374,8 +374,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         text += (f"\nCollapsed (every group's rewards equal, so no policy-gradient term, for {FLAT_WARN_AFTER} or "
                  "more steps in a row): " + ", ".join(collapsed) + ".\n")
     if dropped:  # such a cell's mean prediction lost a label it had learned
-        text += (f"\nDropped a label (its moving-average share at the answer slot fell under {SHARE_DROPPED:g} of "
-                 f"its training share after reaching {SHARE_HELD:g} of it): " + ", ".join(dropped) + ".\n")
+        text += (f"\nDropped a label (its mean probability at the answer slot under {SHARE_DROPPED:g} of its "
+                 f"training share for {DROP_AFTER} or more steps in a row, after reaching {SHARE_HELD:g} of it): "
+                 + ", ".join(dropped) + ".\n")
     print(text)
     (out / "comparison.md").write_text(text)
     write_json(out / "comparison.json", {"sets": all_stats, "seeds": args.seeds, "methods": args.methods,

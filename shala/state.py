@@ -24,11 +24,11 @@ log = logging.getLogger("shala.train")
 __all__ = ["TrainState", "TrainingError"]
 
 FLAT_WARN_AFTER = 10  # RL steps in a row with equal rewards in every group before a collapse is reported
-# A label is dropped when the moving average of the policy's mean probability of it at the answer slot, once at
-# least SHARE_HELD of its training share, falls under SHARE_DROPPED of it: the policy learned it, then lost it.
-SHARE_SMOOTHING = 1 / 16  # the moving average's weight on each step (about the last 16 batches)
+# A label is dropped when the policy's mean probability of it at the answer slot, once at least SHARE_HELD of its
+# training share, stays under SHARE_DROPPED of it for DROP_AFTER steps in a row: the policy learned it, then lost
+# it. Shorter dips are common early on, where a few-shot prefix swings the base model's answers past the prior.
 SHARE_HELD, SHARE_DROPPED = 0.5, 0.25
-
+DROP_AFTER = 20
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row)."""
@@ -45,8 +45,8 @@ class TrainState:
         self.flat_in_a_row = 0  # consecutive RL steps whose every group got equal rewards (no policy gradient)
         self.flat_steps = 0
         self.collapsed_at = 0  # the first step of the first FLAT_WARN_AFTER flat steps in a row; 0: none
-        self.shares: list = []  # moving average of the policy's mean label distribution at the answer slot
-        self.held: list = []  # per label: its moving average has reached SHARE_HELD of its training share
+        self.held: list = []  # per label: its mean probability has reached SHARE_HELD of its training share
+        self.under: list = []  # per label: steps in a row under SHARE_DROPPED of its share since it was held
         self.dropped: dict = {}  # {"step", "label"} of the first label dropped after being held; {}: none
         self.metrics_lines = 0  # lines of metrics.jsonl written so far
         self.best: dict = {}  # {"step", "jsd"} of the best evaluation during training (--save-best)
@@ -74,31 +74,31 @@ class TrainState:
 
     def record_shares(self, mean: list, prior: list, names: list) -> float:
         """Follow a step's mean label distribution at the answer slot (``mean``, one share per label) against the
-        training label prior; return the lowest ratio of a label's moving average to its prior share.
+        training label prior; return the lowest ratio of a label's mean to its prior share.
 
         A policy can drift off a label with no flat step: every group still gets unequal rewards, yet the
         label's mean probability sinks towards 0 and the evaluation then never predicts it. The base model's
-        own shape does not count: a label is dropped only after its average has reached SHARE_HELD of its
-        share."""
+        own shape does not count: a label is watched only once it has reached SHARE_HELD of its share."""
         if not all(math.isfinite(m) for m in mean):  # a step whose every slot was non-finite tells nothing
             return math.nan
-        a = SHARE_SMOOTHING
-        self.shares = list(mean) if not self.shares else [(1 - a) * s + a * m for s, m in zip(self.shares, mean)]
+        ratios = [m / p if p > 0 else math.inf for m, p in zip(mean, prior)]
         self.held = self.held or [False] * len(mean)
-        ratios = [s / p if p > 0 else math.inf for s, p in zip(self.shares, prior)]
+        self.under = self.under or [0] * len(mean)
         for k, r in enumerate(ratios):
             self.held[k] = self.held[k] or r >= SHARE_HELD
-            if self.held[k] and r < SHARE_DROPPED and not self.dropped:
-                self.dropped = {"step": self.step, "label": names[k]}
-                log.warning("step %d: the policy's mean probability of %r at the answer slot (moving average %.3f) "
-                            "fell under %g of its training share %.3f after reaching %g of it: the policy is "
-                            "dropping the label (a lower --lr, --kl-coef or fewer --steps keep it)", self.step,
-                            names[k], self.shares[k], SHARE_DROPPED, prior[k], SHARE_HELD)
+            self.under[k] = self.under[k] + 1 if self.held[k] and r < SHARE_DROPPED else 0
+            if self.under[k] == DROP_AFTER and not self.dropped:
+                first = self.step - DROP_AFTER + 1
+                self.dropped = {"step": first, "label": names[k]}
+                log.warning("steps %d to %d: the policy's mean probability of %r at the answer slot stayed under %g "
+                            "of its training share %.3f, after reaching %g of it: the policy has dropped the label "
+                            "(a lower --lr, --kl-coef or a higher --temperature keep it)", first, self.step,
+                            names[k], SHARE_DROPPED, prior[k], SHARE_HELD)
         return min(ratios)
 
     def counts(self) -> dict:
         """The run's counters for its summary: skipped and flat steps, the step a collapse was seen (or None), and
-        the label dropped and when (or None)."""
+        the label dropped and the first step of its run under (or None)."""
         return {"skipped_steps": self.skipped, "flat_steps": self.flat_steps, "collapsed_at": self.collapsed_at or None,
                 "label_dropped": self.dropped.get("label"), "label_dropped_at": self.dropped.get("step")}
 
@@ -136,7 +136,7 @@ class TrainState:
             "bad_in_a_row": self.bad_in_a_row,
             "skipped": self.skipped,
             "flat": [self.flat_in_a_row, self.flat_steps, self.collapsed_at],
-            "shares": json.dumps({"shares": self.shares, "held": self.held, "dropped": self.dropped}),
+            "shares": json.dumps({"held": self.held, "under": self.under, "dropped": self.dropped}),
             "metrics_lines": self.metrics_lines,
             "best": json.dumps(self.best),
         }
@@ -176,7 +176,7 @@ class TrainState:
             log.warning("the checkpoint predates the label-share watch: a dropped label is watched for from step %d",
                         self.step)
         shares = json.loads(state.get("shares", "{}"))
-        self.shares, self.held, self.dropped = shares.get("shares", []), shares.get("held", []), shares.get("dropped", {})
+        self.held, self.under, self.dropped = shares.get("held", []), shares.get("under", []), shares.get("dropped", {})
         self.metrics_lines = int(state["metrics_lines"])
         self.best = json.loads(state.get("best", "{}"))
 

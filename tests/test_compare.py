@@ -51,7 +51,7 @@ def test_compare_two_methods_two_seeds_one_table_and_resume(tmp_path, monkeypatc
                                         "label_dropped": "neutral", "label_dropped_at": 2}))
     named = compare.main(argv)["table"]  # such cells are named below the tables
     assert "): shala seed 1 (from step 1; 2 flat steps in all).\n" in named
-    assert "of it): shala seed 1 ('neutral' at step 2).\n" in named
+    assert "of it): shala seed 1 ('neutral' from step 2).\n" in named
     (out / "sft-soft" / "seed-1" / "summary.json").unlink()
     again = compare.main(argv)
     assert trained == [str(out / "sft-soft" / "seed-1")]

@@ -549,7 +549,7 @@ def test_rows_are_drawn_by_their_rater_count_to_the_power_given(tmp_path, caplog
 def test_a_dropped_label_is_reported_and_remembered_across_a_resume(tiny_dir, tmp_path, monkeypatch, caplog):
     from shala import state as train_state
 
-    monkeypatch.setattr(train_state, "SHARE_SMOOTHING", 1.0)  # the moving average is the step's own mean
+    monkeypatch.setattr(train_state, "DROP_AFTER", 2)
 
     def drop_last(t, output):  # from step 2 on the last label gets no probability
         if t.state.step >= 1:
@@ -560,7 +560,7 @@ def test_a_dropped_label_is_reported_and_remembered_across_a_resume(tiny_dir, tm
         return _three_steps_with(drop_last, tiny_dir, out, *extra)
 
     def warnings():
-        return [r.message for r in caplog.records if "dropping the label" in r.message]
+        return [r.message for r in caplog.records if "has dropped the label" in r.message]
 
     with caplog.at_level("WARNING", logger="shala.train"):
         t = trainer(tmp_path / "a")
@@ -574,9 +574,11 @@ def test_a_dropped_label_is_reported_and_remembered_across_a_resume(tiny_dir, tm
         assert [r["label_share_min"] for r in rows[1:]] == [0.0, 0.0]
         assert (res["label_dropped"], res["label_dropped_at"]) == (name, 2)
         assert json.loads((tmp_path / "a" / "summary.json").read_text())["label_dropped_at"] == 2
-        assert len(warnings()) == 1 and warnings()[0].startswith(f"step 2: the policy's mean probability of {name!r}")
+        assert len(warnings()) == 1 and warnings()[0].startswith(f"steps 2 to 3: the policy's mean probability of "
+                                                                 f"{name!r}")
         caplog.clear()
-        trainer(tmp_path / "b").fit(stop_after=2)  # stopped after the drop, resumed: reported once, at step 2
+        trainer(tmp_path / "b").fit(stop_after=2)  # stopped one step into the run under: the count is kept
+        assert not warnings()
         resumed = trainer(tmp_path / "b", "--resume", "auto").fit()
         assert (resumed["label_dropped"], resumed["label_dropped_at"]) == (name, 2)
         assert len(warnings()) == 1
@@ -585,17 +587,21 @@ def test_a_dropped_label_is_reported_and_remembered_across_a_resume(tiny_dir, tm
 def test_the_label_watch_counts_only_a_label_the_policy_had_learned(monkeypatch):
     from shala import state as train_state
 
-    monkeypatch.setattr(train_state, "SHARE_SMOOTHING", 0.5)
+    monkeypatch.setattr(train_state, "DROP_AFTER", 2)
     s, prior, names = train_state.TrainState(None, None, None), [0.3, 0.5, 0.2], ["e", "n", "c"]
-    s.step = 1
-    assert s.record_shares([0.6, 0.39, 0.01], prior, names) == pytest.approx(0.05)  # the base's own shape
-    assert not s.dropped and s.held == [True, True, False]
-    s.step = 2
-    assert math.isnan(s.record_shares([math.nan, 0.5, 0.5], prior, names))  # nothing finite: nothing moves
-    assert s.shares == [0.6, 0.39, 0.01]
-    for step, mean in enumerate([[0.3, 0.4, 0.3], [0.5, 0.5, 0.0], [0.5, 0.5, 0.0]], start=3):
+    shapes = [[0.6, 0.39, 0.01], [0.6, 0.39, 0.01],  # the base's own shape: c was never held
+              [math.nan, 0.5, 0.5],  # nothing finite: nothing moves
+              [0.3, 0.4, 0.3],  # c held
+              [0.5, 0.49, 0.01], [0.3, 0.4, 0.3],  # one step under, then back: the run is broken
+              [0.5, 0.49, 0.01], [0.5, 0.5, 0.0]]  # two in a row: dropped from step 7
+    for step, mean in enumerate(shapes, start=1):
         s.step = step
-        s.record_shares(mean, prior, names)
-    # c: 0.155 (held, 0.78 of 0.2), then 0.0775 (0.39: not yet dropped), then 0.03875 (0.19 < 0.25)
-    assert s.held == [True, True, True] and s.dropped == {"step": 5, "label": "c"}
-    assert s.counts()["label_dropped"] == "c" and s.counts()["label_dropped_at"] == 5
+        ratio = s.record_shares(mean, prior, names)
+        if step == 1:
+            assert ratio == pytest.approx(0.05) and s.held == [True, True, False]
+        if step == 3:
+            assert math.isnan(ratio) and s.under == [0, 0, 0]
+        if step < 8:
+            assert not s.dropped, step
+    assert s.held == [True, True, True] and s.dropped == {"step": 7, "label": "c"}
+    assert (s.counts()["label_dropped"], s.counts()["label_dropped_at"]) == ("c", 7)
