@@ -105,9 +105,7 @@ class TrainConfig:
                           "verbalized form), taken in turn from each label, shuffled by --shot-seed")
     shot_seed: Optional[int] = _f(None, "seed of the --few-shot examples' draw (default: --split-seed): other "
                                         "examples, the same held-out split")
-    shot_layout: str = _f("turns", "how the --few-shot examples are shown: turns (each asked in full and answered in "
-                                   "a turn of its own) or inline (their fields and answers in the item's turn, "
-                                   "the question asked once: fewer tokens)", choices=SHOT_LAYOUTS)
+    shot_layout: str = _f("turns", "--few-shot examples as turns or inline (in the item's turn)", choices=SHOT_LAYOUTS)
     instruction: Optional[str] = _f(None, "the question asked of each item in place of the task's own: a text with "
                                           "the item's input fields and {options} (the label words) in braces, e.g. "
                                           "'{premise} Question: {hypothesis} True, false or unknown? Answer "
@@ -151,9 +149,8 @@ class TrainConfig:
     lora_alpha: int = _f(32, "LoRA alpha")
     lora_dropout: float = _f(0.0, "LoRA dropout")
     lora_targets: str = _f("all-linear", "LoRA target modules: 'all-linear' or comma-separated names")
-    lora_layers: Optional[str] = _f(None, "the decoder layers LoRA adapts (default: all), as indices and ranges "
-                                          "from 0, e.g. '15-29' or '0,28-29': with the lower layers frozen the "
-                                          "backward pass stops above them")
+    lora_layers: Optional[str] = _f(None, "decoder layers LoRA adapts (default: all), e.g. '15-29' or '0,28-29' "
+                                          "(from 0): the backward pass stops above the lowest")
     dtype: str = _f("float32", "model dtype: float32 | bfloat16 | float16", choices=DTYPES)
     device: Optional[str] = _f(None, "cpu or cuda (default: cuda when available); under torchrun the local GPU",
                                expects="'cpu', 'cuda' or 'cuda:N'")
@@ -311,6 +308,19 @@ def parse_layers(text: str, n_layers: Optional[int] = None) -> list:
         raise ValueError(f"--lora-layers {text!r}: the model has {n_layers} decoder layers (0 to {n_layers - 1}), "
                          f"so there is no layer {max(layers)}")
     return sorted(layers)
+
+
+def prompt_options(cfg: "TrainConfig") -> dict:
+    """How prompts are written beyond the task and its examples: :class:`shala.prompts.PromptBuilder`'s."""
+    return {"chat_template": cfg.chat_template, "instruction": cfg.instruction, "shot_layout": cfg.shot_layout}
+
+
+def check_lora_layers(cfg: "TrainConfig") -> None:
+    """``--lora-layers`` against the model's depth, read from its config without its weights."""
+    if cfg.lora_layers is not None and cfg.lora_r > 0:
+        from shala.models import num_layers
+
+        parse_layers(cfg.lora_layers, num_layers(cfg.model))
 
 
 def validate(cfg: "TrainConfig") -> "TrainConfig":

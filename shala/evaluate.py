@@ -346,7 +346,8 @@ def prompt_settings(args, trained: dict, train_rows) -> dict:
             raise ValueError(f"--shot-layout {args.shot_layout}: the adapter (or merged model) was trained with its "
                              f"examples laid out as {layout}, which its evaluation uses (leave --shot-layout out)")
         if not shots:
-            raise ValueError(f"--shot-layout {args.shot_layout} lays out the --few-shot examples: it needs --few-shot N")
+            raise ValueError(f"--shot-layout {args.shot_layout} lays out the --few-shot examples: it needs "
+                             "--few-shot N")
         layout = args.shot_layout
     chat = trained.get("chat_template", True) if args.chat_template is None else args.chat_template
     return {"chat_template": chat, "shots": shots, "instruction": instruction, "shot_layout": layout}

@@ -169,8 +169,8 @@ def slot_shares(probs: torch.Tensor, label_names) -> dict:
     return {f"slot_p_{n}": float(v) for n, v in zip(label_names, mean)}
 
 
-def score_rollouts(rollouts, q: torch.Tensor, weights: dict, label_ids, *, format_penalty: float,
-                   sum_penalty: float = 0.0, label_names=None) -> tuple:
+def score_rollouts(rollouts, q: torch.Tensor, weights: dict, label_ids, label_names=None, *, format_penalty: float,
+                   sum_penalty: float = 0.0) -> tuple:
     """Rewards [B, G] of a :class:`shala.rollout.RolloutBatch` of B groups, and what to log about them.
 
     The label distribution at each answer slot comes from the fused kernel (one row per distinct

@@ -28,10 +28,10 @@ from shala import checkpoint as ckpt
 from shala.advantages import group_advantages
 from shala.batches import HELD_OUT, Batch, TrainData, make_sampler
 from shala.choices import RL_METHODS
-from shala.config import TrainConfig, load_config, parse_layers
+from shala.config import TrainConfig, check_lora_layers, load_config, prompt_options
 from shala.distributed import Dist
 from shala.losses import jsd_term, kl_penalty, policy_loss
-from shala.models import context_length, default_threads, load_tokenizer, num_layers
+from shala.models import context_length, default_threads, load_tokenizer
 from shala.monitor import RunMonitor
 from shala.outputs import RunDir, write_adapter
 from shala.policy import Policy
@@ -63,8 +63,7 @@ class Trainer:
         self.cfg, self.dist = cfg, dist or Dist.from_env(cfg.device)
         self.device = self.dist.device
         self.run = RunDir(cfg.output_dir, is_main=self.dist.is_main)
-        if cfg.lora_layers is not None and cfg.lora_r > 0:  # against the model's depth, before it loads
-            parse_layers(cfg.lora_layers, num_layers(cfg.model))
+        check_lora_layers(cfg)  # against the model's depth, before anything slow
         self.run.claim(cfg)  # before anything slow: a directory of another run is refused here
         self.dist.barrier()
         torch.manual_seed(cfg.seed)
@@ -72,8 +71,7 @@ class Trainer:
         self.data = TrainData.from_config(cfg, self.device, train_dataset, eval_dataset)
         self.tokenizer = load_tokenizer(cfg.model)
         self.builder = PromptBuilder(self.tokenizer, self.data.task, self.data.label_names, shots=self.data.shots(cfg),
-                                     chat_template=cfg.chat_template, instruction=cfg.instruction,
-                                     shot_layout=cfg.shot_layout)
+                                     **prompt_options(cfg))
         self.label_ids = torch.tensor(self.builder.label_ids, device=self.device)
         self.form = make_form(cfg.form, self.builder, group_size=cfg.group_size, temperature=cfg.temperature,
                               constrain_answer=cfg.constrain_answer, micro_batch_size=cfg.micro_batch_size,
@@ -104,10 +102,8 @@ class Trainer:
         t0 = time.perf_counter()
         rollouts = self.form.sample(self.policy, batch.rows)  # B*G rollouts, prompt-major
         t1 = time.perf_counter()
-
-        rewards, metrics = score_rollouts(rollouts, batch.q, self.rewards, self.label_ids,
-                                          format_penalty=cfg.format_penalty, sum_penalty=cfg.sum_penalty,
-                                          label_names=self.data.label_names)  # [B, G]
+        rewards, metrics = score_rollouts(rollouts, batch.q, self.rewards, self.label_ids, self.data.label_names,
+                                          format_penalty=cfg.format_penalty, sum_penalty=cfg.sum_penalty)  # [B, G]
         w = self.weighting(batch.ambiguity, self.state.step)  # [B] or None
         adv = group_advantages(rewards.flatten().float(), G, weights=None if w is None else w.float(),
                                scale=cfg.scale, eps=cfg.adv_eps)
