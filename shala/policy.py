@@ -36,8 +36,9 @@ class Policy:
             torch.manual_seed(cfg.seed)  # identical adapter init on every process
             layers = None if cfg.lora_layers is None else parse_layers(cfg.lora_layers)
             if layers is not None and targets == "all-linear":  # peft takes layers only with named targets
+                head = model.get_output_embeddings()  # left out, as peft's all-linear leaves it out
                 targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-                                  if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] != "lm_head"})
+                                  if isinstance(m, torch.nn.Linear) and m is not head})
             model = get_peft_model(model, LoraConfig(
                 r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
                 layers_to_transform=layers, task_type="CAUSAL_LM"))

@@ -30,6 +30,7 @@ FLAT_WARN_AFTER = 10  # RL steps in a row with equal rewards in every group befo
 SHARE_HELD, SHARE_DROPPED = 0.5, 0.25
 DROP_AFTER = 20
 
+
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. too many non-finite steps in a row)."""
 
