@@ -203,7 +203,8 @@ class TrainData:
     def shots(self, cfg) -> list:
         """``--few-shot`` examples from the training rows of ``--dataset``, by ``--shot-seed`` (else
         ``--split-seed``; :func:`shala.prompts.pick_shots`)."""
-        return pick_shots([r for r in self.train_rows if r["source"] == MAIN], cfg.few_shot, cfg.shot_draw_seed())
+        return pick_shots([r for r in self.train_rows if r["source"] == MAIN], cfg.few_shot,
+                          cfg.split_seed if cfg.shot_seed is None else cfg.shot_seed)
 
     def _load_extra(self, option: str, spec, taken, skip_invalid: bool, mapping: Optional[dict] = None,
                     name: Optional[str] = None):

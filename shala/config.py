@@ -32,6 +32,7 @@ from shala.choices import (ADVANTAGE_SCALES, DTYPES, LR_SCHEDULES, METHODS, NORM
 from shala.distributed import check_device
 from shala.batches import parse_label_map
 from shala.data_files import DEFAULT_DATASET
+from shala.lm import FrozenHead, prompt_head
 from shala.models import DEFAULT_MODEL, MODEL_HELP
 from shala.prompts import SHOT_LAYOUTS, check_instruction
 from shala import recipes
@@ -98,6 +99,8 @@ class TrainConfig:
                                    "(the same logits and gradients to float rounding)")
     common_prefix: bool = _f(False, "encode the leading tokens all prompts of a forward share (system turn, "
                                     "--few-shot examples) once for them: same logits to float rounding, faster")
+    frozen_head: bool = _f(False, "read the head all prompts share (system turn, --few-shot examples) with the "
+                                  "base model, once per run; the adapter trains on the items' own tokens (LoRA)")
     constrain_answer: bool = _f(True, "sample the token after the answer cue from the label tokens only (guided "
                                       "decoding); its log-prob is the label-renormalised one")
     chat_template: bool = _f(True, "wrap prompts in the tokenizer's chat template (off, or without one: plain text)")
@@ -202,7 +205,7 @@ class TrainConfig:
     #: Options whose default leaves a run as it was before they existed: hashed only when set otherwise, so
     #: that runs made before them keep their identity.
     HASHED_WHEN_SET = ("train_dataset", "source_weight", "rater_weight", "bf16", "chat_template", "few_shot",
-                       "shot_seed", "shot_layout", "instruction", "lora_layers")
+                       "shot_seed", "shot_layout", "instruction", "lora_layers", "frozen_head")
 
     #: Run-defining options a resume may change: ``--steps`` (extend the run; the learning-rate schedule is
     #: laid over the new total from the step reached).
@@ -223,10 +226,6 @@ class TrainConfig:
         changed = [k for k in defaults if k not in self.RUN_FREE and k not in self.RESUME_MAY_CHANGE
                    and saved.get(k, defaults[k]) != getattr(self, k)]  # set on either side
         return [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} (now {getattr(self, k)!r})" for k in changed]
-
-    def shot_draw_seed(self) -> int:
-        """The seed of the ``--few-shot`` draw: ``--shot-seed``, else ``--split-seed``."""
-        return self.split_seed if self.shot_seed is None else self.shot_seed
 
     def lineage_id(self) -> str:
         """The run id without ``--steps`` (the same for a run and its extensions)."""
@@ -315,12 +314,37 @@ def prompt_options(cfg: "TrainConfig") -> dict:
     return {"chat_template": cfg.chat_template, "instruction": cfg.instruction, "shot_layout": cfg.shot_layout}
 
 
+def prefix_sharing(cfg: "TrainConfig", builder, train_rows) -> dict:
+    """Which prompt encodings are shared: none under gradient checkpointing, whose layers drop a cache; with
+    ``--frozen-head``, the head of ``builder``'s prompts (:class:`shala.lm.FrozenHead`), found from the input
+    fields of ``train_rows``."""
+    if (cfg.shared_prefix or cfg.common_prefix) and cfg.gradient_checkpointing:
+        log.info("--gradient-checkpointing: every prompt is encoded in full (checkpointed layers keep no cache)")
+    shared = not cfg.gradient_checkpointing
+    head = FrozenHead(prompt_head(builder.prompt_ids, train_rows[0]["inputs"])) if cfg.frozen_head else None
+    return {"shared_prefix": cfg.shared_prefix and shared, "common_prefix": (cfg.common_prefix and shared) if head is None else head}
+
+
 def check_lora_layers(cfg: "TrainConfig") -> None:
     """``--lora-layers`` against the model's depth, read from its config without its weights."""
     if cfg.lora_layers is not None and cfg.lora_r > 0:
         from shala.models import num_layers
 
         parse_layers(cfg.lora_layers, num_layers(cfg.model))
+
+
+def check_frozen_head(cfg: "TrainConfig") -> None:
+    """``--frozen-head`` is read by the base model under a LoRA adapter, at the answer slot, from a KV cache."""
+    if cfg.lora_r == 0:
+        raise ValueError("--frozen-head: the head is read by the base model under the adapter, so it needs LoRA "
+                         "(--lora-r > 0); full fine-tuning has no base model to read it")
+    if not FORMS[cfg.form].slot_only:
+        slot_only = " or ".join(name for name, form in FORMS.items() if form.slot_only)
+        raise ValueError(f"--frozen-head reads the answer slot after the head; --form {cfg.form} also generates "
+                         f"from the whole prompt: use --form {slot_only}")
+    if cfg.gradient_checkpointing:
+        raise ValueError("--frozen-head runs each prompt's rest on the head's KV cache, which checkpointed layers "
+                         "do not keep: drop --gradient-checkpointing")
 
 
 def validate(cfg: "TrainConfig") -> "TrainConfig":
@@ -390,6 +414,8 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
         raise ValueError(f"--shot-layout {cfg.shot_layout} lays out the --few-shot examples: it needs --few-shot N")
     if cfg.instruction is not None:
         check_instruction(cfg.instruction)
+    if cfg.frozen_head:
+        check_frozen_head(cfg)
     terms = cfg.reward_weights()
     for mode, weight in terms.items():
         if weight <= 0:
@@ -512,7 +538,8 @@ HELP_SECTIONS = {
     "data": ("dataset", "data_option", "skip_invalid", "train_dataset", "source_weight", "rater_weight",
              "eval_fraction", "split_seed", "train_limit", "max_prompt_tokens", "truncate_prompts"),
     "method and rollouts": ("method", "seed", "form", "verbal_format", "group_size", "batch_size", "max_new_tokens",
-                            "temperature", "shared_prefix", "common_prefix", "constrain_answer", "chat_template",
+                            "temperature", "shared_prefix", "common_prefix", "frozen_head", "constrain_answer",
+                            "chat_template",
                             "few_shot", "shot_seed", "shot_layout", "instruction"),
     "reward and weighting": ("reward", "format_penalty", "sum_penalty", "normalize", "mass_weight", "weighting",
                              "weight_alpha", "weight_temperature", "weight_warmup", "scale", "adv_eps"),

@@ -32,7 +32,7 @@ from shala.choices import DTYPES
 from shala.data_files import DEFAULT_DATASET, resolve_dataset
 from shala.distributed import check_device
 from shala.label_jsd import label_reward
-from shala.lm import next_token_logits
+from shala.lm import FrozenHead, next_token_logits, prompt_head
 from shala.models import (DEFAULT_MODEL, MODEL_HELP, adapter_folder, context_length, default_threads, load_model,
                           load_tokenizer)
 from shala.prompts import SHOT_LAYOUTS, PromptBuilder, check_instruction, fit_prompts, pick_shots
@@ -295,13 +295,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if cut:
         log.warning("%d prompt(s) were longer than %d tokens: their longest input field was cut", cut, limit)
         rows = rows.map(lambda r, i: {"inputs": inputs[i]}, with_indices=True)
+    # an adapter trained with --frozen-head reads its prompts' head as the base model does, here as in training
+    common = (FrozenHead(prompt_head(builder.prompt_ids, rows[0]["inputs"])) if trained.get("frozen_head")
+              else args.common_prefix)
     model = load_model(args.model, dtype=args.dtype, adapter=args.adapter, device=args.device)
     result = evaluate_dataset(model, builder, rows, prior=shala_data.label_prior(prior_rows),
                               batch_size=args.batch_size, progress=not args.no_progress, resamples=args.resamples,
-                              common_prefix=args.common_prefix)
+                              common_prefix=common)
     form = make_form(args.form, builder, group_size=max(1, args.samples), temperature=args.temperature,
                      constrain_answer=args.constrain_answer, device=args.device, verbal_format=args.verbal_format,
-                     common_prefix=args.common_prefix)
+                     common_prefix=common)
     add_form_predictions(result, form, model, rows, samples=args.samples, batch_size=args.batch_size)
     result.update(model=args.model, adapter=args.adapter, dataset=args.dataset, split=args.split, seed=args.seed,
                   prior_fitted_on="train split" if args.split == "eval" else "evaluated rows")

@@ -9,6 +9,9 @@ Common prefixes: the prompts of a batch often begin alike (the chat template's
 system turn, a few-shot prefix); :func:`next_token_logits` with ``common_prefix``
 encodes those leading tokens once for the batch and runs each prompt's rest on
 their KV cache. Outputs and gradients equal the plain forward's to float rounding.
+A :class:`FrozenHead` in its place is a head the base model reads once per run
+(adapter off, no gradients): each prompt's rest runs on a copy of its cache with
+the adapter on, so the adapter is trained on the item's own tokens only.
 
 Shared prefixes: the G completions of a prompt share it, so :func:`generate_shared`
 and :func:`shared_completion_logits` encode each distinct prompt once (all but
@@ -19,15 +22,18 @@ float rounding; the encoding of the prompts is done once instead of G times.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 import logging
 import weakref
-from typing import Sequence
+from typing import Callable, Mapping, Sequence, Union
 
 import torch
 
 __all__ = ["pad_left", "pad_right", "position_ids", "common_prefix_length", "next_token_logits", "completion_logits",
-           "shared_completion_logits", "generate_shared", "group_prompts", "cache_argument", "returned_cache"]
+           "shared_completion_logits", "generate_shared", "group_prompts", "cache_argument", "returned_cache",
+           "FrozenHead", "prompt_head"]
 
 log = logging.getLogger("shala.train")
 
@@ -76,14 +82,17 @@ def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
 
 
 def next_token_logits(model, prompts: Sequence[Sequence[int]], pad_id: int, *,
-                      common_prefix: bool = False) -> torch.Tensor:
+                      common_prefix: Union[bool, "FrozenHead"] = False) -> torch.Tensor:
     """Next-token logits after each (left-padded) prompt: ``[B, V]``.
 
     ``common_prefix``: encode the leading tokens all prompts share once, with gradients if enabled,
     and run each prompt's rest on their KV cache (see the module's docstring). Falls back to the
     plain forward where no token is shared or the model's cache cannot be shared (found on the first
-    call, not tried again).
+    call, not tried again). A :class:`FrozenHead`: the prompts begin with its tokens, which the base
+    model has read; this is not the plain forward's result, and there is no fallback.
     """
+    if isinstance(common_prefix, FrozenHead):
+        return common_prefix.next_token_logits(model, prompts, pad_id)
     if common_prefix and len(prompts) > 1:
         n = common_prefix_length(prompts)
         if n > 0:
@@ -152,12 +161,15 @@ def _prefill(model, ids: torch.Tensor, mask: torch.Tensor):
     return cache
 
 
-def _after_common_prefix(model, prompts: Sequence[Sequence[int]], n: int, pad_id: int):
-    """:func:`next_token_logits` with the first ``n`` tokens (shared by every prompt) encoded once, or None."""
+def _after_common_prefix(model, prompts: Sequence[Sequence[int]], n: int, pad_id: int, cache=None):
+    """:func:`next_token_logits` with the first ``n`` tokens (shared by every prompt) encoded once, or None.
+
+    ``cache``: their KV cache (one row), when it is already known."""
     device = _device(model)
-    # _prefill encodes all but the last column: the head's n tokens, with the first prompt's next one fed to it
-    cache = _prefill(model, torch.tensor([list(prompts[0][: n + 1])], device=device),
-                     torch.ones((1, n + 1), dtype=torch.long, device=device))
+    if cache is None:
+        # _prefill encodes all but the last column: the head's n tokens, with the first prompt's next one fed to it
+        cache = _prefill(model, torch.tensor([list(prompts[0][: n + 1])], device=device),
+                         torch.ones((1, n + 1), dtype=torch.long, device=device))
     if cache is None:
         return None
     cache.batch_repeat_interleave(len(prompts))
@@ -173,6 +185,78 @@ def _after_common_prefix(model, prompts: Sequence[Sequence[int]], n: int, pad_id
                 position_ids=n + torch.arange(width, device=device).expand(len(rests), width), use_cache=True,
                 logits_to_keep=cols, **{cache_argument(model): cache})
     return out.logits[torch.arange(len(rests), device=device), which]
+
+
+def prompt_head(prompt_of: Callable[[Mapping[str, str]], list], fields: Sequence[str]) -> list:
+    """The tokens that every prompt ``prompt_of`` writes begins with: those before the first input field's text.
+
+    Found as the common beginning of two prompts whose ``fields`` hold different texts.
+    """
+    a, b = prompt_of(dict.fromkeys(fields, "x")), prompt_of(dict.fromkeys(fields, "y"))
+    return list(a[: common_prefix_length([a, b])])
+
+
+class FrozenHead:
+    """A prompt head (system turn, few-shot examples) that the base model reads, once per run.
+
+    Its KV cache is computed on first use with the adapter off and without gradients, and every
+    forward runs each prompt's rest on a copy of it with the adapter on: the adapter trains on the
+    item's own tokens, which attend to the base model's reading of the head. The head is encoded
+    once instead of once per forward, and its backward pass is spared. The model must be a peft
+    model (or a DDP-wrapped one); the cache belongs to the first model it is used with.
+
+    A prompt that does not begin with the whole head (its first field's text merged with the head's
+    last token) has its head read only as far as it matches: logged once, not an error.
+    """
+
+    def __init__(self, tokens: Sequence[int]):
+        if len(tokens) == 0:
+            raise ValueError("a frozen head needs at least one token: the prompts begin with nothing they share")
+        self.tokens = [int(t) for t in tokens]
+        self._cache = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def _base_cache(self, model):
+        if self._cache is None:
+            core = getattr(model, "module", model)  # DDP
+            if not hasattr(core, "disable_adapter"):
+                raise ValueError(f"a frozen head is read by the base model under the adapter, but "
+                                 f"{type(core).__name__} has no adapter (train with LoRA, --lora-r > 0)")
+            device = _device(model)
+            ids = torch.tensor([self.tokens], device=device)
+            # inside the KL reference's disable_adapter() already: a nested one would switch the adapter back on
+            off = any(getattr(m, "disable_adapters", False) for m in core.modules() if hasattr(m, "lora_A"))
+            with torch.no_grad(), contextlib.nullcontext() if off else core.disable_adapter():
+                out = core(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=position_ids(
+                    torch.ones_like(ids)), use_cache=True, logits_to_keep=1)
+            cache = returned_cache(out)
+            if not _shareable(cache):
+                raise ValueError(f"a frozen head needs a KV cache whose rows can be shared; "
+                                 f"{type(core).__name__} returns {type(cache).__name__}")
+            self._cache = cache
+        return self._cache
+
+    def next_token_logits(self, model, prompts: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
+        """Logits ``[B, V]`` after each prompt, its head read from the base model's cache."""
+        n = min(len(self.tokens), min(len(p) for p in prompts) - 1)
+        for p in prompts:
+            k = 0
+            while k < n and p[k] == self.tokens[k]:
+                k += 1
+            n = k
+        if n == 0:
+            raise ValueError("the prompts do not begin with the frozen head: they were not written by the prompt "
+                             "builder the head was taken from")
+        if n < len(self.tokens) and "short" not in _WARNED:
+            _WARNED.add("short")
+            log.warning("frozen head: a prompt begins with only %d of the head's %d tokens; its head is read that "
+                        "far by the base model", n, len(self.tokens))
+        cache = copy.deepcopy(self._base_cache(model))
+        if n < len(self.tokens):
+            cache.crop(n - len(self.tokens))  # drops that many tokens from the end
+        return _after_common_prefix(model, prompts, n, pad_id, cache)
 
 
 _WARNED: set = set()

@@ -131,6 +131,7 @@ class RolloutForm:
     default_reward = "slot=1"  # the reward when --reward is not given
     writes_distribution = False  # the completion states a distribution (the ``verbal`` reward can read it)
     takes_shots = True  # --few-shot examples, answered as this form's prompt asks
+    slot_only = False  # every forward reads the answer slot after the prompt, none generates (--frozen-head)
     #: shala.train options this form sets when they are not given (its budget differs from the answer form's)
     option_defaults: dict = {}
 
@@ -217,6 +218,7 @@ class AnswerForm(RolloutForm):
     """The completion is the answer token, drawn G times from one forward per prompt."""
 
     name = "answer"
+    slot_only = True
 
     @classmethod
     def check_options(cls, *, max_new_tokens: Optional[int]) -> None:

@@ -28,7 +28,7 @@ from shala import checkpoint as ckpt
 from shala.advantages import group_advantages
 from shala.batches import HELD_OUT, Batch, TrainData, make_sampler
 from shala.choices import RL_METHODS
-from shala.config import TrainConfig, check_lora_layers, load_config, prompt_options
+from shala.config import TrainConfig, check_lora_layers, load_config, prefix_sharing, prompt_options
 from shala.distributed import Dist
 from shala.losses import jsd_term, kl_penalty, policy_loss
 from shala.models import context_length, default_threads, load_tokenizer
@@ -76,7 +76,7 @@ class Trainer:
         self.form = make_form(cfg.form, self.builder, group_size=cfg.group_size, temperature=cfg.temperature,
                               constrain_answer=cfg.constrain_answer, micro_batch_size=cfg.micro_batch_size,
                               single_pass=cfg.ppo_epochs == 1, max_new_tokens=cfg.max_new_tokens, device=self.device,
-                              verbal_format=cfg.verbal_format, **prefix_sharing(cfg),
+                              verbal_format=cfg.verbal_format, **prefix_sharing(cfg, self.builder, self.data.train_rows),
                               need_slots="slot" in self.rewards or cfg.aux_jsd > 0)
         self.truncated = self.data.fit_prompts(self.builder, self.form, context=context_length(cfg.model),
                                                max_prompt_tokens=cfg.max_prompt_tokens, truncate=cfg.truncate_prompts)
@@ -89,6 +89,7 @@ class Trainer:
         self.sft = None if cfg.method in RL_METHODS else SupervisedStep(cfg, self.policy, self.form, self.label_ids)
         self.meta = {"base_model": cfg.model, "task": self.data.task, "label_names": self.data.label_names,
                      "method": cfg.method, "form": cfg.form, **self.builder.settings(),
+                     **({"frozen_head": True} if cfg.frozen_head else {}),
                      **({"verbal_format": cfg.verbal_format} if self.form.writes_distribution else {})}
         self.monitor = RunMonitor(self)
 
@@ -222,14 +223,6 @@ class Trainer:
     def evaluate(self, prefix: str) -> Optional[dict]:
         """``{set: result}`` for every evaluation set (:meth:`RunMonitor.evaluate`)."""
         return self.monitor.evaluate(prefix)
-
-
-def prefix_sharing(cfg: TrainConfig) -> dict:
-    """Which prompt encodings are shared: none under gradient checkpointing, whose layers drop a cache."""
-    if (cfg.shared_prefix or cfg.common_prefix) and cfg.gradient_checkpointing:
-        log.info("--gradient-checkpointing: every prompt is encoded in full (checkpointed layers keep no cache)")
-    shared = not cfg.gradient_checkpointing
-    return {"shared_prefix": cfg.shared_prefix and shared, "common_prefix": cfg.common_prefix and shared}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -38,8 +38,8 @@ def head_once(monkeypatch):
 
     calls, real = [], lm._after_common_prefix
 
-    def spy(model, prompts, n, pad_id):
-        calls.append((n, real(model, prompts, n, pad_id)))
+    def spy(model, prompts, n, pad_id, cache=None):
+        calls.append((n, real(model, prompts, n, pad_id, cache)))
         return calls[-1][1]
 
     monkeypatch.setattr(lm, "_after_common_prefix", spy)
