@@ -276,6 +276,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         raise ValueError(f"--eval-samples {args.samples}: a number >= 0, for a form that writes its distribution "
                          f"({', '.join(n for n, f in FORMS.items() if f.writes_distribution)})")
     check_device(args.device)
+    if trained.get("frozen_head") and not FORMS[args.form].slot_only:
+        raise ValueError(f"--form {args.form}: --adapter {args.adapter} was trained with --frozen-head, whose prompts' "
+                         "head the base model reads before the answer slot; a form that generates would read it "
+                         "through the adapter: use --form " + " or ".join(n for n, f in FORMS.items() if f.slot_only))
     if args.instruction is not None:
         check_instruction(args.instruction)
     if args.output:

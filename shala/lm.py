@@ -199,64 +199,79 @@ def prompt_head(prompt_of: Callable[[Mapping[str, str]], list], fields: Sequence
 class FrozenHead:
     """A prompt head (system turn, few-shot examples) that the base model reads, once per run.
 
-    Its KV cache is computed on first use with the adapter off and without gradients, and every
-    forward runs each prompt's rest on a copy of it with the adapter on: the adapter trains on the
-    item's own tokens, which attend to the base model's reading of the head. The head is encoded
-    once instead of once per forward, and its backward pass is spared. The model must be a peft
-    model (or a DDP-wrapped one); the cache belongs to the first model it is used with.
+    Its KV cache is computed on first use with the adapter off, without gradients and without
+    autocast, and every forward runs each prompt's rest on a copy of it with the adapter on: the
+    adapter trains on the item's own tokens, which attend to the base model's reading of the head.
+    The head is encoded once instead of once per forward, and its backward pass is spared. The model
+    must be a peft model (or a DDP-wrapped one); the cache belongs to the first model it is used with.
 
-    A prompt that does not begin with the whole head (its first field's text merged with the head's
-    last token) has its head read only as far as it matches: logged once, not an error.
+    A prompt that begins with only part of the head (its first field's text merged with the head's
+    last token) has that part read by the base model, whatever else is in its batch (logged once).
     """
 
     def __init__(self, tokens: Sequence[int]):
         if len(tokens) == 0:
             raise ValueError("a frozen head needs at least one token: the prompts begin with nothing they share")
         self.tokens = [int(t) for t in tokens]
-        self._cache = None
+        self._caches = {}  # {tokens read: KV cache}: the whole head, and any part a prompt began with
 
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def _base_cache(self, model):
-        if self._cache is None:
+    def _base_cache(self, model, n: int):
+        if n not in self._caches:
             core = getattr(model, "module", model)  # DDP
             if not hasattr(core, "disable_adapter"):
                 raise ValueError(f"a frozen head is read by the base model under the adapter, but "
                                  f"{type(core).__name__} has no adapter (train with LoRA, --lora-r > 0)")
             device = _device(model)
-            ids = torch.tensor([self.tokens], device=device)
-            # inside the KL reference's disable_adapter() already: a nested one would switch the adapter back on
+            ids = torch.tensor([self.tokens[:n]], device=device)
+            ones = torch.ones_like(ids)
+            # inside the KL reference's disable_adapter() already: leave the adapter as that context has it
             off = any(getattr(m, "disable_adapters", False) for m in core.modules() if hasattr(m, "lora_A"))
-            with torch.no_grad(), contextlib.nullcontext() if off else core.disable_adapter():
-                out = core(input_ids=ids, attention_mask=torch.ones_like(ids), position_ids=position_ids(
-                    torch.ones_like(ids)), use_cache=True, logits_to_keep=1)
+            with torch.no_grad(), torch.autocast(device.type, enabled=False), \
+                    contextlib.nullcontext() if off else core.disable_adapter():
+                out = core(input_ids=ids, attention_mask=ones, position_ids=position_ids(ones), use_cache=True,
+                           logits_to_keep=1)
             cache = returned_cache(out)
             if not _shareable(cache):
                 raise ValueError(f"a frozen head needs a KV cache whose rows can be shared; "
                                  f"{type(core).__name__} returns {type(cache).__name__}")
-            self._cache = cache
-        return self._cache
+            self._caches[n] = cache
+        cache = copy.deepcopy(self._caches[n])
+        device = _device(model)
+        if torch.is_autocast_enabled(device.type):  # the rest's keys and values come in the autocast type
+            dtype = torch.get_autocast_dtype(device.type)
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys.to(dtype), layer.values.to(dtype)
+        return cache
+
+    def _read(self, prompt: Sequence[int]) -> int:
+        """How many head tokens ``prompt`` begins with (at most all but its last token)."""
+        n, k = min(len(self.tokens), len(prompt) - 1), 0
+        while k < n and prompt[k] == self.tokens[k]:
+            k += 1
+        return k
 
     def next_token_logits(self, model, prompts: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
-        """Logits ``[B, V]`` after each prompt, its head read from the base model's cache."""
-        n = min(len(self.tokens), min(len(p) for p in prompts) - 1)
-        for p in prompts:
-            k = 0
-            while k < n and p[k] == self.tokens[k]:
-                k += 1
-            n = k
-        if n == 0:
-            raise ValueError("the prompts do not begin with the frozen head: they were not written by the prompt "
-                             "builder the head was taken from")
-        if n < len(self.tokens) and "short" not in _WARNED:
+        """Logits ``[B, V]`` after each prompt, as much of its head as it begins with read from the base model."""
+        read = [self._read(p) for p in prompts]
+        if min(read) == 0:
+            raise ValueError(f"{read.count(0)} prompt(s) do not begin with the frozen head: they were not written "
+                             "by the prompt builder the head was taken from")
+        if min(read) < len(self.tokens) and "short" not in _WARNED:
             _WARNED.add("short")
-            log.warning("frozen head: a prompt begins with only %d of the head's %d tokens; its head is read that "
-                        "far by the base model", n, len(self.tokens))
-        cache = copy.deepcopy(self._base_cache(model))
-        if n < len(self.tokens):
-            cache.crop(n - len(self.tokens))  # drops that many tokens from the end
-        return _after_common_prefix(model, prompts, n, pad_id, cache)
+            log.warning("frozen head: a prompt begins with only %d of the head's %d tokens; the base model reads "
+                        "those for it", min(read), len(self.tokens))
+        rows = {}  # prompts grouped by the head tokens they begin with: usually one group, the whole head
+        for i, n in enumerate(read):
+            rows.setdefault(n, []).append(i)
+        if len(rows) == 1:
+            return _after_common_prefix(model, prompts, read[0], pad_id, self._base_cache(model, read[0]))
+        parts = {n: _after_common_prefix(model, [prompts[i] for i in idx], n, pad_id, self._base_cache(model, n))
+                 for n, idx in rows.items()}
+        order = torch.tensor([i for idx in rows.values() for i in idx], device=_device(model))
+        return torch.cat(list(parts.values()))[torch.argsort(order)]
 
 
 _WARNED: set = set()

@@ -29,12 +29,13 @@ def _lora(tok, arch, dtype=torch.float64):
 
 
 def _masked_reference(model, prompts, n, pad_id):
-    """Plain forward with every LoRA delta zeroed on the first ``n`` tokens of each (left-padded) prompt."""
+    """Plain forward with every LoRA delta zeroed on the first ``n`` tokens (or ``n[row]``) of each prompt."""
     ids, mask = pad_left(prompts, pad_id)
     width = ids.shape[1]
     on = torch.ones(ids.shape + (1,), dtype=torch.float64)
     for row, p in enumerate(prompts):
-        on[row, width - len(p) : width - len(p) + n] = 0
+        k = n[row] if isinstance(n, list) else n
+        on[row, width - len(p) : width - len(p) + k] = 0
     hooks = [m.register_forward_hook(lambda mod, args, out: out * on.to(out.dtype))
              for name, m in model.named_modules() if name.endswith("lora_B.default")]
     try:
@@ -88,22 +89,43 @@ def test_the_head_is_read_once_per_run_and_its_cache_is_never_changed(tok):
     torch.testing.assert_close(one, first[:1], rtol=0, atol=1e-5)
 
 
-def test_a_prompt_with_part_of_the_head_is_read_that_far_and_a_foreign_one_is_refused(tok, caplog, monkeypatch):
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_prompt_with_part_of_the_head_has_that_part_read_whatever_its_batch(tok, arch, caplog, monkeypatch):
     from shala import lm
 
     monkeypatch.setattr(lm, "_WARNED", set())
-    model = _lora(tok, "llama")
+    model = _lora(tok, arch)
     head = [5, 6, 7, 8, 9]
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 12, 13]]  # the second shares 3 of the head's 5 tokens
-    got = next_token_logits(model, prompts, 0, common_prefix=FrozenHead(head))
-    torch.testing.assert_close(got, _masked_reference(model, prompts, 3, 0), rtol=0, atol=1e-9)
+    # the second shares 3 of the head's 5 tokens, the fourth is the head and one token of its own
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 12, 13], [5, 6, 7, 8, 9, 14, 15, 16], [5, 6, 7, 8, 9, 17]]
+    frozen = FrozenHead(head)
+    got = torch.full((len(prompts), len(tok)), float("nan"), dtype=torch.float64)
+    got.copy_(next_token_logits(model, prompts, 0, common_prefix=frozen))
+    torch.testing.assert_close(got, _masked_reference(model, prompts, [5, 3, 5, 5], 0), rtol=0, atol=1e-9)
     assert "a prompt begins with only 3 of the head's 5 tokens" in caplog.text
+    alone = next_token_logits(model, prompts[2:], 0, common_prefix=frozen)  # without the short prompt beside them
+    torch.testing.assert_close(alone, got[2:], rtol=0, atol=1e-9)
     with pytest.raises(ValueError, match="do not begin with the frozen head"):
         next_token_logits(model, [[4, 6, 7], [5, 6]], 0, common_prefix=FrozenHead(head))
     with pytest.raises(ValueError, match="has no adapter"):
         next_token_logits(tiny_model(len(tok)), prompts, 0, common_prefix=FrozenHead(head))
     with pytest.raises(ValueError, match="at least one token"):
         FrozenHead([])
+
+
+def test_the_head_is_read_in_float32_wherever_it_is_first_used(tok):
+    """Under bfloat16 autocast the rest runs in bfloat16 against the head's float32 reading, cast to it."""
+    model = _lora(tok, "llama", torch.float32)
+    head = tok.encode("Premise: A dog runs. Hypothesis: An animal moves. Premise:")
+    prompts = [head + tok.encode(" A cat."), head + tok.encode(" Two people talk.")]
+    first_in_autocast, fresh = FrozenHead(head), FrozenHead(head)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = next_token_logits(model, prompts, 0, common_prefix=first_in_autocast)
+        ref = _masked_reference(model, prompts, len(head), 0)
+    assert low.dtype == torch.bfloat16 and bool(low.isfinite().all())
+    torch.testing.assert_close(low.float(), ref.float(), rtol=0, atol=0.15)  # bfloat16 keeps 8 bits
+    torch.testing.assert_close(next_token_logits(model, prompts, 0, common_prefix=first_in_autocast),
+                               next_token_logits(model, prompts, 0, common_prefix=fresh), rtol=0, atol=0)
 
 
 def test_the_head_is_what_every_prompt_of_the_builder_begins_with(tok):
@@ -132,7 +154,7 @@ def test_options_the_frozen_head_cannot_take_are_refused(tmp_path, extra, messag
         load_config(["--output-dir", str(tmp_path), "--frozen-head", *extra])
 
 
-def test_training_records_the_frozen_head_and_evaluation_reads_it_again(tmp_path):
+def test_training_records_the_frozen_head_and_evaluation_reads_it_again(tmp_path, monkeypatch):
     """A run with --frozen-head: its adapter records it, and shala.evaluate reads the adapter's evaluation again."""
     from shala import evaluate, export, train
     from tests.test_train import FAST
@@ -140,9 +162,17 @@ def test_training_records_the_frozen_head_and_evaluation_reads_it_again(tmp_path
 
     tiny = save_tiny(tmp_path / "tiny")
     out = tmp_path / "run"
+    modes, real = [], FrozenHead.next_token_logits
+
+    def spy(self, model, prompts, pad_id):
+        modes.append(model.training)
+        return real(self, model, prompts, pad_id)
+
+    monkeypatch.setattr(FrozenHead, "next_token_logits", spy)
     summary = train.main(["--model", tiny, *FAST, "--few-shot", "2", "--frozen-head", "--lr", "5e-3", "--steps",
                           "3", "--no-eval-before", "--save-every", "0", "--output-dir", str(out)])
     assert summary["steps"] == 3
+    assert modes.count(True) >= 3 and modes.count(False) >= 1  # the steps' forwards and the evaluation's
     meta = json.loads((out / "final" / "shala.json").read_text())
     assert meta["frozen_head"] is True and len(meta["shots"]) == 2
     after = json.loads((out / "eval_after.json").read_text())
@@ -153,5 +183,8 @@ def test_training_records_the_frozen_head_and_evaluation_reads_it_again(tmp_path
     plain = evaluate.main(["--model", tiny, "--adapter", str(out / "final"), "--eval-limit", "8", "--no-progress"])
     assert plain["jsd"] != pytest.approx(after["jsd"], rel=1e-6)  # without the record the head is read otherwise
     (out / "final" / "shala.json").write_text(json.dumps(meta))
+    assert "Trained with `--frozen-head`" in (out / "final" / "README.md").read_text()
+    with pytest.raises(ValueError, match="trained with --frozen-head"):
+        evaluate.main(["--model", tiny, "--adapter", str(out / "final"), "--form", "verbalized", "--eval-limit", "8"])
     with pytest.raises(ValueError, match="--frozen-head"):
         export.export(out / "final", tmp_path / "merged", merge=True, model=tiny)
