@@ -222,16 +222,13 @@ class RunDir:
                  f"- Command: `{cfg.command()}`", ""]
         if table:
             lines += ["## Evaluation", "", "```text", table, "```", ""]
-        lines += ["## Use", "", "```python", "from shala.models import load_model", "",
-                  f"model = load_model({cfg.model!r}, adapter={str(self.path / 'final')!r})", "```", ""]
+        use = ("`python -m shala.export --adapter DIR --out DIR --merge` writes a standalone model folder that "
+               "transformers loads without SHALA.")
         if meta.get("frozen_head"):
-            lines += ["Trained with `--frozen-head`: the head its prompts share (system turn, examples) is read by "
-                      "the base model, with the adapter off. `python -m shala.evaluate --adapter DIR` reads it so; "
-                      "a plain forward of this model reads it through the adapter, and the adapter cannot be "
-                      "merged."]
-        else:
-            lines += ["`python -m shala.export --adapter DIR --out DIR --merge` writes a standalone model folder "
-                      "that transformers loads without SHALA."]
+            use = ("Trained with `--frozen-head`: the base model reads the head its prompts share, with the adapter "
+                   "off, as `python -m shala.evaluate --adapter DIR` does; the adapter cannot be merged.")
+        lines += ["## Use", "", "```python", "from shala.models import load_model", "",
+                  f"model = load_model({cfg.model!r}, adapter={str(self.path / 'final')!r})", "```", "", use]
         (self.path / "final" / "README.md").write_text("\n".join(lines) + "\n")
 
     def summarize(self, before: Optional[dict], after: Optional[dict], *, method: str, plot: bool,
