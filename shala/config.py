@@ -322,7 +322,8 @@ def prefix_sharing(cfg: "TrainConfig", builder, train_rows) -> dict:
         log.info("--gradient-checkpointing: every prompt is encoded in full (checkpointed layers keep no cache)")
     shared = not cfg.gradient_checkpointing
     head = FrozenHead(prompt_head(builder.prompt_ids, train_rows[0]["inputs"])) if cfg.frozen_head else None
-    return {"shared_prefix": cfg.shared_prefix and shared, "common_prefix": (cfg.common_prefix and shared) if head is None else head}
+    common = (cfg.common_prefix and shared) if head is None else head
+    return {"shared_prefix": cfg.shared_prefix and shared, "common_prefix": common}
 
 
 def check_lora_layers(cfg: "TrainConfig") -> None:

@@ -26,16 +26,9 @@ log = logging.getLogger("shala.export")
 __all__ = ["export", "main"]
 
 
-def _trained_with(adapter: Path) -> dict:
-    """What shala.train recorded about the adapter (its ``shala.json``), or {}."""
-    meta = adapter / "shala.json"
-    return json.loads(meta.read_text()) if meta.is_file() else {}
-
-
-def _base_of(adapter: Path, model: Optional[str]) -> str:
+def _base_of(meta: dict, adapter: Path, model: Optional[str]) -> str:
     if model:
         return model
-    meta = _trained_with(adapter)
     if "base_model" not in meta:
         raise ValueError(f"--adapter {adapter}: no shala.json names its base model; pass --model")
     return meta["base_model"]
@@ -43,6 +36,7 @@ def _base_of(adapter: Path, model: Optional[str]) -> str:
 
 def export(adapter, out, *, merge: bool = False, model: Optional[str] = None, dtype: str = "float32") -> Path:
     """Write ``adapter`` (a ``shala.train`` output's ``final/``) to ``out``; see the module docstring."""
+    from shala.evaluate import adapter_meta
     from shala.models import adapter_folder, load_model, load_tokenizer
     from shala.outputs import name_base_model
 
@@ -51,10 +45,11 @@ def export(adapter, out, *, merge: bool = False, model: Optional[str] = None, dt
         raise FileExistsError(f"--out {out} exists and is not empty; name a new folder")
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {dtype!r}")
-    if merge and _trained_with(adapter).get("frozen_head"):
+    trained = adapter_meta(adapter)  # shala.json, or {} for an adapter shala.train did not write
+    if merge and trained.get("frozen_head"):
         raise ValueError(f"--merge: {adapter} was trained with --frozen-head, so its prompts' head is read by the base "
                          "model without the adapter; merged weights cannot do that: export the adapter instead")
-    base = _base_of(adapter, model)
+    base = _base_of(trained, adapter, model)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)

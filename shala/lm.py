@@ -215,19 +215,16 @@ class FrozenHead:
         self.tokens = [int(t) for t in tokens]
         self._caches = {}  # {tokens read: KV cache}: the whole head, and any part a prompt began with
 
-    def __len__(self) -> int:
-        return len(self.tokens)
-
     def _base_cache(self, model, n: int):
+        device = _device(model)
         if n not in self._caches:
             core = getattr(model, "module", model)  # DDP
             if not hasattr(core, "disable_adapter"):
                 raise ValueError(f"a frozen head is read by the base model under the adapter, but "
                                  f"{type(core).__name__} has no adapter (train with LoRA, --lora-r > 0)")
-            device = _device(model)
             ids = torch.tensor([self.tokens[:n]], device=device)
             ones = torch.ones_like(ids)
-            # inside the KL reference's disable_adapter() already: leave the adapter as that context has it
+            # inside the KL reference's disable_adapter() already: read with the adapter as it is, not nesting one
             off = any(getattr(m, "disable_adapters", False) for m in core.modules() if hasattr(m, "lora_A"))
             with torch.no_grad(), torch.autocast(device.type, enabled=False), \
                     contextlib.nullcontext() if off else core.disable_adapter():
@@ -239,7 +236,6 @@ class FrozenHead:
                                  f"{type(core).__name__} returns {type(cache).__name__}")
             self._caches[n] = cache
         cache = copy.deepcopy(self._caches[n])
-        device = _device(model)
         if torch.is_autocast_enabled(device.type):  # the rest's keys and values come in the autocast type
             dtype = torch.get_autocast_dtype(device.type)
             for layer in cache.layers:

@@ -76,8 +76,8 @@ class Trainer:
         self.form = make_form(cfg.form, self.builder, group_size=cfg.group_size, temperature=cfg.temperature,
                               constrain_answer=cfg.constrain_answer, micro_batch_size=cfg.micro_batch_size,
                               single_pass=cfg.ppo_epochs == 1, max_new_tokens=cfg.max_new_tokens, device=self.device,
-                              verbal_format=cfg.verbal_format, **prefix_sharing(cfg, self.builder, self.data.train_rows),
-                              need_slots="slot" in self.rewards or cfg.aux_jsd > 0)
+                              verbal_format=cfg.verbal_format, need_slots="slot" in self.rewards or cfg.aux_jsd > 0,
+                              **prefix_sharing(cfg, self.builder, self.data.train_rows))
         self.truncated = self.data.fit_prompts(self.builder, self.form, context=context_length(cfg.model),
                                                max_prompt_tokens=cfg.max_prompt_tokens, truncate=cfg.truncate_prompts)
         self.policy = Policy(cfg, self.dist)
