@@ -1,7 +1,8 @@
 """One RL training step: ``shala.train`` against TRL's ``GRPOTrainer`` on the same work.
 
 Run: ``python -m benchmarks.bench_train_step [--quick] [--model M] [--batch-size B] [--group-size G]
-[--steps N] [--max-new-tokens T] [--few-shot N] [--threads N] [--sides shala,trl] [--out DIR]``.
+[--steps N] [--max-new-tokens T] [--few-shot N] [--threads N] [--sides shala,trl] [--arm NAME=OPTIONS ...]
+[--out DIR]``.
 
 Each side runs in its own subprocess (so the peak RSS is that side's alone), with
 the same thread count, the same model, LoRA adapter (shala's r, alpha, dropout and
@@ -17,6 +18,9 @@ steps after one untimed warm-up step:
   answer token share anything).
 * ``shala-common``: the same with ``--common-prefix``: the leading tokens every prompt of
   a forward shares (the system turn, a ``--few-shot`` prefix) are encoded once per forward.
+* an ``--arm NAME=OPTIONS`` (repeatable): a shala side named NAME, with further
+  ``shala.train`` OPTIONS, e.g. ``--arm 'fs3-frozen=--few-shot 3 --frozen-head'``. Its
+  options are checked by ``shala.config.load_config`` before any side runs.
 * ``trl``: ``trl.GRPOTrainer`` on the same model object, loaded the same way. Its
   dataset holds the rows shala draws for those steps, in that order (no shuffling),
   as the text of shala's chat-formatted prompt ending at the answer cue (the
@@ -36,7 +40,7 @@ steps after one untimed warm-up step:
   each trainer's own: in answer mode shala's generation time includes the policy
   forward that its update then reuses, so compare the step times, not the parts.
 
-Reported per side: mean step time over the timed steps (and min, max), the split,
+Reported per side: mean step time over the timed steps (and median, min, max), the split,
 rollouts/s and tokens/s (the prompt and completion tokens of the step's B*G
 rollouts over the step time: one definition for both sides), the process's peak
 RSS (``ru_maxrss``: loading included) and the peak RSS over the steps alone (the
@@ -58,6 +62,7 @@ import json
 import os
 import re
 import resource
+import shlex
 import signal
 import statistics
 import subprocess
@@ -72,11 +77,15 @@ import torch
 from benchmarks._common import environment, write_results
 
 SIDES = ("shala", "shala-plain", "shala-common", "trl")  # --no-shared-prefix, --common-prefix
+#: shala.train options an --arm may not set: they make the step under test, or keep the run from writing.
+ARM_FIXED = ("--model", "--batch-size", "--group-size", "--steps", "--output-dir", "--resume", "--save-every",
+             "--lr-schedule", "--warmup-steps", "--max-new-tokens")
 COLUMNS = [
     "side",
     "status",
     "timed_steps",
     "step_s",
+    "step_s_median",
     "step_s_min",
     "step_s_max",
     "generation_s",
@@ -156,6 +165,7 @@ def train_argv(args, out_dir: str) -> list:
         *(["--no-shared-prefix"] if args.side == "shala-plain" else []),
         *(["--common-prefix"] if args.side == "shala-common" else []),
         *(["--few-shot", str(args.few_shot)] if args.few_shot else []),
+        *args.arms.get(args.side, []),
     ]  # fmt: skip
 
 
@@ -180,6 +190,7 @@ def _summary(steps: list, device: torch.device, peak_reset: bool, batch_rollouts
     return {
         "timed_steps": len(timed),
         "step_s": step_s,
+        "step_s_median": statistics.median(s["step_s"] for s in timed),
         "step_s_min": min(s["step_s"] for s in timed),
         "step_s_max": max(s["step_s"] for s in timed),
         "generation_s": mean("generation_s"),
@@ -362,13 +373,25 @@ def _child(args, side: str, result_file: Path, model: str) -> subprocess.Complet
     cmd = [sys.executable, "-m", "benchmarks.bench_train_step", "--side", side, "--result-file", str(result_file),
            "--model", model, "--batch-size", str(args.batch_size), "--group-size", str(args.group_size),
            "--steps", str(args.steps), "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
-           "--few-shot", str(args.few_shot)]
+           "--few-shot", str(args.few_shot),
+           *(f"--arm={name}={shlex.join(opts)}" for name, opts in args.arms.items())]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     env.pop("TRITON_INTERPRET", None)  # the path a training run takes, never Triton's interpreter (tests set it)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
+
+
+def check_arms(args, model: str) -> None:
+    """Each ``--arm``'s options as ``shala.train`` reads them, before any side runs: SystemExit naming the arm."""
+    from shala.config import load_config
+
+    for name in args.arms:
+        try:
+            load_config(train_argv(argparse.Namespace(**{**vars(args), "side": name, "model": model}), "unused"))
+        except (SystemExit, ValueError) as e:
+            raise SystemExit(f"--arm {name}: shala.train refuses its options ({e})") from None
 
 
 def _tail(text: str, lines: int = 8) -> str:
@@ -424,6 +447,7 @@ def _versions() -> dict:
 
 
 def parse_args(argv=None):
+    from shala.compare import parse_arm
     from shala.models import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -440,9 +464,12 @@ def parse_args(argv=None):
                                                  "times: --no-shared-prefix), shala-common (--common-prefix), trl "
                                                  "(default: shala, shala-plain, trl; shala,trl for the one-token "
                                                  "answer, where no completion shares a prompt)")
+    p.add_argument("--arm", action="append", default=[], metavar="NAME=OPTIONS",
+                   help="a further shala side NAME with these shala.train OPTIONS, timed after --sides, e.g. "
+                        "--arm 'fs3-frozen=--few-shot 3 --frozen-head' (repeatable)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed to each side")
     p.add_argument("--out", default=None, help="directory for the result files (default benchmarks/results/<device>)")
-    p.add_argument("--side", choices=SIDES, help=argparse.SUPPRESS)  # internal: run one side in this process
+    p.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side (or arm) in this process
     p.add_argument("--result-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     defaults = QUICK if args.quick else dict(batch_size=4, group_size=8, steps=3)
@@ -462,6 +489,14 @@ def parse_args(argv=None):
     bad = [s for s in args.sides if s not in SIDES]
     if bad or not args.sides:
         raise SystemExit(f"--sides must name some of {list(SIDES)}, got {bad or args.sides}")
+    try:
+        args.arms = dict(parse_arm(a, reserved=SIDES, fixed=ARM_FIXED, by="by the benchmark") for a in args.arm)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    if len(args.arms) != len(args.arm):
+        raise SystemExit(f"--arm names an arm twice: {args.arm}")
+    if args.side is not None and args.side not in (*SIDES, *args.arms):
+        raise SystemExit(f"--side {args.side}: not a side or an --arm of this run")
     if args.few_shot < 0 or (args.few_shot and "trl" in args.sides and not args.side):  # a child runs one side
         raise SystemExit(f"--few-shot {args.few_shot}: a number >= 0, for shala's sides only (TRL's prompts carry "
                          f"no examples), got sides {args.sides}")
@@ -486,7 +521,8 @@ def main(argv=None) -> dict:
 
             model = save_tiny(work / "tiny")
             model_label = "tiny random model (tests/tiny.py)"
-        results = {side: run_side(args, side, model, work) for side in args.sides}
+        check_arms(args, model)
+        results = {side: run_side(args, side, model, work) for side in (*args.sides, *args.arms)}
     compare(results)
     device = next((r["device"] for r in results.values() if r.get("device")), "cpu")
     env = environment(device)
@@ -495,7 +531,7 @@ def main(argv=None) -> dict:
         benchmark_mode="quick (tiny random model: a smoke run, not a result)" if args.quick else "full",
         model=model_label, batch_size=args.batch_size, group_size=args.group_size,
         rollouts_per_step=args.batch_size * args.group_size, completion_length=args.max_new_tokens,
-        few_shot=args.few_shot,
+        few_shot=args.few_shot, arms={name: shlex.join(opts) for name, opts in args.arms.items()},
         warmup_steps=1, timed_steps=args.steps, threads=args.threads, **_versions(),
         same_prompts=(shala_res.get("status") == trl_res.get("status") == "measured"
                       and [s["row_ids"] for s in shala_res["per_step"]] == [s["row_ids"] for s in trl_res["per_step"]])

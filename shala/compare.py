@@ -67,19 +67,23 @@ CHOICES = tuple(dict.fromkeys([*METHODS, *ALIASES]))
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
-def parse_arm(spec: str) -> tuple:
-    """``NAME=OPTIONS`` (``--arm``) -> ``(NAME, [shala.train options])``; ValueError naming what is wrong."""
+def parse_arm(spec: str, reserved=CHOICES, fixed=("--seed", "--resume", "--output-dir"),
+              by: str = "per cell by shala.compare") -> tuple:
+    """``NAME=OPTIONS`` (``--arm``) -> ``(NAME, [shala.train options])``; ValueError naming what is wrong.
+
+    NAME may not be one of ``reserved`` (the tool's own rows), nor OPTIONS set one of the ``fixed`` flags."""
     name, sep, options = str(spec).partition("=")
     name = name.strip()
     if not sep or not _NAME.fullmatch(name):
         raise ValueError(f"--arm {spec!r}: expected NAME=OPTIONS, NAME a folder name (letters, digits, . _ + -), "
                          "e.g. --arm 'unweighted=--weighting none'")
-    if name in CHOICES:
-        raise ValueError(f"--arm {spec!r}: {name!r} is a method's name; name the arm otherwise")
+    if name in reserved:
+        raise ValueError(f"--arm {spec!r}: {name!r} is already a row's name ({', '.join(reserved)}); name the arm "
+                         "otherwise")
     args = shlex.split(options)
-    for flag in ("--seed", "--resume", "--output-dir"):
+    for flag in fixed:
         if any(a == flag or a.startswith(flag + "=") for a in args):
-            raise ValueError(f"--arm {name}: {flag} is set per cell by shala.compare")
+            raise ValueError(f"--arm {name}: {flag} is set {by}")
     return name, args
 
 

@@ -90,6 +90,45 @@ def test_train_step_times_the_common_prefix_beside_the_plain_path(tmp_path):
         bench_train_step.parse_args(["--quick", "--few-shot", "2"])
 
 
+def test_train_step_times_an_arm_with_its_own_options(tmp_path):
+    data = bench_train_step.main(["--quick", "--threads", "1", "--sides", "shala", "--arm",
+                                  "fs1-frozen=--few-shot 1 --frozen-head", "--out", str(tmp_path)])
+    rows = {r["side"]: r for r in data["rows"]}
+    assert list(rows) == ["shala", "fs1-frozen"]
+    assert rows["fs1-frozen"]["status"] == "measured" and rows["fs1-frozen"]["timed_steps"] == 2
+    assert (rows["shala"]["few_shot"], rows["fs1-frozen"]["few_shot"]) == (0, 1)
+    assert data["environment"]["arms"] == {"fs1-frozen": "--few-shot 1 --frozen-head"}
+    # the example's turn adds the same tokens to every rollout's prompt
+    assert all(a["tokens"] > s["tokens"] for a, s in zip(rows["fs1-frozen"]["per_step"], rows["shala"]["per_step"]))
+    for r in rows.values():
+        timed = sorted(s["step_s"] for s in r["per_step"][1:])
+        assert r["step_s_median"] == (timed[0] + timed[1]) / 2
+    assert math.isclose(rows["fs1-frozen"]["step_time_vs_shala"], rows["fs1-frozen"]["step_s"] /
+                        rows["shala"]["step_s"])
+
+
+@pytest.mark.parametrize("arm, message", [
+    ("shala-common=--few-shot 1", "'shala-common' is already a row's name"),
+    ("a=--steps 3", "--arm a: --steps is set by the benchmark"),
+    ("a=--group-size=2", "--arm a: --group-size is set by the benchmark"),
+    ("no options", "expected NAME=OPTIONS"),
+])
+def test_train_step_arm_errors(arm, message):
+    with pytest.raises(SystemExit, match=message):
+        bench_train_step.parse_args(["--quick", "--arm", arm])
+    with pytest.raises(SystemExit, match="names an arm twice"):
+        bench_train_step.parse_args(["--quick", "--arm", "a=--lr 1e-3", "--arm", "a=--lr 2e-3"])
+
+
+def test_train_step_checks_an_arm_before_any_side_runs(monkeypatch, tmp_path):
+    ran = []
+    monkeypatch.setattr(bench_train_step, "run_side", lambda *a: ran.append(a))
+    with pytest.raises(SystemExit, match="--arm bad: shala.train refuses its options .*--shot-seed 1 draws"):
+        bench_train_step.main(["--quick", "--threads", "1", "--sides", "shala", "--arm", "bad=--shot-seed 1",
+                               "--out", str(tmp_path)])
+    assert ran == []
+
+
 def test_train_step_skips_trl_when_missing(monkeypatch, tmp_path):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
