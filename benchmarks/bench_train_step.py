@@ -19,8 +19,10 @@ steps after one untimed warm-up step:
 * ``shala-common``: the same with ``--common-prefix``: the leading tokens every prompt of
   a forward shares (the system turn, a ``--few-shot`` prefix) are encoded once per forward.
 * an ``--arm NAME=OPTIONS`` (repeatable): a shala side named NAME, with further
-  ``shala.train`` OPTIONS, e.g. ``--arm 'fs3-frozen=--few-shot 3 --frozen-head'``. Its
-  options are checked by ``shala.config.load_config`` before any side runs.
+  ``shala.train`` OPTIONS after the benchmark's own (an arm's ``--few-shot`` wins),
+  e.g. ``--arm 'fs3-frozen=--few-shot 3 --frozen-head'``. Before any side runs, each arm's
+  configuration is read as ``shala.train`` reads it and refused where it changes what the
+  benchmark fixes (``ARM_FIXED``: model, B, G, steps, form, seed, ...) or is not an RL method.
 * ``trl``: ``trl.GRPOTrainer`` on the same model object, loaded the same way. Its
   dataset holds the rows shala draws for those steps, in that order (no shuffling),
   as the text of shala's chat-formatted prompt ending at the answer cue (the
@@ -57,7 +59,9 @@ temporary folder unless ``--out`` names one. Otherwise results go to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import re
@@ -77,9 +81,9 @@ import torch
 from benchmarks._common import environment, write_results
 
 SIDES = ("shala", "shala-plain", "shala-common", "trl")  # --no-shared-prefix, --common-prefix
-#: shala.train options an --arm may not set: they make the step under test, or keep the run from writing.
-ARM_FIXED = ("--model", "--batch-size", "--group-size", "--steps", "--output-dir", "--resume", "--save-every",
-             "--lr-schedule", "--warmup-steps", "--max-new-tokens")
+#: TrainConfig fields an --arm may not change: they make the step under test the same work as the others'.
+ARM_FIXED = ("model", "batch_size", "group_size", "steps", "form", "max_new_tokens", "seed", "device", "output_dir",
+             "resume", "save_every", "lr_schedule", "warmup_steps")
 COLUMNS = [
     "side",
     "status",
@@ -369,12 +373,16 @@ def run_trl(args) -> dict:
 # ---- the parent: both sides, the comparison, the files ----
 
 
+def child_argv(args, side: str, result_file: Path, model: str) -> list:
+    """This module's options that run one side in a child process (every arm is passed on, quoted)."""
+    return ["--side", side, "--result-file", str(result_file), "--model", model, "--batch-size", str(args.batch_size),
+            "--group-size", str(args.group_size), "--steps", str(args.steps), "--max-new-tokens",
+            str(args.max_new_tokens), "--threads", str(args.threads), "--few-shot", str(args.few_shot),
+            *(f"--arm={name}={shlex.join(opts)}" for name, opts in args.arms.items())]
+
+
 def _child(args, side: str, result_file: Path, model: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "benchmarks.bench_train_step", "--side", side, "--result-file", str(result_file),
-           "--model", model, "--batch-size", str(args.batch_size), "--group-size", str(args.group_size),
-           "--steps", str(args.steps), "--max-new-tokens", str(args.max_new_tokens), "--threads", str(args.threads),
-           "--few-shot", str(args.few_shot),
-           *(f"--arm={name}={shlex.join(opts)}" for name, opts in args.arms.items())]
+    cmd = [sys.executable, "-m", "benchmarks.bench_train_step", *child_argv(args, side, result_file, model)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
                TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TRL_EXPERIMENTAL_SILENCE="1",
@@ -383,15 +391,39 @@ def _child(args, side: str, result_file: Path, model: str) -> subprocess.Complet
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
 
 
-def check_arms(args, model: str) -> None:
-    """Each ``--arm``'s options as ``shala.train`` reads them, before any side runs: SystemExit naming the arm."""
+def _side_config(args, side: str, model: str):
+    """``shala.train``'s configuration of one side; argparse's complaint, if any, as a ValueError."""
     from shala.config import load_config
 
-    for name in args.arms:
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            return load_config(train_argv(argparse.Namespace(**{**vars(args), "side": side, "model": model}), "-"))
+    except SystemExit as e:  # argparse: an unknown or malformed option (its message is on stderr)
+        raise ValueError(_tail(err.getvalue(), 1) or f"exit {e.code}") from None
+
+
+def check_arms(args, model: str) -> None:
+    """Each ``--arm``'s configuration as ``shala.train`` reads it, before any side runs: SystemExit naming the arm
+    where shala.train refuses it, it changes an ``ARM_FIXED`` field (an abbreviated flag, a ``--config`` file) or it
+    is not an RL method (the benchmark times ``rl_step``)."""
+    from shala.choices import RL_METHODS
+
+    if not args.arms:
+        return
+    base = _side_config(args, "shala", model)
+    for name, opts in args.arms.items():
         try:
-            load_config(train_argv(argparse.Namespace(**{**vars(args), "side": name, "model": model}), "unused"))
-        except (SystemExit, ValueError) as e:
-            raise SystemExit(f"--arm {name}: shala.train refuses its options ({e})") from None
+            cfg = _side_config(args, name, model)
+        except ValueError as e:
+            raise SystemExit(f"--arm {name}: shala.train refuses {shlex.join(opts)!r} ({e})") from None
+        changed = [f for f in ARM_FIXED if getattr(cfg, f) != getattr(base, f)]
+        if changed:
+            raise SystemExit(f"--arm {name}: {shlex.join(opts)!r} changes {', '.join(changed)}, which the benchmark "
+                             "sets the same for every side")
+        if cfg.method not in RL_METHODS:
+            raise SystemExit(f"--arm {name}: --method {cfg.method} trains without rollouts; the benchmark times RL "
+                             f"steps ({', '.join(RL_METHODS)})")
 
 
 def _tail(text: str, lines: int = 8) -> str:
@@ -419,6 +451,8 @@ def run_side(args, side: str, model: str, work: Path) -> dict:
         return {"side": side, "status": "failed", "note": f"failed (exit {proc.returncode}): {last}"}
     result = json.loads(result_file.read_text())
     result.update(side=side, status="measured", process_seconds=round(time.monotonic() - t0, 1))
+    if side in args.arms:
+        result["note"] = shlex.join(args.arms[side])
     return result
 
 
@@ -465,7 +499,8 @@ def parse_args(argv=None):
                                                  "(default: shala, shala-plain, trl; shala,trl for the one-token "
                                                  "answer, where no completion shares a prompt)")
     p.add_argument("--arm", action="append", default=[], metavar="NAME=OPTIONS",
-                   help="a further shala side NAME with these shala.train OPTIONS, timed after --sides, e.g. "
+                   help="a further shala side NAME, timed after --sides, with these shala.train OPTIONS after "
+                        "the benchmark's (model, B, G, steps, form, seed are the benchmark's), e.g. "
                         "--arm 'fs3-frozen=--few-shot 3 --frozen-head' (repeatable)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed to each side")
     p.add_argument("--out", default=None, help="directory for the result files (default benchmarks/results/<device>)")
@@ -489,8 +524,9 @@ def parse_args(argv=None):
     bad = [s for s in args.sides if s not in SIDES]
     if bad or not args.sides:
         raise SystemExit(f"--sides must name some of {list(SIDES)}, got {bad or args.sides}")
+    fixed = [f"--{f.replace('_', '-')}" for f in ARM_FIXED]  # spelt out; check_arms catches the rest
     try:
-        args.arms = dict(parse_arm(a, reserved=SIDES, fixed=ARM_FIXED, by="by the benchmark") for a in args.arm)
+        args.arms = dict(parse_arm(a, reserved=SIDES, fixed=fixed, by="by the benchmark") for a in args.arm)
     except ValueError as e:
         raise SystemExit(str(e)) from None
     if len(args.arms) != len(args.arm):
@@ -531,7 +567,7 @@ def main(argv=None) -> dict:
         benchmark_mode="quick (tiny random model: a smoke run, not a result)" if args.quick else "full",
         model=model_label, batch_size=args.batch_size, group_size=args.group_size,
         rollouts_per_step=args.batch_size * args.group_size, completion_length=args.max_new_tokens,
-        few_shot=args.few_shot, arms={name: shlex.join(opts) for name, opts in args.arms.items()},
+        few_shot=args.few_shot, arms={name: shlex.join(opts) for name, opts in args.arms.items()} or None,
         warmup_steps=1, timed_steps=args.steps, threads=args.threads, **_versions(),
         same_prompts=(shala_res.get("status") == trl_res.get("status") == "measured"
                       and [s["row_ids"] for s in shala_res["per_step"]] == [s["row_ids"] for s in trl_res["per_step"]])

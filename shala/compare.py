@@ -78,9 +78,12 @@ def parse_arm(spec: str, reserved=CHOICES, fixed=("--seed", "--resume", "--outpu
         raise ValueError(f"--arm {spec!r}: expected NAME=OPTIONS, NAME a folder name (letters, digits, . _ + -), "
                          "e.g. --arm 'unweighted=--weighting none'")
     if name in reserved:
-        raise ValueError(f"--arm {spec!r}: {name!r} is already a row's name ({', '.join(reserved)}); name the arm "
+        raise ValueError(f"--arm {spec!r}: {name!r} is a reserved name (one of {', '.join(reserved)}); name the arm "
                          "otherwise")
-    args = shlex.split(options)
+    try:
+        args = shlex.split(options)
+    except ValueError as e:  # an unbalanced quote
+        raise ValueError(f"--arm {name}: {e} in {options!r}") from None
     for flag in fixed:
         if any(a == flag or a.startswith(flag + "=") for a in args):
             raise ValueError(f"--arm {name}: {flag} is set {by}")

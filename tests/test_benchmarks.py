@@ -36,7 +36,7 @@ def test_train_step_quick_writes_both_sides(train_step_result):
                 "completion_length", "timed_steps", "threads"):
         assert key in env, key
     assert (env["batch_size"], env["group_size"], env["completion_length"], env["timed_steps"]) == (2, 4, 1, 2)
-    assert "quick" in env["benchmark_mode"]
+    assert "quick" in env["benchmark_mode"] and env["arms"] is None
     assert (train_step_result.with_suffix(".md")).read_text().startswith("# bench_train_step")
 
     shala = rows["shala"]
@@ -98,6 +98,7 @@ def test_train_step_times_an_arm_with_its_own_options(tmp_path):
     assert rows["fs1-frozen"]["status"] == "measured" and rows["fs1-frozen"]["timed_steps"] == 2
     assert (rows["shala"]["few_shot"], rows["fs1-frozen"]["few_shot"]) == (0, 1)
     assert data["environment"]["arms"] == {"fs1-frozen": "--few-shot 1 --frozen-head"}
+    assert rows["fs1-frozen"]["note"] == "--few-shot 1 --frozen-head"
     # the example's turn adds the same tokens to every rollout's prompt
     assert all(a["tokens"] > s["tokens"] for a, s in zip(rows["fs1-frozen"]["per_step"], rows["shala"]["per_step"]))
     for r in rows.values():
@@ -108,25 +109,56 @@ def test_train_step_times_an_arm_with_its_own_options(tmp_path):
 
 
 @pytest.mark.parametrize("arm, message", [
-    ("shala-common=--few-shot 1", "'shala-common' is already a row's name"),
+    ("shala-common=--few-shot 1", "'shala-common' is a reserved name"),
     ("a=--steps 3", "--arm a: --steps is set by the benchmark"),
     ("a=--group-size=2", "--arm a: --group-size is set by the benchmark"),
+    ("a=--seed 1", "--arm a: --seed is set by the benchmark"),
     ("no options", "expected NAME=OPTIONS"),
 ])
 def test_train_step_arm_errors(arm, message):
     with pytest.raises(SystemExit, match=message):
         bench_train_step.parse_args(["--quick", "--arm", arm])
+
+
+def test_train_step_arm_named_twice():
     with pytest.raises(SystemExit, match="names an arm twice"):
         bench_train_step.parse_args(["--quick", "--arm", "a=--lr 1e-3", "--arm", "a=--lr 2e-3"])
 
 
-def test_train_step_checks_an_arm_before_any_side_runs(monkeypatch, tmp_path):
+@pytest.mark.parametrize("options, message", [
+    ("--shot-seed 1", "shala.train refuses '--shot-seed 1' .*--shot-seed 1 draws"),
+    ("--frozen-hed", "shala.train refuses '--frozen-hed' .*unrecognized arguments: --frozen-hed"),
+    ("--batch 3", "'--batch 3' changes batch_size, which the benchmark sets the same for every side"),
+    ("--config {tmp}/rationale.yaml", "'--config .*rationale.yaml' changes form, which the benchmark sets"),
+    ("--method sft-soft", "--method sft-soft trains without rollouts"),
+])
+def test_train_step_checks_an_arm_before_any_side_runs(monkeypatch, tmp_path, options, message):
     ran = []
     monkeypatch.setattr(bench_train_step, "run_side", lambda *a: ran.append(a))
-    with pytest.raises(SystemExit, match="--arm bad: shala.train refuses its options .*--shot-seed 1 draws"):
-        bench_train_step.main(["--quick", "--threads", "1", "--sides", "shala", "--arm", "bad=--shot-seed 1",
+    (tmp_path / "rationale.yaml").write_text("form: rationale\n")
+    with pytest.raises(SystemExit, match=f"--arm bad: {message}"):
+        bench_train_step.main(["--quick", "--threads", "1", "--sides", "shala", "--arm",
+                               f"bad={options.format(tmp=tmp_path)}",
                                "--out", str(tmp_path)])
     assert ran == []
+
+
+def test_train_step_child_gets_the_arms_as_given(tmp_path):
+    args = bench_train_step.parse_args(["--quick", "--few-shot", "1", "--sides", "shala", "--arm",
+                                        "ins=--instruction '{premise} -- \"{hypothesis}\"? {options}'"])
+    child = bench_train_step.parse_args(bench_train_step.child_argv(args, "ins", tmp_path / "r.json", "m"))
+    assert child.side == "ins" and child.arms == args.arms
+    assert child.arms["ins"] == ["--instruction", '{premise} -- "{hypothesis}"? {options}']
+    with pytest.raises(SystemExit, match="--side other: not a side or an --arm of this run"):
+        bench_train_step.parse_args(bench_train_step.child_argv(args, "other", tmp_path / "r.json", "m"))
+
+
+def test_train_step_summary_reports_the_median_beside_the_mean():
+    steps = [{"step_s": t, "generation_s": 0.0, "scoring_s": 0.0, "update_s": 0.0, "tokens": 10}
+             for t in (50.0, 1.0, 2.0, 10.0)]  # the first is the untimed warm-up
+    out = bench_train_step._summary(steps, torch.device("cpu"), False, 8)
+    assert out["timed_steps"] == 3 and out["step_s_median"] == 2.0 and math.isclose(out["step_s"], 13 / 3)
+    assert (out["step_s_min"], out["step_s_max"]) == (1.0, 10.0)
 
 
 def test_train_step_skips_trl_when_missing(monkeypatch, tmp_path):
