@@ -405,7 +405,7 @@ def _side_config(args, side: str, model: str):
 
 def check_arms(args, model: str) -> None:
     """Each ``--arm``'s configuration as ``shala.train`` reads it, before any side runs: SystemExit naming the arm
-    where shala.train refuses it, it changes an ``ARM_FIXED`` field (an abbreviated flag, a ``--config`` file) or it
+    where shala.train refuses it, it changes an ``ARM_FIXED`` field (through a ``--config`` file, say) or it
     is not an RL method (the benchmark times ``rl_step``)."""
     from shala.choices import RL_METHODS
 

@@ -45,7 +45,7 @@ import torch
 
 from shala import metrics
 from shala.choices import METHODS
-from shala.config import load_config
+from shala.config import build_parser, load_config
 from shala.distributed import Dist
 from shala.evaluate import write_json
 from shala.metrics import format_value
@@ -84,9 +84,14 @@ def parse_arm(spec: str, reserved=CHOICES, fixed=("--seed", "--resume", "--outpu
         args = shlex.split(options)
     except ValueError as e:  # an unbalanced quote
         raise ValueError(f"--arm {name}: {e} in {options!r}") from None
+    known = build_parser()._option_string_actions  # shala.train's own spellings, which are never abbreviations
     for flag in fixed:
-        if any(a == flag or a.startswith(flag + "=") for a in args):
-            raise ValueError(f"--arm {name}: {flag} is set {by}")
+        for a in args:
+            opt = a.split("=", 1)[0]
+            # argparse also takes an unambiguous prefix of a flag (--see for --seed)
+            if opt == flag or (len(opt) > 2 and flag.startswith(opt) and opt not in known):
+                raise ValueError(f"--arm {name}: {flag} is set {by}" + (f" ({opt} abbreviates it)" if opt != flag
+                                                                          else ""))
     return name, args
 
 

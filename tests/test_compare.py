@@ -97,6 +97,8 @@ def test_arms_are_rows_with_their_own_options_checked_before_training(tmp_path, 
                           (["--arm", "shala=--lr 1e-3"], "'shala' is a reserved name"),
                           (["--arm", "a=--instruction 'open"], "--arm a: No closing quotation"),
                           (["--arm", "a=--seed 3"], "--arm a: --seed is set per cell"),
+                          (["--arm", "a=--see=3"], "--arm a: --seed is set per cell by shala.compare .--see abbrev"),
+                          (["--arm", "a=--output /x"], "--arm a: --output-dir is set per cell"),
                           (["--arm", "a=--lr 1", "--arm", "a=--lr 2"], "names an arm twice"),
                           (["--methods", "shala", "--versus", "sft2"], r"--versus sft2: not a method or arm")]:
         with pytest.raises(ValueError, match=message):
