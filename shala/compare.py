@@ -90,8 +90,8 @@ def parse_arm(spec: str, reserved=CHOICES, fixed=("--seed", "--resume", "--outpu
             opt = a.split("=", 1)[0]
             # argparse also takes an unambiguous prefix of a flag (--see for --seed)
             if opt == flag or (len(opt) > 2 and flag.startswith(opt) and opt not in known):
-                raise ValueError(f"--arm {name}: {flag} is set {by}" + (f" ({opt} abbreviates it)" if opt != flag
-                                                                          else ""))
+                spelt = "" if opt == flag else f" ({opt} abbreviates it)"
+                raise ValueError(f"--arm {name}: {flag} is set {by}{spelt}")
     return name, args
 
 

@@ -244,10 +244,7 @@ class FrozenHead:
 
     def _read(self, prompt: Sequence[int]) -> int:
         """How many head tokens ``prompt`` begins with (at most all but its last token)."""
-        n, k = min(len(self.tokens), len(prompt) - 1), 0
-        while k < n and prompt[k] == self.tokens[k]:
-            k += 1
-        return k
+        return common_prefix_length([prompt, self.tokens + [-1]])  # -1, no token: the whole head can match
 
     def next_token_logits(self, model, prompts: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
         """Logits ``[B, V]`` after each prompt, as much of its head as it begins with read from the base model."""
