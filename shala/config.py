@@ -27,8 +27,8 @@ from typing import Optional, Sequence
 
 import yaml
 
-from shala.choices import (ADVANTAGE_SCALES, DTYPES, LR_SCHEDULES, METHODS, NORMALIZE_MODES, RL_METHODS,
-                           WEIGHTED_METHODS, WEIGHTINGS)
+from shala.choices import (ADVANTAGE_SCALES, DTYPES, KL_REFERENCES, LR_SCHEDULES, METHODS, NORMALIZE_MODES,
+                           RL_METHODS, WEIGHTED_METHODS, WEIGHTINGS)
 from shala.distributed import check_device
 from shala.batches import parse_label_map
 from shala.data_files import DEFAULT_DATASET
@@ -143,6 +143,8 @@ class TrainConfig:
     clip_low: float = _f(0.2, "lower clip of the importance ratio (1 - clip_low)")
     clip_high: float = _f(0.28, "upper clip of the importance ratio (1 + clip_high)")
     kl_coef: float = _f(0.0, "coefficient of the KL to the frozen reference model (0: off, no reference pass)")
+    kl_reference: str = _f("base", "what --kl-coef pulls toward: base (the model without its adapter) or prior (the "
+                           "training label prior at the answer slot, no reference pass)", choices=KL_REFERENCES)
     aux_jsd: float = _f(0.0, "weight of the drop-in JSD loss at the answer slot added to the policy loss")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     max_bad_steps: int = _f(5, "stop with an error after this many consecutive skipped (non-finite) steps")
@@ -205,7 +207,7 @@ class TrainConfig:
     #: Options whose default leaves a run as it was before they existed: hashed only when set otherwise, so
     #: that runs made before them keep their identity.
     HASHED_WHEN_SET = ("train_dataset", "source_weight", "rater_weight", "bf16", "chat_template", "few_shot",
-                       "shot_seed", "shot_layout", "instruction", "lora_layers", "frozen_head")
+                       "shot_seed", "shot_layout", "instruction", "lora_layers", "frozen_head", "kl_reference")
 
     #: Run-defining options a resume may change: ``--steps`` (extend the run; the learning-rate schedule is
     #: laid over the new total from the step reached).
@@ -352,7 +354,7 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
     """Raise ValueError naming the first bad option and what it expects; log options that will be ignored."""
     choices = {"method": METHODS, "form": tuple(FORMS), "scale": ADVANTAGE_SCALES, "weighting": WEIGHTINGS,
                "lr_schedule": LR_SCHEDULES, "normalize": NORMALIZE_MODES, "dtype": DTYPES,
-               "verbal_format": tuple(GRANULARITIES), "shot_layout": SHOT_LAYOUTS}
+               "verbal_format": tuple(GRANULARITIES), "shot_layout": SHOT_LAYOUTS, "kl_reference": KL_REFERENCES}
     for name, valid in choices.items():
         if getattr(cfg, name) not in valid:
             raise ValueError(f"--{name.replace('_', '-')} must be one of {list(valid)}, got {getattr(cfg, name)!r}")
@@ -417,6 +419,11 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
         check_instruction(cfg.instruction)
     if cfg.frozen_head:
         check_frozen_head(cfg)
+    answering = [name for name, form in FORMS.items() if form.slot_only]  # whose completion is the answer alone
+    if cfg.kl_coef > 0 and cfg.kl_reference == "prior" and (cfg.form not in answering or not cfg.constrain_answer):
+        raise ValueError(f"--kl-reference prior pulls the answer slot's label distribution toward the label prior: "
+                         f"it needs --form {' or '.join(answering)} with --constrain-answer, got --form {cfg.form}"
+                         + ("" if cfg.constrain_answer else " with --no-constrain-answer"))
     terms = cfg.reward_weights()
     for mode, weight in terms.items():
         if weight <= 0:
@@ -441,12 +448,14 @@ def ignored_options(cfg: "TrainConfig") -> list:
     notes = []
     given = {k for k, d in form_defaults(cfg.form).items() if getattr(cfg, k) != d}
     if cfg.method not in RL_METHODS:
-        rl_only = ["reward", "kl_coef", "form", "group_size", "max_new_tokens", "temperature", "constrain_answer",
+        rl_only = ["reward", "kl_coef", "kl_reference", "form", "group_size", "max_new_tokens", "temperature", "constrain_answer",
                    "scale", "format_penalty", "aux_jsd", "ppo_epochs", "clip_low", "clip_high", "sum_penalty"]
         if cfg.method == "sft-verbalized":  # the text it trains on: its form, and how its numbers are scored
             rl_only = [k for k in rl_only if k not in ("form", "temperature", "constrain_answer")]
         notes += [f"--{k.replace('_', '-')} does not apply to --method {cfg.method} (it samples no rollouts); "
                   "ignored" for k in rl_only if k in given]
+    if cfg.method in RL_METHODS and cfg.kl_coef == 0 and cfg.kl_reference != "base":
+        notes.append(f"--kl-reference {cfg.kl_reference} does not apply without --kl-coef (no KL term); ignored")
     if cfg.method == "grpo-accuracy" and "reward" in given:
         notes.append("--reward does not apply to --method grpo-accuracy (its reward is accuracy alone); ignored")
     if cfg.method not in WEIGHTED_METHODS:
@@ -545,7 +554,7 @@ HELP_SECTIONS = {
     "reward and weighting": ("reward", "format_penalty", "sum_penalty", "normalize", "mass_weight", "weighting",
                              "weight_alpha", "weight_temperature", "weight_warmup", "scale", "adv_eps"),
     "optimisation": ("steps", "ppo_epochs", "micro_batch_size", "lr", "weight_decay", "lr_schedule", "warmup_steps",
-                     "clip_low", "clip_high", "kl_coef", "aux_jsd", "max_grad_norm", "max_bad_steps"),
+                     "clip_low", "clip_high", "kl_coef", "kl_reference", "aux_jsd", "max_grad_norm", "max_bad_steps"),
     "evaluation": ("eval_dataset", "eval_label_map", "eval_limit", "eval_batch_size", "eval_samples", "eval_before",
                    "eval_after", "eval_every", "save_best"),
     "output": ("output_dir", "save_every", "keep_checkpoints", "resume", "overwrite", "log_every", "report_to",

@@ -31,6 +31,7 @@ so the policy being optimised at the slot is exactly ``p``.
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional, Sequence
@@ -184,6 +185,23 @@ class RolloutForm:
         """One rollout per item whose completion is the text of its target ``q`` [B, K] (forms that write one)."""
         raise ValueError(f"--form {self.name} writes no distribution as text, so it has no target text to train on")
 
+    def reference_log_probs(self, policy, batch: RolloutBatch, idx: torch.Tensor) -> torch.Tensor:
+        """``[n, T]`` log-probs of rollouts ``idx``'s sampled tokens under ``policy``'s frozen reference (the KL)."""
+        with torch.no_grad(), policy.reference() as reference:
+            return self.log_probs(reference, batch, idx).logp
+
+    def use_prior_reference(self, prior: Sequence[float], label_names: Sequence[str]) -> None:
+        """Make the KL reference the label distribution ``prior`` at the answer slot, for every prompt."""
+        raise ValueError(f"--kl-reference prior needs --form answer (with --constrain-answer), not --form {self.name}")
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps of the form for an exact resume (the answer form's reference answers)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"--form {self.name} keeps no state, but the checkpoint has {sorted(state)}")
+
     # -- shared pieces ------------------------------------------------------------------------------
     def _generate(self, core, ids: torch.Tensor, mask: torch.Tensor, group_size: int, **kwargs):
         """``generate`` of ``group_size`` completions per prompt row (each prompt prefilled once if shared)."""
@@ -207,11 +225,17 @@ class RolloutForm:
 
     def _answer_logp(self, logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
         """Log-probs [n, G] of answer tokens ``tok`` [n, G] under the sampling distribution at the slot."""
-        z = logits / self.temperature
         if self.constrain_answer:
-            k = self._label_lookup(logits.shape[-1])[tok].clamp_min(0)
-            return torch.log_softmax(z[:, self.label_ids], -1).gather(1, k)
-        return torch.log_softmax(z, -1).gather(1, tok)
+            return self._label_logp(logits[:, self.label_ids], tok)
+        return torch.log_softmax(logits / self.temperature, -1).gather(1, tok)
+
+    def _label_logp(self, label_logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        """:meth:`_answer_logp` under the constraint, from the slot's logits of the K label tokens [n, K]."""
+        return torch.log_softmax(label_logits / self.temperature, -1).gather(1, self._label_index(tok))
+
+    def _label_index(self, tok: torch.Tensor) -> torch.Tensor:
+        """The label index of each answer token (0 for a token that is no label's)."""
+        return (tok.unsqueeze(-1) == self.label_ids).long().argmax(-1)
 
 
 class AnswerForm(RolloutForm):
@@ -219,6 +243,21 @@ class AnswerForm(RolloutForm):
 
     name = "answer"
     slot_only = True
+
+    def __init__(self, builder, **options):
+        super().__init__(builder, **options)
+        self._reference = ReferenceAnswers()
+        self._prior_logp = None  # [K] log of the label prior, when it is the KL reference
+
+    def use_prior_reference(self, prior: Sequence[float], label_names: Sequence[str]) -> None:
+        if not self.constrain_answer:
+            raise ValueError("--kl-reference prior is a distribution over the labels: it needs --constrain-answer")
+        prior = torch.as_tensor(prior, dtype=torch.float64)
+        if prior.shape != (len(self.label_ids),) or not bool((prior > 0).all()):
+            missing = [name for name, p in zip(label_names, prior.tolist()) if not p > 0]
+            raise ValueError(f"--kl-reference prior: the training label prior {prior.tolist()} must give every "
+                             f"label of {list(label_names)} some mass (KL to it is infinite); none for {missing}")
+        self._prior_logp = (prior / prior.sum()).log().float().to(self.device)
 
     @classmethod
     def check_options(cls, *, max_new_tokens: Optional[int]) -> None:
@@ -282,6 +321,81 @@ class AnswerForm(RolloutForm):
         tok = torch.tensor([batch.tokens[i][-1] for i in idx.tolist()], device=self.device)
         logp = self._answer_logp(logits, tok.reshape(len(slot_rows), self.G)).reshape(-1, 1)  # [s*G, 1]
         return TokenLogProbs(logp, torch.ones_like(logp, dtype=torch.bool), logits, slot_rows)
+
+    def reference_log_probs(self, policy, batch: RolloutBatch, idx: torch.Tensor) -> torch.Tensor:
+        """Under the constraint the reference's answer depends on the prompt alone: read once per item, kept."""
+        if not self.constrain_answer:
+            return super().reference_log_probs(policy, batch, idx)
+        if self._prior_logp is not None:  # the same distribution for every prompt, whatever the temperature
+            tok = torch.tensor([batch.tokens[i][-1] for i in idx.tolist()], device=self.device)
+            return self._prior_logp[self._label_index(tok)].reshape(-1, 1)  # [n, 1]
+        slot_rows = batch.slot_of[idx].unique_consecutive()
+        prompts = [batch.tokens[int(i) * self.G][:-1] for i in slot_rows]
+        new = list({self._reference.key(p): p for p in prompts if p not in self._reference}.values())
+        if new:
+            with torch.no_grad(), policy.reference() as reference:
+                self._reference.add(new, self.next_logits(reference, new).float()[:, self.label_ids])
+        label_logits = torch.stack([self._reference[p] for p in prompts]).to(self.device)  # [s, K]
+        tok = torch.tensor([batch.tokens[i][-1] for i in idx.tolist()], device=self.device)
+        return self._label_logp(label_logits, tok.reshape(len(slot_rows), self.G)).reshape(-1, 1)  # [s*G, 1]
+
+    def state_dict(self) -> dict:
+        return self._reference.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state and state["label_logits"].shape[1:] != (len(self.label_ids),):
+            raise ValueError(f"the checkpoint's reference answers are label logits of shape "
+                             f"{tuple(state['label_logits'].shape)}, expected [N, {len(self.label_ids)}]: one per "
+                             "label of this run")
+        self._reference.load_state_dict(state)
+
+
+class ReferenceAnswers:
+    """The frozen reference's logits of the K label tokens at the answer slot, kept per prompt.
+
+    A checkpoint keeps them (:meth:`state_dict`): read again after a resume, in a batch of other
+    prompts, they could differ in their last bits, and the resumed run would not be the one it continues.
+    """
+
+    def __init__(self):
+        self._rows = {}  # {the prompt's tokens as int64 bytes: [K] float32 logits, on the CPU}
+
+    @staticmethod
+    def key(prompt: Sequence[int]) -> bytes:
+        return array("q", prompt).tobytes()
+
+    def __contains__(self, prompt: Sequence[int]) -> bool:
+        return self.key(prompt) in self._rows
+
+    def __getitem__(self, prompt: Sequence[int]) -> torch.Tensor:
+        return self._rows[self.key(prompt)]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def add(self, prompts: Sequence[Sequence[int]], label_logits: torch.Tensor) -> None:
+        for prompt, row in zip(prompts, label_logits.detach().cpu(), strict=True):
+            self._rows[self.key(prompt)] = row.clone()
+
+    def state_dict(self) -> dict:
+        """``{}``, or the prompts' tokens end to end, their lengths and their logits ``[N, K]``."""
+        if not self._rows:
+            return {}
+        keys = list(self._rows)
+        return {"tokens": torch.frombuffer(bytearray(b"".join(keys)), dtype=torch.int64),
+                "lengths": torch.tensor([len(k) // 8 for k in keys]),
+                "label_logits": torch.stack(list(self._rows.values()))}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._rows = {}
+        if not state:
+            return
+        tokens, lengths, logits = state["tokens"], state["lengths"], state["label_logits"]
+        if int(lengths.sum()) != tokens.numel() or logits.shape[0] != lengths.numel():
+            raise ValueError(f"the checkpoint's reference answers do not add up: {tokens.numel()} tokens, "
+                             f"lengths summing to {int(lengths.sum())}, {logits.shape[0]} rows for {lengths.numel()}")
+        for prompt, row in zip(tokens.split(lengths.tolist()), logits, strict=True):
+            self._rows[prompt.numpy().tobytes()] = row.clone()
 
 
 def _ends_with_cue(input_ids: torch.Tensor, cues: Sequence[torch.Tensor], start: int = 0) -> torch.Tensor:

@@ -2,9 +2,9 @@
 
 :class:`TrainState` holds the step, the trainable weights, the optimiser and
 learning-rate schedule, the data position (:class:`shala.batches.PromptSampler`), every
-process's random-number state and the run's counters. ``state_dict()`` /
-``load_state_dict()`` give a resumed run exactly the steps the uninterrupted
-run would have taken.
+process's random-number state, what the rollout form keeps (the KL reference's answers)
+and the run's counters. ``state_dict()`` / ``load_state_dict()`` give a resumed run
+exactly the steps the uninterrupted run would have taken.
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ class TrainingError(RuntimeError):
 class TrainState:
     """The step, the policy's trainable weights and optimiser, the sampler, RNG states and counters."""
 
-    def __init__(self, policy, sampler: PromptSampler, dist):
-        self.policy, self.sampler, self.dist = policy, sampler, dist
+    def __init__(self, policy, sampler: PromptSampler, dist, form=None):
+        self.policy, self.sampler, self.dist, self.form = policy, sampler, dist, form
         self.step = 0
         self.bad_in_a_row = 0  # consecutive skipped (non-finite) steps
         self.skipped = 0
@@ -140,6 +140,7 @@ class TrainState:
             "shares": json.dumps({"held": self.held, "under": self.under, "dropped": self.dropped}),
             "metrics_lines": self.metrics_lines,
             "best": json.dumps(self.best),
+            **({"form": self.dist.gather_object(self.form.state_dict())} if self.form is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -163,6 +164,8 @@ class TrainState:
             group["lr"] = lr
         scheduler._last_lr = lrs
         self.sampler.load_state_dict(state["sampler"])
+        if self.form is not None:  # absent from older checkpoints: the form then starts without its state
+            self.form.load_state_dict(state["form"][self.dist.rank] if "form" in state else {})
         torch.set_rng_state(rng[self.dist.rank]["torch"])
         if self.dist.device.type == "cuda" and rng[self.dist.rank].get("cuda") is not None:
             torch.cuda.set_rng_state(rng[self.dist.rank]["cuda"], self.dist.device)

@@ -78,12 +78,14 @@ class Trainer:
                               single_pass=cfg.ppo_epochs == 1, max_new_tokens=cfg.max_new_tokens, device=self.device,
                               verbal_format=cfg.verbal_format, need_slots="slot" in self.rewards or cfg.aux_jsd > 0,
                               **prefix_sharing(cfg, self.builder, self.data.train_rows))
+        if cfg.kl_coef > 0 and cfg.kl_reference == "prior":
+            self.form.use_prior_reference(self.data.prior, self.data.label_names)
         self.truncated = self.data.fit_prompts(self.builder, self.form, context=context_length(cfg.model),
                                                max_prompt_tokens=cfg.max_prompt_tokens, truncate=cfg.truncate_prompts)
         self.policy = Policy(cfg, self.dist)
         torch.manual_seed(cfg.seed + 7919 * self.dist.rank)  # rollouts differ across processes
         sampler = make_sampler(self.data, cfg.batch_size, self.dist.world, self.dist.rank, cfg.seed)
-        self.state = TrainState(self.policy, sampler, self.dist)
+        self.state = TrainState(self.policy, sampler, self.dist, form=self.form)
         self.weighting = AmbiguityWeighting(cfg.weighting_used, alpha=cfg.weight_alpha,
                                             temperature=cfg.weight_temperature, warmup=cfg.weight_warmup)
         self.sft = None if cfg.method in RL_METHODS else SupervisedStep(cfg, self.policy, self.form, self.label_ids)
@@ -134,8 +136,7 @@ class Trainer:
                 loss, m = policy_loss(scored.logp, old, advantages[idx], keep, clip_low=cfg.clip_low,
                                       clip_high=cfg.clip_high, n_tokens=n_tokens)
                 if cfg.kl_coef > 0:
-                    with torch.no_grad(), self.policy.reference() as reference:
-                        ref_logp = self.form.log_probs(reference, rollouts, idx).logp
+                    ref_logp = self.form.reference_log_probs(self.policy, rollouts, idx)
                     kl, m_kl = kl_penalty(scored.logp, ref_logp, keep, n_tokens=n_tokens)
                     loss, m = loss + cfg.kl_coef * kl, {**m, **m_kl}
                 if cfg.aux_jsd > 0:  # the drop-in loss at the slots, mean over this process's slots

@@ -101,6 +101,11 @@ def test_a_config_that_is_neither_a_file_nor_a_recipe_lists_the_recipes(tmp_path
     (["--instruction", "{premise} {hypothesis"], r"--instruction '\{premise\} \{hypothesis': .*literal brace"),
     (["--instruction", "{premise} {} {options}"], r"'\{\}' is not a placeholder; expected an input field's name"),
     (["--instruction", "{premise:>9} {options}"], r"'\{premise:>9\}' is not a placeholder"),
+    (["--kl-coef", "0.1", "--kl-reference", "prior", "--form", "rationale"],
+     r"--kl-reference prior pulls .* toward the label prior: it needs --form answer with --constrain-answer, "
+     r"got --form rationale$"),
+    (["--kl-coef", "0.1", "--kl-reference", "prior", "--no-constrain-answer"],
+     r"got --form answer with --no-constrain-answer"),
 ])
 def test_bad_options_and_combinations(argv, message):
     if "cuda" in argv and __import__("torch").cuda.is_available():
@@ -117,6 +122,8 @@ def test_bad_options_and_combinations(argv, message):
     (["--method", "grpo-accuracy", "--reward", "slot=1"], "--reward does not apply to --method grpo-accuracy"),
     (["--lora-r", "0", "--lora-targets", "q_proj"], "--lora-targets does not apply with --lora-r 0"),
     (["--steps", "3", "--warmup-steps", "5"], "--warmup-steps 5 is longer than the run (--steps 3)"),
+    (["--kl-reference", "prior"], "--kl-reference prior does not apply without --kl-coef (no KL term); ignored"),
+    (["--method", "sft-soft", "--kl-reference", "prior"], "--kl-reference does not apply to --method sft-soft"),
 ])
 def test_ignored_options_are_warned_about(argv, warning, caplog):
     with caplog.at_level(logging.WARNING, logger="shala.config"):
@@ -135,18 +142,19 @@ def test_run_identity_covers_what_the_run_computes():
     base = TrainConfig()
     assert base.run_id() == TrainConfig().run_id()
     for field in ("lr", "lora_alpha", "dtype", "temperature", "seed", "reward", "weighting", "instruction",
-                  "rater_weight", "shot_seed", "shot_layout", "lora_layers"):
+                  "rater_weight", "shot_seed", "shot_layout", "lora_layers", "kl_reference"):
         changed = TrainConfig(**{field: {"lr": 1e-3, "lora_alpha": 8, "dtype": "bfloat16", "temperature": 0.7,
                                          "seed": 3, "reward": ["histogram=1"], "weighting": "none",
                                          "instruction": "{premise} {hypothesis} {options}",
                                          "rater_weight": 0.5, "shot_seed": 0, "shot_layout": "inline",
-                                         "lora_layers": "1"}[field]})
+                                         "lora_layers": "1", "kl_reference": "prior"}[field]})
         assert changed.run_id() != base.run_id(), field
         assert any(c.startswith(f"--{field.replace('_', '-')} ") for c in changed.resume_conflicts(base.to_dict()))
     for field, value in (("output_dir", "elsewhere"), ("save_every", 3), ("progress", False), ("resume", "auto")):
         assert TrainConfig(**{field: value}).run_id() == base.run_id(), field
     # runs from before these options keep their identity
-    assert not {"instruction", "rater_weight", "shot_seed", "shot_layout", "lora_layers"} & set(base.run_options())
+    assert not {"instruction", "rater_weight", "shot_seed", "shot_layout", "lora_layers",
+                "kl_reference"} & set(base.run_options())
 
 
 def test_lora_layers_are_indices_and_ranges():

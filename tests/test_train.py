@@ -275,6 +275,81 @@ def test_resume_gives_identical_weights(tiny_dir, tmp_path):
     assert [strip(x) for x in lines_a] == [strip(x) for x in lines_b]
 
 
+@pytest.mark.parametrize("constrain", [True, False], ids=["constrained", "free"])
+def test_the_kl_reference_answers_are_read_once_per_prompt_and_are_the_base_models(tiny_dir, tmp_path, monkeypatch,
+                                                                                     constrain):
+    cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--steps", "1", "--kl-coef", "0.5",
+                       "--lr", "5e-2", "--no-eval-before", "--no-eval-after",
+                       *([] if constrain else ["--no-constrain-answer"])])
+    trainer = train.Trainer(cfg)
+    trainer.fit()  # the adapter moves away from the base model, which stays the reference
+    form, G = trainer.form, cfg.group_size
+    read = []  # the prompts of each forward at the answer slot
+    monkeypatch.setattr(form, "next_logits", lambda model, prompts: read.append(len(prompts)) or
+                        type(form).next_logits(form, model, prompts))
+    rb = form.sample(trainer.policy, trainer.next_batch().rows)
+    half, whole = torch.arange(2 * G), torch.arange(rb.size)  # the first two groups, then all four
+    read.clear()
+    cached = form.reference_log_probs(trainer.policy, rb, half)
+    assert read == [2]
+    form._reference.add([rb.tokens[0][:-1]], torch.full((1, 3), float("nan"))) if constrain else None  # kept: NaN
+    whole_logp = form.reference_log_probs(trainer.policy, rb, whole)
+    assert read == ([2, 2] if constrain else [2, 4])  # only the two prompts not read before
+    fresh = rollout.RolloutForm.reference_log_probs(form, trainer.policy, rb, whole)  # one reference pass, no cache
+    with torch.no_grad():
+        policy_logp = form.log_probs(trainer.policy.model, rb, whole).logp
+    if constrain:
+        assert torch.isnan(whole_logp[:G]).all()  # the poisoned row was read from the cache, not again
+        assert len(form._reference) == 8 and form.state_dict()["label_logits"].shape == (8, 3)  # the fit's and these
+        whole_logp = whole_logp[G:]
+        fresh, policy_logp, cached = fresh[G:], policy_logp[G:], cached[G:]
+        assert (whole_logp - policy_logp).abs().max() > 1e-3  # the cache holds the base model's, not the policy's
+    else:
+        assert form.state_dict() == {}
+    torch.testing.assert_close(whole_logp, fresh, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole_logp[: len(cached)], cached, rtol=1e-5, atol=1e-6)
+
+
+def test_the_reference_answers_resume_with_the_run_and_a_wrong_shape_is_refused(tiny_dir, tmp_path):
+    args = ["--steps", "4", "--no-eval-before", "--no-eval-after", "--lr", "5e-3", "--save-every", "0",
+            "--kl-coef", "0.5"]
+    straight = run(tiny_dir, tmp_path / "a", *args)
+    cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path / "b"), *FAST, *args])
+    assert train.Trainer(cfg).fit(stop_after=2) == {"stopped": True, "step": 2}
+    path, saved = ckpt.load_latest(tmp_path / "b" / "checkpoints")
+    assert path.name == "step-00000002"
+    answers = saved["form"][0]
+    assert answers["label_logits"].shape == (8, 3) and answers["lengths"].numel() == 8  # 2 steps x 4 prompts
+    t2 = train.Trainer(load_config(["--model", tiny_dir, "--output-dir", str(tmp_path / "b"), *FAST, *args,
+                                    "--resume", "auto"]))
+    assert t2.fit()["adapter_checksums"] == straight["adapter_checksums"]
+    with pytest.raises(ValueError, match=r"label logits of shape \(8, 2\), expected \[N, 3\]"):
+        t2.form.load_state_dict({**answers, "label_logits": answers["label_logits"][:, :2]})
+    with pytest.raises(ValueError, match="do not add up"):
+        t2.form.load_state_dict({**answers, "lengths": answers["lengths"][1:]})
+
+
+@pytest.mark.parametrize("lora", [[], ["--lora-r", "0"]], ids=["lora", "full"])
+def test_kl_to_the_label_prior_reads_no_reference_model(tiny_dir, tmp_path, monkeypatch, lora):
+    cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--steps", "1", "--kl-coef", "0.5",
+                       "--kl-reference", "prior", "--temperature", "0.7", "--no-eval-before", "--no-eval-after", *lora])
+    trainer = train.Trainer(cfg)
+    assert trainer.policy._reference is None  # no frozen copy, even with full fine-tuning
+    form, prior = trainer.form, torch.tensor(trainer.data.prior, dtype=torch.float64)
+    rb = form.sample(trainer.policy, trainer.next_batch().rows)
+    monkeypatch.setattr(trainer.policy, "reference", None)  # any reference pass would fail
+    monkeypatch.setattr(form, "next_logits", None)
+    got = form.reference_log_probs(trainer.policy, rb, torch.arange(rb.size))
+    want = prior.log()[rb.labels].float().reshape(-1, 1)  # the prior, untempered, at each sampled label
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    monkeypatch.undo()
+    trainer.fit()
+    line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(line["kl"]) and line["kl"] > 0 and form.state_dict() == {}
+    with pytest.raises(ValueError, match=r"must give every label .* some mass .*; none for \['contradiction'\]"):
+        form.use_prior_reference([0.5, 0.5, 0.0], trainer.data.label_names)
+
+
 @pytest.mark.parametrize("form", [[], ["--form", "rationale", "--max-new-tokens", "4"]], ids=["answer", "rationale"])
 def test_non_finite_steps_are_skipped_then_stop(tiny_dir, tmp_path, monkeypatch, form):
     cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--steps", "5",
