@@ -1,8 +1,8 @@
 """Atomic, verifiable training checkpoints.
 
 A checkpoint is a directory ``step-00000042/`` holding ``state.pt`` (trainable
-weights, optimiser, scheduler, RNG states, step, data position, counters, the
-run's identity), ``adapter/`` (the weights of that step as a peft adapter folder
+weights, optimiser, scheduler, RNG states, step, data position, counters, what
+the rollout form keeps, the run's identity), ``adapter/`` (the weights of that step as a peft adapter folder
 that ``shala.evaluate --adapter`` and peft load) and ``manifest.json`` (size and
 SHA-256 of every file). It is
 written under a temporary name, flushed to disk, and renamed into place, so a

@@ -328,6 +328,11 @@ def prefix_sharing(cfg: "TrainConfig", builder, train_rows) -> dict:
     return {"shared_prefix": cfg.shared_prefix and shared, "common_prefix": common}
 
 
+def uses_prior_reference(cfg: "TrainConfig") -> bool:
+    """The KL term pulls toward the training label prior (an RL method, --kl-coef > 0, --kl-reference prior)."""
+    return cfg.method in RL_METHODS and cfg.kl_coef > 0 and cfg.kl_reference == "prior"
+
+
 def check_lora_layers(cfg: "TrainConfig") -> None:
     """``--lora-layers`` against the model's depth, read from its config without its weights."""
     if cfg.lora_layers is not None and cfg.lora_r > 0:
@@ -420,7 +425,7 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
     if cfg.frozen_head:
         check_frozen_head(cfg)
     answering = [name for name, form in FORMS.items() if form.slot_only]  # whose completion is the answer alone
-    if cfg.kl_coef > 0 and cfg.kl_reference == "prior" and (cfg.form not in answering or not cfg.constrain_answer):
+    if uses_prior_reference(cfg) and (cfg.form not in answering or not cfg.constrain_answer):
         raise ValueError(f"--kl-reference prior pulls the answer slot's label distribution toward the label prior: "
                          f"it needs --form {' or '.join(answering)} with --constrain-answer, got --form {cfg.form}"
                          + ("" if cfg.constrain_answer else " with --no-constrain-answer"))
@@ -448,8 +453,9 @@ def ignored_options(cfg: "TrainConfig") -> list:
     notes = []
     given = {k for k, d in form_defaults(cfg.form).items() if getattr(cfg, k) != d}
     if cfg.method not in RL_METHODS:
-        rl_only = ["reward", "kl_coef", "kl_reference", "form", "group_size", "max_new_tokens", "temperature", "constrain_answer",
-                   "scale", "format_penalty", "aux_jsd", "ppo_epochs", "clip_low", "clip_high", "sum_penalty"]
+        rl_only = ["reward", "kl_coef", "kl_reference", "form", "group_size", "max_new_tokens", "temperature",
+                   "constrain_answer", "scale", "format_penalty", "aux_jsd", "ppo_epochs", "clip_low", "clip_high",
+                   "sum_penalty"]
         if cfg.method == "sft-verbalized":  # the text it trains on: its form, and how its numbers are scored
             rl_only = [k for k in rl_only if k not in ("form", "temperature", "constrain_answer")]
         notes += [f"--{k.replace('_', '-')} does not apply to --method {cfg.method} (it samples no rollouts); "

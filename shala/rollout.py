@@ -253,11 +253,15 @@ class AnswerForm(RolloutForm):
         if not self.constrain_answer:
             raise ValueError("--kl-reference prior is a distribution over the labels: it needs --constrain-answer")
         prior = torch.as_tensor(prior, dtype=torch.float64)
-        if prior.shape != (len(self.label_ids),) or not bool((prior > 0).all()):
+        if prior.shape != (len(self.label_ids),):
+            raise ValueError(f"--kl-reference prior: the label prior {prior.tolist()} must have one entry per label "
+                             f"of {list(label_names)}")
+        if not bool((prior > 0).all()):
             missing = [name for name, p in zip(label_names, prior.tolist()) if not p > 0]
             raise ValueError(f"--kl-reference prior: the training label prior {prior.tolist()} must give every "
-                             f"label of {list(label_names)} some mass (KL to it is infinite); none for {missing}")
-        self._prior_logp = (prior / prior.sum()).log().float().to(self.device)
+                             f"label some mass (KL to it is infinite); none for {missing}")
+        # tempered as the policy's answers are, so that the pull is toward the prior itself at temperature 1
+        self._prior_logp = torch.log_softmax(prior.log() / self.temperature, -1).float().to(self.device)
 
     @classmethod
     def check_options(cls, *, max_new_tokens: Optional[int]) -> None:
@@ -326,7 +330,7 @@ class AnswerForm(RolloutForm):
         """Under the constraint the reference's answer depends on the prompt alone: read once per item, kept."""
         if not self.constrain_answer:
             return super().reference_log_probs(policy, batch, idx)
-        if self._prior_logp is not None:  # the same distribution for every prompt, whatever the temperature
+        if self._prior_logp is not None:  # the same distribution for every prompt
             tok = torch.tensor([batch.tokens[i][-1] for i in idx.tolist()], device=self.device)
             return self._prior_logp[self._label_index(tok)].reshape(-1, 1)  # [n, 1]
         slot_rows = batch.slot_of[idx].unique_consecutive()
@@ -387,15 +391,15 @@ class ReferenceAnswers:
                 "label_logits": torch.stack(list(self._rows.values()))}
 
     def load_state_dict(self, state: dict) -> None:
-        self._rows = {}
         if not state:
+            self._rows = {}
             return
         tokens, lengths, logits = state["tokens"], state["lengths"], state["label_logits"]
         if int(lengths.sum()) != tokens.numel() or logits.shape[0] != lengths.numel():
             raise ValueError(f"the checkpoint's reference answers do not add up: {tokens.numel()} tokens, "
                              f"lengths summing to {int(lengths.sum())}, {logits.shape[0]} rows for {lengths.numel()}")
-        for prompt, row in zip(tokens.split(lengths.tolist()), logits, strict=True):
-            self._rows[prompt.numpy().tobytes()] = row.clone()
+        self._rows = {prompt.numpy().tobytes(): row.clone()
+                      for prompt, row in zip(tokens.split(lengths.tolist()), logits, strict=True)}
 
 
 def _ends_with_cue(input_ids: torch.Tensor, cues: Sequence[torch.Tensor], start: int = 0) -> torch.Tensor:

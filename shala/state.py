@@ -164,8 +164,8 @@ class TrainState:
             group["lr"] = lr
         scheduler._last_lr = lrs
         self.sampler.load_state_dict(state["sampler"])
-        if self.form is not None:  # absent from older checkpoints: the form then starts without its state
-            self.form.load_state_dict(state["form"][self.dist.rank] if "form" in state else {})
+        if self.form is not None:
+            self._load_form(state)
         torch.set_rng_state(rng[self.dist.rank]["torch"])
         if self.dist.device.type == "cuda" and rng[self.dist.rank].get("cuda") is not None:
             torch.cuda.set_rng_state(rng[self.dist.rank]["cuda"], self.dist.device)
@@ -183,6 +183,20 @@ class TrainState:
         self.held, self.under, self.dropped = shares.get("held", []), shares.get("under", []), shares.get("dropped", {})
         self.metrics_lines = int(state["metrics_lines"])
         self.best = json.loads(state.get("best", "{}"))
+
+    def _load_form(self, state: dict) -> None:
+        if "form" not in state:
+            log.warning("the checkpoint predates the form's state: the KL reference's answers are read again from "
+                        "step %d (equal to the last bits only if read in the same batches)", self.step)
+            return self.form.load_state_dict({})
+        forms = state["form"]
+        if not isinstance(forms, list) or len(forms) != self.dist.world or not isinstance(forms[0], dict):
+            raise ValueError(f"the checkpoint's form state must be one mapping per process ({self.dist.world}), "
+                             f"got {type(forms).__name__}")
+        try:
+            self.form.load_state_dict(forms[self.dist.rank])
+        except KeyError as e:
+            raise ValueError(f"the checkpoint's form state lacks the field {e}") from None
 
     def save(self, root, cfg, extra=None) -> None:
         """Write ``root/step-N/`` (the main process writes; every process must call this).

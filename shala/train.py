@@ -28,7 +28,8 @@ from shala import checkpoint as ckpt
 from shala.advantages import group_advantages
 from shala.batches import HELD_OUT, Batch, TrainData, make_sampler
 from shala.choices import RL_METHODS
-from shala.config import TrainConfig, check_lora_layers, load_config, prefix_sharing, prompt_options
+from shala.config import (TrainConfig, check_lora_layers, load_config, prefix_sharing, prompt_options,
+                          uses_prior_reference)
 from shala.distributed import Dist
 from shala.losses import jsd_term, kl_penalty, policy_loss
 from shala.models import context_length, default_threads, load_tokenizer
@@ -78,7 +79,7 @@ class Trainer:
                               single_pass=cfg.ppo_epochs == 1, max_new_tokens=cfg.max_new_tokens, device=self.device,
                               verbal_format=cfg.verbal_format, need_slots="slot" in self.rewards or cfg.aux_jsd > 0,
                               **prefix_sharing(cfg, self.builder, self.data.train_rows))
-        if cfg.kl_coef > 0 and cfg.kl_reference == "prior":
+        if uses_prior_reference(cfg):
             self.form.use_prior_reference(self.data.prior, self.data.label_names)
         self.truncated = self.data.fit_prompts(self.builder, self.form, context=context_length(cfg.model),
                                                max_prompt_tokens=cfg.max_prompt_tokens, truncate=cfg.truncate_prompts)

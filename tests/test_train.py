@@ -279,7 +279,7 @@ def test_resume_gives_identical_weights(tiny_dir, tmp_path):
 def test_the_kl_reference_answers_are_read_once_per_prompt_and_are_the_base_models(tiny_dir, tmp_path, monkeypatch,
                                                                                      constrain):
     cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--steps", "1", "--kl-coef", "0.5",
-                       "--lr", "5e-2", "--no-eval-before", "--no-eval-after",
+                       "--lr", "5e-2", "--temperature", "0.7", "--no-eval-before", "--no-eval-after",
                        *([] if constrain else ["--no-constrain-answer"])])
     trainer = train.Trainer(cfg)
     trainer.fit()  # the adapter moves away from the base model, which stays the reference
@@ -308,11 +308,18 @@ def test_the_kl_reference_answers_are_read_once_per_prompt_and_are_the_base_mode
         assert form.state_dict() == {}
     torch.testing.assert_close(whole_logp, fresh, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(whole_logp[: len(cached)], cached, rtol=1e-5, atol=1e-6)
+    if constrain:  # by hand, in float64: the base model's label logits at the slot, tempered, at the drawn labels
+        prompts = [rb.tokens[i * G][:-1] for i in range(1, 4)]
+        with torch.no_grad(), trainer.policy.reference() as base:
+            z = type(form).next_logits(form, base, prompts).double()[:, form.label_ids] / 0.7
+        want = torch.log_softmax(z, -1).gather(1, rb.labels[G:].reshape(3, G)).reshape(-1, 1)
+        torch.testing.assert_close(whole_logp.double(), want, rtol=1e-5, atol=1e-6)
 
 
-def test_the_reference_answers_resume_with_the_run_and_a_wrong_shape_is_refused(tiny_dir, tmp_path):
+def test_the_reference_answers_resume_with_the_run_and_a_wrong_shape_is_refused(tiny_dir, tmp_path, monkeypatch):
+    # eight items: steps 3 and 4 draw those of steps 1 and 2 again, whose answers the checkpoint keeps
     args = ["--steps", "4", "--no-eval-before", "--no-eval-after", "--lr", "5e-3", "--save-every", "0",
-            "--kl-coef", "0.5"]
+            "--kl-coef", "0.5", "--train-limit", "8"]
     straight = run(tiny_dir, tmp_path / "a", *args)
     cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path / "b"), *FAST, *args])
     assert train.Trainer(cfg).fit(stop_after=2) == {"stopped": True, "step": 2}
@@ -322,7 +329,14 @@ def test_the_reference_answers_resume_with_the_run_and_a_wrong_shape_is_refused(
     assert answers["label_logits"].shape == (8, 3) and answers["lengths"].numel() == 8  # 2 steps x 4 prompts
     t2 = train.Trainer(load_config(["--model", tiny_dir, "--output-dir", str(tmp_path / "b"), *FAST, *args,
                                     "--resume", "auto"]))
+    monkeypatch.setattr(t2.policy, "reference", None)  # a reference pass after the resume would fail
     assert t2.fit()["adapter_checksums"] == straight["adapter_checksums"]
+    monkeypatch.undo()
+    assert len(t2.form._reference) == 8
+    with pytest.raises(ValueError, match="one mapping per process"):
+        t2.state._load_form({"form": answers})
+    with pytest.raises(ValueError, match="lacks the field 'label_logits'"):
+        t2.state._load_form({"form": [{"lengths": answers["lengths"]}]})
     with pytest.raises(ValueError, match=r"label logits of shape \(8, 2\), expected \[N, 3\]"):
         t2.form.load_state_dict({**answers, "label_logits": answers["label_logits"][:, :2]})
     with pytest.raises(ValueError, match="do not add up"):
@@ -340,14 +354,17 @@ def test_kl_to_the_label_prior_reads_no_reference_model(tiny_dir, tmp_path, monk
     monkeypatch.setattr(trainer.policy, "reference", None)  # any reference pass would fail
     monkeypatch.setattr(form, "next_logits", None)
     got = form.reference_log_probs(trainer.policy, rb, torch.arange(rb.size))
-    want = prior.log()[rb.labels].float().reshape(-1, 1)  # the prior, untempered, at each sampled label
+    # tempered as the policy is, so that its pull is toward the prior itself at temperature 1
+    want = torch.log_softmax(prior.log() / 0.7, -1)[rb.labels].float().reshape(-1, 1)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     monkeypatch.undo()
     trainer.fit()
     line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert math.isfinite(line["kl"]) and line["kl"] > 0 and form.state_dict() == {}
-    with pytest.raises(ValueError, match=r"must give every label .* some mass .*; none for \['contradiction'\]"):
+    with pytest.raises(ValueError, match=r"must give every label some mass .*; none for \['contradiction'\]"):
         form.use_prior_reference([0.5, 0.5, 0.0], trainer.data.label_names)
+    with pytest.raises(ValueError, match=r"must have one entry per label of \['entailment', 'neutral', "):
+        form.use_prior_reference([0.5, 0.5], trainer.data.label_names)
 
 
 @pytest.mark.parametrize("form", [[], ["--form", "rationale", "--max-new-tokens", "4"]], ids=["answer", "rationale"])
