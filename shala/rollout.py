@@ -359,6 +359,7 @@ class ReferenceAnswers:
 
     A checkpoint keeps them (:meth:`state_dict`): read again after a resume, in a batch of other
     prompts, they could differ in their last bits, and the resumed run would not be the one it continues.
+    Under torchrun each process keeps the answers of the prompts it drew.
     """
 
     def __init__(self):

@@ -164,12 +164,12 @@ class TrainState:
             group["lr"] = lr
         scheduler._last_lr = lrs
         self.sampler.load_state_dict(state["sampler"])
-        if self.form is not None:
-            self._load_form(state)
         torch.set_rng_state(rng[self.dist.rank]["torch"])
         if self.dist.device.type == "cuda" and rng[self.dist.rank].get("cuda") is not None:
             torch.cuda.set_rng_state(rng[self.dist.rank]["cuda"], self.dist.device)
         self.step = int(state["step"])
+        if self.form is not None:
+            self._load_form(state)
         self.bad_in_a_row = int(state["bad_in_a_row"])
         self.skipped = int(state["skipped"])
         if "flat" not in state:
@@ -186,8 +186,8 @@ class TrainState:
 
     def _load_form(self, state: dict) -> None:
         if "form" not in state:
-            log.warning("the checkpoint predates the form's state: the KL reference's answers are read again from "
-                        "step %d (equal to the last bits only if read in the same batches)", self.step)
+            log.warning("the checkpoint predates the form's state: with KL to the base model, its answers are read "
+                        "again from step %d (equal to the last bits only if read in the same batches)", self.step)
             return self.form.load_state_dict({})
         forms = state["form"]
         if not isinstance(forms, list) or len(forms) != self.dist.world or not isinstance(forms[0], dict):

@@ -2,6 +2,7 @@
 
 import contextlib
 import json
+import logging
 import math
 import os
 import subprocess
@@ -316,7 +317,8 @@ def test_the_kl_reference_answers_are_read_once_per_prompt_and_are_the_base_mode
         torch.testing.assert_close(whole_logp.double(), want, rtol=1e-5, atol=1e-6)
 
 
-def test_the_reference_answers_resume_with_the_run_and_a_wrong_shape_is_refused(tiny_dir, tmp_path, monkeypatch):
+def test_the_reference_answers_resume_with_the_run_and_a_wrong_shape_is_refused(tiny_dir, tmp_path, monkeypatch,
+                                                                                caplog):
     # eight items: steps 3 and 4 draw those of steps 1 and 2 again, whose answers the checkpoint keeps
     args = ["--steps", "4", "--no-eval-before", "--no-eval-after", "--lr", "5e-3", "--save-every", "0",
             "--kl-coef", "0.5", "--train-limit", "8"]
@@ -335,6 +337,9 @@ def test_the_reference_answers_resume_with_the_run_and_a_wrong_shape_is_refused(
     assert len(t2.form._reference) == 8
     with pytest.raises(ValueError, match="one mapping per process"):
         t2.state._load_form({"form": answers})
+    with caplog.at_level(logging.WARNING, logger="shala.train"):
+        t2.state._load_form({})  # a checkpoint from before the form kept state
+    assert "its answers are read again from step 4" in caplog.text and len(t2.form._reference) == 0
     with pytest.raises(ValueError, match="lacks the field 'label_logits'"):
         t2.state._load_form({"form": [{"lengths": answers["lengths"]}]})
     with pytest.raises(ValueError, match=r"label logits of shape \(8, 2\), expected \[N, 3\]"):
