@@ -2,12 +2,12 @@
 
 A checkpoint is a directory ``step-00000042/`` holding ``state.pt`` (trainable
 weights, optimiser, scheduler, RNG states, step, data position, counters, what
-the rollout form keeps, the run's identity), ``adapter/`` (the weights of that step as a peft adapter folder
-that ``shala.evaluate --adapter`` and peft load) and ``manifest.json`` (size and
-SHA-256 of every file). It is
-written under a temporary name, flushed to disk, and renamed into place, so a
-crash leaves either a complete checkpoint or a ``.tmp-*`` directory that is
-never loaded and is removed by the next save. Loading verifies the manifest
+the rollout form keeps, the run's identity), ``adapter/`` (the weights of that
+step as a peft adapter folder that ``shala.evaluate --adapter`` and peft load)
+and ``manifest.json`` (size and SHA-256 of every file). It is written under a
+temporary name, flushed to disk, and renamed into place, so a crash leaves
+either a complete checkpoint or a ``.tmp-*`` directory that is never loaded
+and is removed by the next save. Loading verifies the manifest
 first (it must list ``state.pt``), then unpickles with ``weights_only=True`` and
 checks the state's fields: a truncated, altered or foreign file is reported and
 nothing is loaded. ``--resume auto`` takes the newest checkpoint that passes,

@@ -218,11 +218,6 @@ class RolloutForm:
         """Next-token logits [B, V] after each prompt (those of the answer slot, for prompts that end at it)."""
         return next_token_logits(model, prompts, self.pad_id, common_prefix=self.common_prefix)
 
-    def _label_lookup(self, vocab: int) -> torch.Tensor:
-        lookup = torch.full((vocab,), -1, dtype=torch.long, device=self.device)
-        lookup[self.label_ids] = torch.arange(len(self.label_ids), device=self.device)
-        return lookup
-
     def _answer_logp(self, logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
         """Log-probs [n, G] of answer tokens ``tok`` [n, G] under the sampling distribution at the slot."""
         if self.constrain_answer:
@@ -231,11 +226,12 @@ class RolloutForm:
 
     def _label_logp(self, label_logits: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
         """:meth:`_answer_logp` under the constraint, from the slot's logits of the K label tokens [n, K]."""
-        return torch.log_softmax(label_logits / self.temperature, -1).gather(1, self._label_index(tok))
+        return torch.log_softmax(label_logits / self.temperature, -1).gather(1, self._label_index(tok).clamp_min(0))
 
     def _label_index(self, tok: torch.Tensor) -> torch.Tensor:
-        """The label index of each answer token (0 for a token that is no label's)."""
-        return (tok.unsqueeze(-1) == self.label_ids).long().argmax(-1)
+        """The label index of each answer token, -1 for a token that is no label's."""
+        hit = tok.unsqueeze(-1) == self.label_ids
+        return torch.where(hit.any(-1), hit.long().argmax(-1), -1)
 
 
 class AnswerForm(RolloutForm):
@@ -296,7 +292,7 @@ class AnswerForm(RolloutForm):
             tokens=[prompts[i // G] + [flat[i]] for i in range(len(flat))],
             prompt_lens=plen,
             completion_lens=torch.ones(len(flat), dtype=torch.long),
-            labels=self._label_lookup(logits.shape[1])[tok].flatten().cpu(),
+            labels=self._label_index(tok).flatten().cpu(),
             slots=plen - 1,
             slot_of=torch.arange(B * G, device=self.device) // G,
             slot_item=torch.arange(B, device=self.device),
@@ -320,27 +316,32 @@ class AnswerForm(RolloutForm):
                 raise ValueError("the sampling forward covers the whole batch; it cannot serve a part of it")
             logits, batch._live = batch._live, None  # its graph is backpropagated once
         else:
-            prompts = [batch.tokens[int(i) * self.G][:-1] for i in slot_rows]
-            logits = self.next_logits(model, prompts).float()  # [s, V]
-        tok = torch.tensor([batch.tokens[i][-1] for i in idx.tolist()], device=self.device)
-        logp = self._answer_logp(logits, tok.reshape(len(slot_rows), self.G)).reshape(-1, 1)  # [s*G, 1]
-        return TokenLogProbs(logp, torch.ones_like(logp, dtype=torch.bool), logits, slot_rows)
+            logits = self.next_logits(model, self._slot_prompts(batch, slot_rows)).float()  # [s, V]
+        logp = self._answer_logp(logits, self._answers(batch, idx).reshape(len(slot_rows), self.G)).reshape(-1, 1)
+        return TokenLogProbs(logp, torch.ones_like(logp, dtype=torch.bool), logits, slot_rows)  # logp [s*G, 1]
+
+    def _slot_prompts(self, batch: RolloutBatch, slot_rows: torch.Tensor) -> list:
+        """The prompt of each of ``slot_rows`` (a group's rollouts are its prompt and one answer token)."""
+        return [batch.tokens[int(i) * self.G][:-1] for i in slot_rows]
+
+    def _answers(self, batch: RolloutBatch, idx: torch.Tensor) -> torch.Tensor:
+        """The answer token of each of rollouts ``idx`` [n]."""
+        return torch.tensor([batch.tokens[i][-1] for i in idx.tolist()], device=self.device)
 
     def reference_log_probs(self, policy, batch: RolloutBatch, idx: torch.Tensor) -> torch.Tensor:
         """Under the constraint the reference's answer depends on the prompt alone: read once per item, kept."""
         if not self.constrain_answer:
             return super().reference_log_probs(policy, batch, idx)
+        tok = self._answers(batch, idx)
         if self._prior_logp is not None:  # the same distribution for every prompt
-            tok = torch.tensor([batch.tokens[i][-1] for i in idx.tolist()], device=self.device)
-            return self._prior_logp[self._label_index(tok)].reshape(-1, 1)  # [n, 1]
+            return self._prior_logp[self._label_index(tok).clamp_min(0)].reshape(-1, 1)  # [n, 1]
         slot_rows = batch.slot_of[idx].unique_consecutive()
-        prompts = [batch.tokens[int(i) * self.G][:-1] for i in slot_rows]
+        prompts = self._slot_prompts(batch, slot_rows)
         new = list({self._reference.key(p): p for p in prompts if p not in self._reference}.values())
         if new:
             with torch.no_grad(), policy.reference() as reference:
                 self._reference.add(new, self.next_logits(reference, new).float()[:, self.label_ids])
         label_logits = torch.stack([self._reference[p] for p in prompts]).to(self.device)  # [s, K]
-        tok = torch.tensor([batch.tokens[i][-1] for i in idx.tolist()], device=self.device)
         return self._label_logp(label_logits, tok.reshape(len(slot_rows), self.G)).reshape(-1, 1)  # [s*G, 1]
 
     def state_dict(self) -> dict:
