@@ -9,7 +9,8 @@ the same thread count, the same model, LoRA adapter (shala's r, alpha, dropout a
 target modules), prompts, G and completion length, and the same number of timed
 steps after one untimed warm-up step:
 
-* ``shala``: ``shala.train.Trainer`` built from ``shala.config.load_config`` (no
+* ``shala``: ``shala.train.Trainer`` built from ``shala.config.load_config`` on the
+  zero-shot recipe (``--config zero-shot``: no examples, no KL, as TRL's side; no
   evaluation, no plots, no checkpoints); each step is ``trainer.rl_step`` on the
   batch ``trainer.next_batch()`` draws. Its own timers split the step into generation,
   scoring (reward and grouped advantages) and update.
@@ -159,9 +160,11 @@ def _sync(device: torch.device) -> None:
 
 
 def train_argv(args, out_dir: str) -> list:
-    """``shala.train`` options of this benchmark: the step under test, nothing written, nothing evaluated."""
+    """``shala.train`` options of this benchmark: the step under test, nothing written, nothing evaluated. It
+    starts from the zero-shot recipe, the work TRL's side does (no examples unless ``--few-shot``, no KL)."""
     form = ["--form", "rationale", "--max-new-tokens", str(args.max_new_tokens)] if args.max_new_tokens > 1 else []
     return [
+        "--config", "zero-shot",
         "--model", args.model, "--batch-size", str(args.batch_size), "--group-size", str(args.group_size),
         *form, "--steps", str(1 + args.steps),
         "--lr-schedule", "constant", "--warmup-steps", "0", "--output-dir", out_dir,

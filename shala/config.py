@@ -52,6 +52,7 @@ def _f(default, help, **kw):
 
 @dataclass
 class TrainConfig:
+    """Every option of a run: the zero-shot recipe, over which :func:`load_config` lays the form's own defaults."""
     # what to train
     model: str = _f(DEFAULT_MODEL, MODEL_HELP)
     dataset: str = _f(DEFAULT_DATASET, "KIND:PATH, or 'bundled' for the ChaosNLI-SNLI subset shipped with SHALA")
@@ -99,8 +100,8 @@ class TrainConfig:
                                    "(the same logits and gradients to float rounding)")
     common_prefix: bool = _f(False, "encode the leading tokens all prompts of a forward share (system turn, "
                                     "--few-shot examples) once for them: same logits to float rounding, faster")
-    frozen_head: bool = _f(False, "read the head all prompts share (system turn, --few-shot examples) with the "
-                                  "base model, once per run; the adapter trains on the items' own tokens (LoRA)")
+    frozen_head: bool = _f(False, "read the shared head (system turn, --few-shot examples) with the base model once "
+                                  "per run; the adapter trains on the items' tokens (LoRA; by default where it fits)")
     constrain_answer: bool = _f(True, "sample the token after the answer cue from the label tokens only (guided "
                                       "decoding); its log-prob is the label-renormalised one")
     chat_template: bool = _f(True, "wrap prompts in the tokenizer's chat template (off, or without one: plain text)")
@@ -203,12 +204,10 @@ class TrainConfig:
                 "eval_after", "eval_label_map", "shared_prefix", "common_prefix", "gradient_checkpointing",
                 "eval_every", "save_best", "report_to", "save_every", "keep_checkpoints", "log_every", "plot",
                 "progress", "max_bad_steps")
-
     #: Options whose default leaves a run as it was before they existed: hashed only when set otherwise, so
     #: that runs made before them keep their identity.
     HASHED_WHEN_SET = ("train_dataset", "source_weight", "rater_weight", "bf16", "chat_template", "few_shot",
                        "shot_seed", "shot_layout", "instruction", "lora_layers", "frozen_head", "kl_reference")
-
     #: Run-defining options a resume may change: ``--steps`` (extend the run; the learning-rate schedule is
     #: laid over the new total from the step reached).
     RESUME_MAY_CHANGE = ("steps",)
@@ -585,13 +584,17 @@ def build_parser() -> argparse.ArgumentParser:
         help_text = meta.pop("help").replace("%", "%%")  # argparse formats help with %
         meta.pop("expects", None)
         flag = "--" + f.name.replace("_", "-")
+        # the default form's default first, then each other form's where it differs
+        shown = {name: form_defaults(name)[f.name] for name in FORMS}
+        default = shown.pop(DEFAULT_FORM)
+        if f.type in ("bool", bool):
+            shown, default = {k: "on" if v else "off" for k, v in shown.items()}, "on" if default else "off"
+        by_form = "".join(f"; --form {name}: {v}" for name, v in shown.items() if v != default)
         if f.type in ("bool", bool):
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=f"{help_text} (default: {'on' if f.default else 'off'})")
+                               help=f"{help_text} (default: {default}{by_form})")
             continue
-        by_form = "".join(f"; --form {name}: {form.option_defaults[f.name]}" for name, form in FORMS.items()
-                          if f.name in form.option_defaults)
-        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{help_text} (default: {f.default}{by_form})")
+        kw = dict(dest=f.name, default=argparse.SUPPRESS, help=f"{help_text} (default: {default}{by_form})")
         if meta.get("action") == "append":
             kw.update(action="append", metavar=meta.get("metavar"))
         else:
@@ -639,6 +642,12 @@ def load_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     values = read_yaml_options(args.config) if args.config else {}
     values.update({k: v for k, v in vars(args).items() if k != "config"})
     form = values.get("form", DEFAULT_FORM)
+    given = set(values)
     for name, value in getattr(FORMS.get(form), "option_defaults", {}).items():
         values.setdefault(name, value)
+    if values.get("frozen_head") and "frozen_head" not in given:
+        # the form's default, where it does not apply (no examples, no adapter, checkpointed layers): off
+        get = {**form_defaults(form), **values}.get
+        if not get("few_shot") or get("lora_r") == 0 or get("gradient_checkpointing"):
+            values["frozen_head"] = False
     return TrainConfig(**values).validate()

@@ -129,7 +129,9 @@ def test_versus_compares_every_row_with_the_named_arm_item_by_item():
 def test_each_prompt_has_its_own_base_model_reading():
     from shala.config import load_config
 
-    names = {tuple(a): compare._base_file(Path("o"), load_config(a)).name for a in
+    # the default recipe's base reading holds its three examples; the table is of the zero-shot recipe
+    assert compare._base_file(Path("o"), load_config([])).name == "base+few-shot-3.json"
+    names = {tuple(a): compare._base_file(Path("o"), load_config(["--config", "zero-shot", *a])).name for a in
              ([], ["--form", "verbalized"], ["--few-shot", "3"], ["--no-chat-template", "--form", "rationale"],
               ["--few-shot", "1", "--split-seed", "2", "--train-limit", "50"], ["--few-shot", "3", "--shot-seed", "1"],
               ["--few-shot", "3", "--shot-layout", "inline"], ["--model", "gemma3-270m"],

@@ -92,8 +92,8 @@ def test_a_config_that_is_neither_a_file_nor_a_recipe_lists_the_recipes(tmp_path
     (["--resume", ""], r"--resume must be 'auto' or a checkpoint directory"),
     (["--form", "answer", "--max-new-tokens", "8"], r"the answer form writes one token"),
     (["--form", "rationale", "--few-shot", "2"], r"--few-shot 2 with --form rationale: the examples answer without"),
-    (["--shot-seed", "3"], r"--shot-seed 3 draws the --few-shot examples: it needs --few-shot N"),
-    (["--shot-layout", "inline"], r"--shot-layout inline lays out the --few-shot examples: it needs --few-shot N"),
+    (["--few-shot", "0", "--shot-seed", "3"], r"--shot-seed 3 draws the --few-shot examples: it needs --few-shot N"),
+    (["--few-shot", "0", "--shot-layout", "inline"], r"--shot-layout inline lays out the --few-shot examples: it needs --few-shot N"),
     (["--lora-layers", "5-2"], r"--lora-layers '5-2': expected layer indices and ranges from 0, e\.g\. '15-29' "
                                r"or '0,28-29', got '5-2'"),
     (["--lora-layers", "0,x"], r"--lora-layers '0,x': expected .* got 'x'"),
@@ -116,13 +116,13 @@ def test_bad_options_and_combinations(argv, message):
 
 @pytest.mark.parametrize("argv, warning", [
     (["--method", "sft-soft", "--reward", "histogram=1"], "--reward does not apply to --method sft-soft"),
-    (["--method", "sft-soft", "--kl-coef", "0.1"], "--kl-coef does not apply to --method sft-soft"),
+    (["--method", "sft-soft", "--kl-coef", "0.2"], "--kl-coef does not apply to --method sft-soft"),
     (["--method", "grpo-accuracy", "--weighting", "dynamic"],
      "--weighting does not apply to --method grpo-accuracy (no ambiguity weighting); ignored"),
     (["--method", "grpo-accuracy", "--reward", "slot=1"], "--reward does not apply to --method grpo-accuracy"),
     (["--lora-r", "0", "--lora-targets", "q_proj"], "--lora-targets does not apply with --lora-r 0"),
     (["--steps", "3", "--warmup-steps", "5"], "--warmup-steps 5 is longer than the run (--steps 3)"),
-    (["--kl-reference", "prior"], "--kl-reference prior does not apply without --kl-coef (no KL term); ignored"),
+    (["--kl-coef", "0", "--kl-reference", "prior"], "--kl-reference prior does not apply without --kl-coef (no KL term); ignored"),
     (["--method", "sft-soft", "--kl-reference", "prior"], "--kl-reference does not apply to --method sft-soft"),
 ])
 def test_ignored_options_are_warned_about(argv, warning, caplog):
@@ -198,3 +198,34 @@ def test_the_verbalized_form_brings_its_own_budget_and_given_options_win(tmp_pat
     default = load_config([])
     assert (default.group_size, default.steps) == (64, 160)  # the answer form's budget is unchanged
     assert f"--form verbalized: {own['group_size']}" in " ".join(build_parser().format_help().split())
+
+
+def test_the_answer_form_brings_the_default_recipe_and_its_frozen_head_goes_where_it_applies():
+    from shala.rollout import FORMS
+
+    own = FORMS["answer"].option_defaults
+    default = load_config([])
+    assert (default.few_shot, default.frozen_head, default.kl_coef) == (3, True, 0.1) == tuple(own.values())
+    assert default.command() == "python -m shala.train"
+    # a form's default head is off where it cannot apply; one given is checked as before
+    assert not load_config(["--few-shot", "0"]).frozen_head and load_config(["--few-shot", "0"]).kl_coef == 0.1
+    assert not load_config(["--lora-r", "0"]).frozen_head
+    assert not load_config(["--gradient-checkpointing"]).frozen_head
+    with pytest.raises(ValueError, match=r"--frozen-head: .* needs LoRA"):
+        load_config(["--lora-r", "0", "--frozen-head"])
+    # the other forms keep their recipe
+    for form in ("rationale", "verbalized"):
+        cfg = load_config(["--form", form])
+        assert (cfg.few_shot, cfg.frozen_head, cfg.kl_coef) == (0, False, 0.0), form
+    # the zero-shot recipe is the dataclass's defaults, so runs made before the change keep their identity
+    zero = load_config(["--config", "zero-shot"])
+    assert (zero.few_shot, zero.frozen_head, zero.kl_coef) == (0, False, 0.0)
+    assert not load_config(["--config", "zero-shot", "--few-shot", "3"]).frozen_head  # arms on it read as they did
+    assert zero.run_id() == TrainConfig().validate().run_id() != default.run_id()
+    assert load_config(["--few-shot", "3", "--frozen-head", "--kl-coef", "0.1"]).run_id() == default.run_id()
+    assert load_config(["--config", "long"]).run_id() == load_config(["--config", "zero-shot", "--steps", "400",
+                                                                        "--warmup-steps", "12", "--save-every", "50",
+                                                                        "--eval-every", "50"]).run_id()
+    text = " ".join(build_parser().format_help().split())
+    assert "(default: 3; --form rationale: 0; --form verbalized: 0)" in text
+    assert "(default: 0.1; --form rationale: 0.0; --form verbalized: 0.0)" in text

@@ -18,7 +18,9 @@ from shala.config import load_config
 from tests.tiny import save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--train-limit", "32", "--eval-limit", "8", "--batch-size", "4", "--group-size", "4",
+# the zero-shot recipe: the default's three examples would not fit the tiny models' context (tests that need
+# examples, a frozen head or KL ask for them)
+FAST = ["--config", "zero-shot", "--train-limit", "32", "--eval-limit", "8", "--batch-size", "4", "--group-size", "4",
         "--micro-batch-size", "2", "--no-progress", "--no-plot", "--warmup-steps", "0"]
 
 
