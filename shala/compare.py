@@ -140,7 +140,7 @@ def _base_label(cfg, with_model: bool = True) -> str:
     """What sets the base model's reading apart, besides the rollout form: the model when not the default (and
     ``with_model``), and the prompt (a few-shot prefix, drawn by ``--shot-seed`` from at most ``--train-limit``
     rows of the ``--split-seed`` split and laid out by ``--shot-layout``, no chat template, or an instruction,
-    by its hash); "" for the default."""
+    by its hash); "" for the default model's zero-shot prompt."""
     shots = f"few-shot-{cfg.few_shot}" + (f"-split{cfg.split_seed}" if cfg.split_seed else "") + (
         f"-shots{cfg.shot_seed}" if cfg.shot_seed is not None else "") + (
         f"-{cfg.shot_layout}" if cfg.shot_layout != "turns" else "") + (

@@ -226,7 +226,8 @@ class TrainConfig:
         defaults = {f.name: f.default for f in fields(self)}
         changed = [k for k in defaults if k not in self.RUN_FREE and k not in self.RESUME_MAY_CHANGE
                    and saved.get(k, defaults[k]) != getattr(self, k)]  # set on either side
-        return [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} (now {getattr(self, k)!r})" for k in changed]
+        return [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} (now {getattr(self, k)!r})" for k in changed
+                ] + recipe_hint(changed, saved, self)
 
     def lineage_id(self) -> str:
         """The run id without ``--steps`` (the same for a run and its extensions)."""
@@ -250,6 +251,14 @@ class TrainConfig:
     def command(self) -> str:
         """The ``python -m shala.train`` command line of these options (those that differ from the defaults)."""
         return command_line(self)
+
+
+def recipe_hint(changed: list, saved: dict, cfg: TrainConfig) -> list:
+    """For a resume refused over the form's own defaults, when the saved run had the zero-shot recipe's values."""
+    own, plain = FORMS[cfg.form].option_defaults if cfg.form in FORMS else {}, {f.name: f.default for f in fields(cfg)}
+    if any(k in own and saved.get(k, plain[k]) == plain[k] for k in changed):
+        return ["a run of the zero-shot recipe resumes with --config zero-shot"]
+    return []
 
 
 def command_line(cfg: TrainConfig) -> str:
@@ -351,7 +360,8 @@ def check_frozen_head(cfg: "TrainConfig") -> None:
                          f"from the whole prompt: use --form {slot_only}")
     if cfg.gradient_checkpointing:
         raise ValueError("--frozen-head runs each prompt's rest on the head's KV cache, which checkpointed layers "
-                         "do not keep: drop --gradient-checkpointing")
+                         "do not keep: drop --gradient-checkpointing, or pass --no-frozen-head (on in the default "
+                         "recipe; off, the run computes another model)")
 
 
 def validate(cfg: "TrainConfig") -> "TrainConfig":
@@ -450,7 +460,8 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
 def ignored_options(cfg: "TrainConfig") -> list:
     """What this method or model setting ignores among the options given (each a sentence)."""
     notes = []
-    given = {k for k, d in form_defaults(cfg.form).items() if getattr(cfg, k) != d}
+    plain = {f.name: f.default for f in fields(TrainConfig)}  # a value that turns an option off is not "given"
+    given = {k for k, d in form_defaults(cfg.form).items() if getattr(cfg, k) not in (d, plain[k])}
     if cfg.method not in RL_METHODS:
         rl_only = ["reward", "kl_coef", "kl_reference", "form", "group_size", "max_new_tokens", "temperature",
                    "constrain_answer", "scale", "format_penalty", "aux_jsd", "ppo_epochs", "clip_low", "clip_high",
@@ -461,6 +472,9 @@ def ignored_options(cfg: "TrainConfig") -> list:
                   "ignored" for k in rl_only if k in given]
     if cfg.method in RL_METHODS and cfg.kl_coef == 0 and cfg.kl_reference != "base":
         notes.append(f"--kl-reference {cfg.kl_reference} does not apply without --kl-coef (no KL term); ignored")
+    if cfg.frozen_head and cfg.common_prefix:
+        notes.append("--common-prefix: the frozen head already reads the head all prompts share once per run; "
+                     "ignored (--no-frozen-head encodes it once per forward instead, another model)")
     if cfg.method == "grpo-accuracy" and "reward" in given:
         notes.append("--reward does not apply to --method grpo-accuracy (its reward is accuracy alone); ignored")
     if cfg.method not in WEIGHTED_METHODS:
@@ -646,8 +660,9 @@ def load_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     for name, value in getattr(FORMS.get(form), "option_defaults", {}).items():
         values.setdefault(name, value)
     if values.get("frozen_head") and "frozen_head" not in given:
-        # the form's default, where it does not apply (no examples, no adapter, checkpointed layers): off
+        # the form's default is off where there is no head to freeze or no adapter to keep it from; not under
+        # --gradient-checkpointing, which may not change what a run computes (it is refused, naming the fix)
         get = {**form_defaults(form), **values}.get
-        if not get("few_shot") or get("lora_r") == 0 or get("gradient_checkpointing"):
+        if not get("few_shot") or get("lora_r") == 0:
             values["frozen_head"] = False
     return TrainConfig(**values).validate()

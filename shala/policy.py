@@ -13,6 +13,7 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
+from shala.choices import RL_METHODS
 from shala.config import parse_layers
 from shala.models import load_model
 
@@ -43,7 +44,7 @@ class Policy:
             model = get_peft_model(model, LoraConfig(
                 r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
                 layers_to_transform=layers, task_type="CAUSAL_LM"))
-        elif cfg.kl_coef > 0 and cfg.kl_reference == "base":
+        elif cfg.kl_coef > 0 and cfg.kl_reference == "base" and cfg.method in RL_METHODS:  # SFT has no KL term
             self._reference = copy.deepcopy(model).eval().requires_grad_(False)
         if cfg.gradient_checkpointing:  # non-reentrant: the LoRA inputs need no requires_grad hook
             if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5

@@ -210,22 +210,36 @@ def test_the_answer_form_brings_the_default_recipe_and_its_frozen_head_goes_wher
     # a form's default head is off where it cannot apply; one given is checked as before
     assert not load_config(["--few-shot", "0"]).frozen_head and load_config(["--few-shot", "0"]).kl_coef == 0.1
     assert not load_config(["--lora-r", "0"]).frozen_head
-    assert not load_config(["--gradient-checkpointing"]).frozen_head
     with pytest.raises(ValueError, match=r"--frozen-head: .* needs LoRA"):
         load_config(["--lora-r", "0", "--frozen-head"])
+    # --gradient-checkpointing may not change what a run computes, so the default head is refused, not dropped
+    with pytest.raises(ValueError, match=r"drop --gradient-checkpointing, or pass --no-frozen-head"):
+        load_config(["--gradient-checkpointing"])
+    assert not load_config(["--gradient-checkpointing", "--no-frozen-head"]).frozen_head
     # the other forms keep their recipe
     for form in ("rationale", "verbalized"):
         cfg = load_config(["--form", form])
         assert (cfg.few_shot, cfg.frozen_head, cfg.kl_coef) == (0, False, 0.0), form
-    # the zero-shot recipe is the dataclass's defaults, so runs made before the change keep their identity
+    # the zero-shot recipe is the dataclass's defaults, so runs made before the change keep their identity: the
+    # literal ids are those of `load_config([])`, `... --few-shot 3 --frozen-head --kl-coef 0.1` and
+    # `--config long` at 2b91d31, before the change
     zero = load_config(["--config", "zero-shot"])
     assert (zero.few_shot, zero.frozen_head, zero.kl_coef) == (0, False, 0.0)
     assert not load_config(["--config", "zero-shot", "--few-shot", "3"]).frozen_head  # arms on it read as they did
-    assert zero.run_id() == TrainConfig().validate().run_id() != default.run_id()
-    assert load_config(["--few-shot", "3", "--frozen-head", "--kl-coef", "0.1"]).run_id() == default.run_id()
-    assert load_config(["--config", "long"]).run_id() == load_config(["--config", "zero-shot", "--steps", "400",
-                                                                        "--warmup-steps", "12", "--save-every", "50",
-                                                                        "--eval-every", "50"]).run_id()
+    assert not load_config(["--config", "long", "--few-shot", "3"]).frozen_head
+    assert zero.run_id() == TrainConfig().validate().run_id() == "7b456fab7b945865"
+    assert default.run_id() == "6924be6c623542e5"
+    assert load_config(["--config", "long"]).run_id() == "80a71ccfd506b43d"
+    # resuming a zero-shot run under the new defaults is refused, and the message names the recipe
+    conflicts = default.resume_conflicts(TrainConfig().to_dict())
+    assert conflicts == ["--frozen-head False (now True)", "--few-shot 0 (now 3)", "--kl-coef 0.0 (now 0.1)",
+                         "a run of the zero-shot recipe resumes with --config zero-shot"]
+    assert zero.resume_conflicts(TrainConfig().to_dict()) == []
+    # switching an option off is not giving it: the zero-shot recipe warns about nothing under the SFT methods
+    assert load_config(["--config", "zero-shot", "--method", "sft-soft"]).ignored_options() == []
+    assert load_config(["--method", "sft-soft"]).ignored_options() == []
+    assert any("--common-prefix: the frozen head already reads" in n
+               for n in load_config(["--common-prefix"]).ignored_options())
     text = " ".join(build_parser().format_help().split())
     assert "(default: 3; --form rationale: 0; --form verbalized: 0)" in text
     assert "(default: 0.1; --form rationale: 0.0; --form verbalized: 0.0)" in text
