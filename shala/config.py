@@ -163,8 +163,8 @@ class TrainConfig:
     bf16: bool = _f(False, "mixed precision: forward passes under bfloat16 autocast (float32 weights and optimiser "
                            "state); on a GPU with bfloat16 support, or a CPU with bfloat16 instructions")
     gradient_checkpointing: bool = _f(False, "recompute activations in the backward pass (less memory, more "
-                                             "compute; each completion is then encoded with its prompt, and "
-                                             "--shared-prefix and --common-prefix are off)")
+                                             "compute; each completion is encoded with its prompt, --shared-prefix "
+                                             "and --common-prefix are off; not with --frozen-head)")
 
     # bookkeeping
     eval_batch_size: int = _f(16, "batch size of the before/after evaluation")
@@ -226,8 +226,7 @@ class TrainConfig:
         defaults = {f.name: f.default for f in fields(self)}
         changed = [k for k in defaults if k not in self.RUN_FREE and k not in self.RESUME_MAY_CHANGE
                    and saved.get(k, defaults[k]) != getattr(self, k)]  # set on either side
-        return [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} (now {getattr(self, k)!r})" for k in changed
-                ] + recipe_hint(changed, saved, self)
+        return [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} (now {getattr(self, k)!r})" for k in changed]
 
     def lineage_id(self) -> str:
         """The run id without ``--steps`` (the same for a run and its extensions)."""
@@ -253,12 +252,13 @@ class TrainConfig:
         return command_line(self)
 
 
-def recipe_hint(changed: list, saved: dict, cfg: TrainConfig) -> list:
-    """For a resume refused over the form's own defaults, when the saved run had the zero-shot recipe's values."""
-    own, plain = FORMS[cfg.form].option_defaults if cfg.form in FORMS else {}, {f.name: f.default for f in fields(cfg)}
-    if any(k in own and saved.get(k, plain[k]) == plain[k] for k in changed):
-        return ["a run of the zero-shot recipe resumes with --config zero-shot"]
-    return []
+def resume_hint(saved: dict, cfg: TrainConfig) -> str:
+    """For a resume refused over the zero-shot recipe's options, when the saved run had that recipe (no frozen
+    head, no KL): how to resume it; "" otherwise."""
+    zero, plain = read_yaml_options("zero-shot"), {f.name: f.default for f in fields(cfg)}
+    differs = any(saved.get(k, plain[k]) != getattr(cfg, k) for k in zero)
+    was_zero = all(saved.get(k, plain[k]) == v for k, v in zero.items() if k != "few_shot")
+    return "; a run of the zero-shot recipe resumes with --config zero-shot" if differs and was_zero else ""
 
 
 def command_line(cfg: TrainConfig) -> str:
@@ -461,7 +461,8 @@ def ignored_options(cfg: "TrainConfig") -> list:
     """What this method or model setting ignores among the options given (each a sentence)."""
     notes = []
     plain = {f.name: f.default for f in fields(TrainConfig)}  # a value that turns an option off is not "given"
-    given = {k for k, d in form_defaults(cfg.form).items() if getattr(cfg, k) not in (d, plain[k])}
+    given = {k for k, d in form_defaults(cfg.form).items()
+             if getattr(cfg, k) != d and (getattr(cfg, k) != plain[k] or bool(plain[k]))}
     if cfg.method not in RL_METHODS:
         rl_only = ["reward", "kl_coef", "kl_reference", "form", "group_size", "max_new_tokens", "temperature",
                    "constrain_answer", "scale", "format_penalty", "aux_jsd", "ppo_epochs", "clip_low", "clip_high",

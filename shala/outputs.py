@@ -29,6 +29,7 @@ from typing import Optional
 
 from shala import checkpoint as ckpt
 from shala.batches import HELD_OUT
+from shala.config import resume_hint
 from shala.evaluate import format_report, format_table, write_json
 from shala.metrics import CI_METRICS
 from shala.models import base_model_id
@@ -101,7 +102,8 @@ class RunDir:
             if conflicts:
                 raise OutputDirError(f"cannot resume the run in {self.path}: options differ from that run's: "
                                      + ", ".join(conflicts) + " (a resume may change only those that do not "
-                                     "change what the run computes, and --steps); nothing was changed")
+                                     "change what the run computes, and --steps)" + resume_hint(saved, cfg)
+                                     + "; nothing was changed")
             done = ckpt.list_checkpoints(self.path / "checkpoints") if cfg.resume == "auto" else []
             if done and ckpt.step_of(done[-1]) > cfg.steps:
                 raise OutputDirError(f"cannot resume the run in {self.path} with --steps {cfg.steps}: its newest "

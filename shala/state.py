@@ -18,6 +18,7 @@ import torch
 
 from shala import checkpoint as ckpt
 from shala.batches import PromptSampler
+from shala.config import resume_hint
 
 log = logging.getLogger("shala.train")
 
@@ -211,10 +212,11 @@ class TrainState:
 
     def resume(self, path: Path, saved: dict, cfg) -> None:
         """Restore the checkpoint ``saved`` (loaded from ``path``); refuse one of another run."""
-        conflicts = cfg.resume_conflicts(json.loads(saved["config"]))
+        config = json.loads(saved["config"])
+        conflicts = cfg.resume_conflicts(config)
         if conflicts:
             raise ckpt.CheckpointError(f"cannot resume from {path}: it belongs to another run (options differ: "
-                                       + ", ".join(conflicts) + ")")
+                                       + ", ".join(conflicts) + ")" + resume_hint(config, cfg))
         if int(saved["step"]) > cfg.steps:
             raise ckpt.CheckpointError(f"cannot resume from {path}: it is at step {int(saved['step'])}, past "
                                        f"--steps {cfg.steps}")

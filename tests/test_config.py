@@ -230,11 +230,24 @@ def test_the_answer_form_brings_the_default_recipe_and_its_frozen_head_goes_wher
     assert zero.run_id() == TrainConfig().validate().run_id() == "7b456fab7b945865"
     assert default.run_id() == "6924be6c623542e5"
     assert load_config(["--config", "long"]).run_id() == "80a71ccfd506b43d"
-    # resuming a zero-shot run under the new defaults is refused, and the message names the recipe
-    conflicts = default.resume_conflicts(TrainConfig().to_dict())
-    assert conflicts == ["--frozen-head False (now True)", "--few-shot 0 (now 3)", "--kl-coef 0.0 (now 0.1)",
-                         "a run of the zero-shot recipe resumes with --config zero-shot"]
-    assert zero.resume_conflicts(TrainConfig().to_dict()) == []
+    # resuming a zero-shot run under the new defaults is refused, and the message names the recipe; runs that
+    # differ from the default in one of its options otherwise get no such hint
+    from shala.config import resume_hint
+
+    old = TrainConfig().to_dict()
+    assert default.resume_conflicts(old) == ["--frozen-head False (now True)", "--few-shot 0 (now 3)",
+                                             "--kl-coef 0.0 (now 0.1)"]
+    assert resume_hint(old, default) == "; a run of the zero-shot recipe resumes with --config zero-shot"
+    assert zero.resume_conflicts(old) == [] and resume_hint(old, zero) == ""
+    for argv in (["--gradient-checkpointing", "--no-frozen-head"], ["--few-shot", "0"], ["--kl-coef", "0"]):
+        saved = load_config(argv).to_dict()
+        assert default.resume_conflicts(saved) and resume_hint(saved, default) == "", argv
+    verbal = load_config(["--form", "verbalized"])
+    assert resume_hint(load_config(["--form", "verbalized", "--group-size", "64"]).to_dict(), verbal) == ""
+    # an option left on the SFT method's hands is still named, one switched off is not
+    assert any("--group-size does not apply" in n for n in
+               load_config(["--form", "verbalized", "--method", "sft-verbalized", "--group-size", "64"]
+                           ).ignored_options())
     # switching an option off is not giving it: the zero-shot recipe warns about nothing under the SFT methods
     assert load_config(["--config", "zero-shot", "--method", "sft-soft"]).ignored_options() == []
     assert load_config(["--method", "sft-soft"]).ignored_options() == []
