@@ -213,9 +213,8 @@ class TrainConfig:
     RESUME_MAY_CHANGE = ("steps",)
 
     def run_options(self) -> dict:
-        defaults = {f.name: f.default for f in fields(self)}
         return {k: v for k, v in self.to_dict().items()
-                if k not in self.RUN_FREE and not (k in self.HASHED_WHEN_SET and v == defaults[k])}
+                if k not in self.RUN_FREE and not (k in self.HASHED_WHEN_SET and v == FIELD_DEFAULTS[k])}
 
     def run_id(self) -> str:
         """A hash of the options that define the run: checkpoints carry it, a resume checks it."""
@@ -223,10 +222,10 @@ class TrainConfig:
 
     def resume_conflicts(self, saved: dict) -> list:
         """``--option saved (now ...)`` for every run-defining option whose value differs from ``saved``."""
-        defaults = {f.name: f.default for f in fields(self)}
-        changed = [k for k in defaults if k not in self.RUN_FREE and k not in self.RESUME_MAY_CHANGE
-                   and saved.get(k, defaults[k]) != getattr(self, k)]  # set on either side
-        return [f"--{k.replace('_', '-')} {saved.get(k, defaults[k])!r} (now {getattr(self, k)!r})" for k in changed]
+        changed = [k for k in FIELD_DEFAULTS if k not in self.RUN_FREE and k not in self.RESUME_MAY_CHANGE
+                   and saved.get(k, FIELD_DEFAULTS[k]) != getattr(self, k)]  # set on either side
+        return [f"--{k.replace('_', '-')} {saved.get(k, FIELD_DEFAULTS[k])!r} (now {getattr(self, k)!r})"
+                for k in changed]
 
     def lineage_id(self) -> str:
         """The run id without ``--steps`` (the same for a run and its extensions)."""
@@ -252,10 +251,14 @@ class TrainConfig:
         return command_line(self)
 
 
+#: Every option's dataclass default (the zero-shot recipe), read once.
+FIELD_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+
+
 def resume_hint(saved: dict, cfg: TrainConfig) -> str:
     """For a resume refused over the zero-shot recipe's options, when the saved run had that recipe (no frozen
     head, no KL): how to resume it; "" otherwise."""
-    zero, plain = read_yaml_options("zero-shot"), {f.name: f.default for f in fields(cfg)}
+    zero, plain = read_yaml_options("zero-shot"), FIELD_DEFAULTS
     differs = any(saved.get(k, plain[k]) != getattr(cfg, k) for k in zero)
     was_zero = all(saved.get(k, plain[k]) == v for k, v in zero.items() if k != "few_shot")
     return "; a run of the zero-shot recipe resumes with --config zero-shot" if differs and was_zero else ""
@@ -460,7 +463,7 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
 def ignored_options(cfg: "TrainConfig") -> list:
     """What this method or model setting ignores among the options given (each a sentence)."""
     notes = []
-    plain = {f.name: f.default for f in fields(TrainConfig)}  # a value that turns an option off is not "given"
+    plain = FIELD_DEFAULTS  # a value that turns an option off is not "given"
     given = {k for k, d in form_defaults(cfg.form).items()
              if getattr(cfg, k) != d and (getattr(cfg, k) != plain[k] or bool(plain[k]))}
     if cfg.method not in RL_METHODS:
@@ -592,6 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="YAML file of options (keys as below, with underscores), or a "
                    f"shipped recipe's name: {', '.join(recipes.names())} (shala/recipes); flags win")
     groups = {name: p.add_argument_group(name) for name in HELP_SECTIONS}
+    by_form_defaults = {name: form_defaults(name) for name in FORMS}
     section_of = {opt: groups[name] for name, opts in HELP_SECTIONS.items() for opt in opts}
     for f in fields(TrainConfig):
         group = section_of[f.name]
@@ -600,7 +604,7 @@ def build_parser() -> argparse.ArgumentParser:
         meta.pop("expects", None)
         flag = "--" + f.name.replace("_", "-")
         # the default form's default first, then each other form's where it differs
-        shown = {name: form_defaults(name)[f.name] for name in FORMS}
+        shown = {name: defaults[f.name] for name, defaults in by_form_defaults.items()}
         default = shown.pop(DEFAULT_FORM)
         if f.type in ("bool", bool):
             shown, default = {k: "on" if v else "off" for k, v in shown.items()}, "on" if default else "off"
@@ -647,8 +651,7 @@ def read_yaml_options(path) -> dict:
 
 def form_defaults(form: str) -> dict:
     """Every option's default under ``--form form``: the dataclass's, with the form's own on top."""
-    defaults = {f.name: f.default for f in fields(TrainConfig)}
-    return {**defaults, **getattr(FORMS.get(form), "option_defaults", {})}
+    return {**FIELD_DEFAULTS, **getattr(FORMS.get(form), "option_defaults", {})}
 
 
 def load_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
