@@ -592,8 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
         "(and the baselines grpo-accuracy, sft-majority, sft-soft on the same data and budget).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--config", default=None, help="YAML file of options (keys as below, with underscores), or a "
-                   f"shipped recipe's name: {', '.join(recipes.names())} (shala/recipes); flags win")
+    p.add_argument("--config", action="append", default=None,
+                   help="YAML file of options (keys as below, with underscores), or a shipped recipe's name: "
+                   f"{', '.join(recipes.names())} (shala/recipes); given more than once, they are read in order and "
+                   "a later one wins; flags win over all")
     groups = {name: p.add_argument_group(name) for name in HELP_SECTIONS}
     by_form_defaults = {name: form_defaults(name) for name in FORMS}
     section_of = {opt: groups[name] for name, opts in HELP_SECTIONS.items() for opt in opts}
@@ -655,9 +657,11 @@ def form_defaults(form: str) -> dict:
 
 
 def load_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
-    """Defaults (the form's own where it has them), then ``--config`` YAML, then flags; validated."""
+    """Defaults (the form's own where it has them), then each ``--config`` YAML in order, then flags; validated."""
     args = build_parser().parse_args(argv)
-    values = read_yaml_options(args.config) if args.config else {}
+    values = {}
+    for config in args.config or ():
+        values.update(read_yaml_options(config))
     values.update({k: v for k, v in vars(args).items() if k != "config"})
     form = values.get("form", DEFAULT_FORM)
     given = set(values)

@@ -61,9 +61,29 @@ def test_a_shipped_recipe_is_read_by_name_and_flags_beside_it_win():
     assert long.steps == 400 and long.save_every == 50 and long.eval_every == 50
     assert load_config(["--config", "long.yaml", "--steps", "7"]).steps == 7
     assert load_config([]).steps != long.steps
-    # the recipe sets the budget only: another form keeps its own group and batch sizes
+    # the recipe sets the budget only: another form keeps its own recipe, group and batch sizes
     verbal, plain = load_config(["--config", "long", "--form", "verbalized"]), load_config(["--form", "verbalized"])
     assert (verbal.group_size, verbal.batch_size, verbal.steps) == (plain.group_size, plain.batch_size, 400)
+    assert (verbal.few_shot, verbal.frozen_head, verbal.kl_coef) == (plain.few_shot, plain.frozen_head, 0.0)
+
+
+def test_configs_given_more_than_once_are_read_in_order_and_flags_win_over_all(tmp_path):
+    first, second = tmp_path / "first.yaml", tmp_path / "second.yaml"
+    first.write_text("steps: 3\nlr: 0.01\nkl_coef: 0.2\n")
+    second.write_text("steps: 5\nwarmup_steps: 1\n")
+    cfg = load_config(["--config", str(first), "--config", str(second), "--lr", "0.02"])
+    assert (cfg.steps, cfg.warmup_steps, cfg.lr, cfg.kl_coef) == (5, 1, 0.02, 0.2)
+    assert load_config(["--config", str(second), "--config", str(first)]).steps == 3
+    # the long budget on the zero-shot recipe, and on the default's
+    long = load_config(["--config", "long"])
+    zero_long = load_config(["--config", "zero-shot", "--config", "long"])
+    assert long.steps == zero_long.steps == 400
+    assert (long.few_shot, long.frozen_head, long.kl_coef) == (3, True, 0.1)
+    assert (zero_long.few_shot, zero_long.frozen_head, zero_long.kl_coef) == (0, False, 0.0)
+    # a bad file among several is named
+    (tmp_path / "bad.yaml").write_text("stepz: 3\n")
+    with pytest.raises(ValueError, match=r"--config .*bad\.yaml: unknown option 'stepz'"):
+        load_config(["--config", str(first), "--config", str(tmp_path / "bad.yaml")])
 
 
 def test_a_config_that_is_neither_a_file_nor_a_recipe_lists_the_recipes(tmp_path):
@@ -222,14 +242,17 @@ def test_the_answer_form_brings_the_default_recipe_and_its_frozen_head_goes_wher
         assert (cfg.few_shot, cfg.frozen_head, cfg.kl_coef) == (0, False, 0.0), form
     # the zero-shot recipe is the dataclass's defaults, so runs made before the change keep their identity: the
     # literal ids are those of `load_config([])`, `... --few-shot 3 --frozen-head --kl-coef 0.1` and
-    # `--config long` at 2b91d31, before the change
+    # `--config long` at 2b91d31, before the change; `--config long` now lengthens the default recipe (the id of
+    # `--config long --few-shot 3 --frozen-head --kl-coef 0.1` before it did), and after `--config zero-shot` it
+    # is the longer recipe as first measured
     zero = load_config(["--config", "zero-shot"])
     assert (zero.few_shot, zero.frozen_head, zero.kl_coef) == (0, False, 0.0)
     assert not load_config(["--config", "zero-shot", "--few-shot", "3"]).frozen_head  # arms on it read as they did
-    assert not load_config(["--config", "long", "--few-shot", "3"]).frozen_head
+    assert not load_config(["--config", "zero-shot", "--config", "long", "--few-shot", "3"]).frozen_head
     assert zero.run_id() == TrainConfig().validate().run_id() == "7b456fab7b945865"
     assert default.run_id() == "6924be6c623542e5"
-    assert load_config(["--config", "long"]).run_id() == "80a71ccfd506b43d"
+    assert load_config(["--config", "zero-shot", "--config", "long"]).run_id() == "80a71ccfd506b43d"
+    assert load_config(["--config", "long"]).run_id() == "d5afb67a319fa1a2"
     # resuming a zero-shot run under the new defaults is refused, and the message names the recipe; runs that
     # differ from the default in one of its options otherwise get no such hint
     from shala.config import resume_hint
