@@ -261,7 +261,8 @@ def resume_hint(saved: dict, cfg: TrainConfig) -> str:
     zero, plain = read_yaml_options("zero-shot"), FIELD_DEFAULTS
     differs = any(saved.get(k, plain[k]) != getattr(cfg, k) for k in zero)
     was_zero = all(saved.get(k, plain[k]) == v for k, v in zero.items() if k != "few_shot")
-    return "; a run of the zero-shot recipe resumes with --config zero-shot" if differs and was_zero else ""
+    hint = "; a run of the zero-shot recipe resumes with --config zero-shot (first, before any other --config)"
+    return hint if differs and was_zero else ""
 
 
 def command_line(cfg: TrainConfig) -> str:

@@ -260,7 +260,12 @@ def test_the_answer_form_brings_the_default_recipe_and_its_frozen_head_goes_wher
     old = TrainConfig().to_dict()
     assert default.resume_conflicts(old) == ["--frozen-head False (now True)", "--few-shot 0 (now 3)",
                                              "--kl-coef 0.0 (now 0.1)"]
-    assert resume_hint(old, default) == "; a run of the zero-shot recipe resumes with --config zero-shot"
+    assert resume_hint(old, default) == ("; a run of the zero-shot recipe resumes with --config zero-shot (first, "
+                                         "before any other --config)")
+    # so does one of the earlier longer recipe, which resumes with the zero-shot recipe read before the long one
+    old_long = load_config(["--config", "zero-shot", "--config", "long"])
+    assert resume_hint(old_long.to_dict(), load_config(["--config", "long"])) == resume_hint(old, default)
+    assert old_long.resume_conflicts(old_long.to_dict()) == []
     assert zero.resume_conflicts(old) == [] and resume_hint(old, zero) == ""
     for argv in (["--gradient-checkpointing", "--no-frozen-head"], ["--few-shot", "0"], ["--kl-coef", "0"]):
         saved = load_config(argv).to_dict()
