@@ -100,8 +100,9 @@ def parse_args(argv):
     pre.add_argument("--methods", default="shala,grpo-accuracy,sft-majority,sft-soft",
                      help=f"comma-separated methods of {list(CHOICES)} (default: the first four)")
     pre.add_argument("--arm", action="append", default=[], metavar="NAME=OPTIONS",
-                     help="a further row: shala.train OPTIONS (after the shared ones; default --method shala) "
-                          "trained as NAME, e.g. --arm 'unweighted=--weighting none' (repeatable)")
+                     help="a further row: shala.train OPTIONS (after the shared ones, so an arm's --config is read "
+                          "after a shared one; default --method shala) trained as NAME, e.g. --arm "
+                          "'unweighted=--weighting none' (repeatable)")
     pre.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds, one run per method and seed")
     pre.add_argument("--output-dir", default="runs/compare")
     pre.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples of the confidence intervals")

@@ -2,7 +2,8 @@
 
 Every field is a ``--flag`` of ``python -m shala.train`` (underscores become
 dashes) with its help text and default; ``--config FILE.yaml`` sets fields from
-a YAML mapping first, and flags given on the command line win over it. A YAML
+a YAML mapping first (several are read in order, a later one winning), and flags
+given on the command line win over them all. A YAML
 value goes through the same parser as the flag's text (``lr: 1e-4``, which YAML
 reads as a string, is the number 1e-4; ``constrain_answer: "no"`` is False), and
 :meth:`TrainConfig.validate` checks every value and every combination before

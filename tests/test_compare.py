@@ -110,6 +110,13 @@ def test_arms_are_rows_with_their_own_options_checked_before_training(tmp_path, 
         compare.main(["--methods", "shala", "--arm", "bad=--lr -1", "--output-dir", str(tmp_path), *FAST])
 
 
+def test_an_arms_config_is_read_after_the_shared_one(tmp_path):
+    # shared --config zero-shot, arm --config long: the longer recipe as first measured, with its run id
+    cfg, finished = compare._cell_config(["--config", "zero-shot"], ["--config", "long"], 0, tmp_path / "cell")
+    assert not finished and (cfg.steps, cfg.few_shot, cfg.kl_coef) == (400, 0, 0.0)
+    assert cfg.run_id() == "80a71ccfd506b43d"
+
+
 def test_versus_compares_every_row_with_the_named_arm_item_by_item():
     torch.manual_seed(0)
     q = torch.distributions.Dirichlet(torch.ones(3)).sample((60,))

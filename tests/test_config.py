@@ -64,7 +64,7 @@ def test_a_shipped_recipe_is_read_by_name_and_flags_beside_it_win():
     # the recipe sets the budget only: another form keeps its own recipe, group and batch sizes
     verbal, plain = load_config(["--config", "long", "--form", "verbalized"]), load_config(["--form", "verbalized"])
     assert (verbal.group_size, verbal.batch_size, verbal.steps) == (plain.group_size, plain.batch_size, 400)
-    assert (verbal.few_shot, verbal.frozen_head, verbal.kl_coef) == (plain.few_shot, plain.frozen_head, 0.0)
+    assert (verbal.few_shot, verbal.frozen_head, verbal.kl_coef) == (plain.few_shot, plain.frozen_head, plain.kl_coef)
 
 
 def test_configs_given_more_than_once_are_read_in_order_and_flags_win_over_all(tmp_path):
