@@ -14,5 +14,6 @@ WEIGHT_MODES = ("static", "dynamic")  # modes of shala.weighting.ambiguity_weigh
 NORMALIZE_MODES = ("labels", "vocab")
 REDUCTIONS = ("mean", "sum", "none")
 LR_SCHEDULES = ("constant", "linear", "cosine")
-KL_REFERENCES = ("base", "prior")  # --kl-reference: the model without its adapter, or the training label prior
+KL_REFERENCES = ("base", "prior", "mixture")  # --kl-reference: the model without its adapter, the training
+# label prior, or a mixture of the two (--kl-prior-share)
 DTYPES = ("float32", "bfloat16", "float16")

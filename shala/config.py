@@ -145,8 +145,9 @@ class TrainConfig:
     clip_low: float = _f(0.2, "lower clip of the importance ratio (1 - clip_low)")
     clip_high: float = _f(0.28, "upper clip of the importance ratio (1 + clip_high)")
     kl_coef: float = _f(0.0, "coefficient of the KL to the frozen reference model (0: off, no reference pass)")
-    kl_reference: str = _f("base", "what --kl-coef pulls toward: base (the model without its adapter) or prior (the "
-                           "training label prior at the answer slot, no reference pass)", choices=KL_REFERENCES)
+    kl_reference: str = _f("base", "what --kl-coef pulls toward: base (the model without its adapter), prior (the "
+                           "training label prior at the answer slot) or mixture (of the two)", choices=KL_REFERENCES)
+    kl_prior_share: float = _f(0.5, "the label prior's share of --kl-reference mixture, in (0, 1); the base's the rest")
     aux_jsd: float = _f(0.0, "weight of the drop-in JSD loss at the answer slot added to the policy loss")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     max_bad_steps: int = _f(5, "stop with an error after this many consecutive skipped (non-finite) steps")
@@ -208,7 +209,8 @@ class TrainConfig:
     #: Options whose default leaves a run as it was before they existed: hashed only when set otherwise, so
     #: that runs made before them keep their identity.
     HASHED_WHEN_SET = ("train_dataset", "source_weight", "rater_weight", "bf16", "chat_template", "few_shot",
-                       "shot_seed", "shot_layout", "instruction", "lora_layers", "frozen_head", "kl_reference")
+                       "shot_seed", "shot_layout", "instruction", "lora_layers", "frozen_head", "kl_reference",
+                       "kl_prior_share")
     #: Run-defining options a resume may change: ``--steps`` (extend the run; the learning-rate schedule is
     #: laid over the new total from the step reached).
     RESUME_MAY_CHANGE = ("steps",)
@@ -342,8 +344,14 @@ def prefix_sharing(cfg: "TrainConfig", builder, train_rows) -> dict:
 
 
 def uses_prior_reference(cfg: "TrainConfig") -> bool:
-    """The KL term pulls toward the training label prior (an RL method, --kl-coef > 0, --kl-reference prior)."""
-    return cfg.method in RL_METHODS and cfg.kl_coef > 0 and cfg.kl_reference == "prior"
+    """The KL term pulls toward the training label prior, alone or mixed with the base model's answers (an RL
+    method, --kl-coef > 0, --kl-reference prior or mixture)."""
+    return cfg.method in RL_METHODS and cfg.kl_coef > 0 and cfg.kl_reference in ("prior", "mixture")
+
+
+def prior_share(cfg: "TrainConfig") -> float:
+    """The label prior's share of the KL reference at the answer slot: 1 for prior, 0 for base."""
+    return {"base": 0.0, "prior": 1.0}.get(cfg.kl_reference, cfg.kl_prior_share)
 
 
 def check_lora_layers(cfg: "TrainConfig") -> None:
@@ -395,6 +403,9 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
             raise ValueError(f"--{name.replace('_', '-')} must be a number >= 0, got {v!r}")
     if not 0 < cfg.eval_fraction < 1:
         raise ValueError(f"--eval-fraction must be in (0, 1), got {cfg.eval_fraction!r}")
+    if not 0 < cfg.kl_prior_share < 1:
+        raise ValueError(f"--kl-prior-share must be in (0, 1) (the prior's share of the mixture; --kl-reference prior "
+                         f"or base for the ends), got {cfg.kl_prior_share!r}")
     if cfg.clip_low >= 1:
         raise ValueError(f"--clip-low must be < 1, got {cfg.clip_low}")
     if cfg.weighting == "dynamic" and cfg.weight_alpha > 1:
@@ -440,7 +451,8 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
         check_frozen_head(cfg)
     answering = [name for name, form in FORMS.items() if form.slot_only]  # whose completion is the answer alone
     if uses_prior_reference(cfg) and (cfg.form not in answering or not cfg.constrain_answer):
-        raise ValueError(f"--kl-reference prior pulls the answer slot's label distribution toward the label prior: "
+        raise ValueError(f"--kl-reference {cfg.kl_reference} pulls the answer slot's label distribution toward the "
+                         f"label prior{' and the base model' if cfg.kl_reference == 'mixture' else ''}: "
                          f"it needs --form {' or '.join(answering)} with --constrain-answer, got --form {cfg.form}"
                          + ("" if cfg.constrain_answer else " with --no-constrain-answer"))
     terms = cfg.reward_weights()
@@ -469,15 +481,18 @@ def ignored_options(cfg: "TrainConfig") -> list:
     given = {k for k, d in form_defaults(cfg.form).items()
              if getattr(cfg, k) != d and (getattr(cfg, k) != plain[k] or bool(plain[k]))}
     if cfg.method not in RL_METHODS:
-        rl_only = ["reward", "kl_coef", "kl_reference", "form", "group_size", "max_new_tokens", "temperature",
-                   "constrain_answer", "scale", "format_penalty", "aux_jsd", "ppo_epochs", "clip_low", "clip_high",
-                   "sum_penalty"]
+        rl_only = ["reward", "kl_coef", "kl_reference", "kl_prior_share", "form", "group_size", "max_new_tokens",
+                   "temperature", "constrain_answer", "scale", "format_penalty", "aux_jsd", "ppo_epochs", "clip_low",
+                   "clip_high", "sum_penalty"]
         if cfg.method == "sft-verbalized":  # the text it trains on: its form, and how its numbers are scored
             rl_only = [k for k in rl_only if k not in ("form", "temperature", "constrain_answer")]
         notes += [f"--{k.replace('_', '-')} does not apply to --method {cfg.method} (it samples no rollouts); "
                   "ignored" for k in rl_only if k in given]
     if cfg.method in RL_METHODS and cfg.kl_coef == 0 and cfg.kl_reference != "base":
         notes.append(f"--kl-reference {cfg.kl_reference} does not apply without --kl-coef (no KL term); ignored")
+    if cfg.method in RL_METHODS and cfg.kl_reference != "mixture" and cfg.kl_prior_share != plain["kl_prior_share"]:
+        notes.append(f"--kl-prior-share sets the prior's share of --kl-reference mixture, not of "
+                     f"--kl-reference {cfg.kl_reference}; ignored")
     if cfg.frozen_head and cfg.common_prefix:
         notes.append("--common-prefix: the frozen head already reads the head all prompts share once per run; "
                      "ignored (--no-frozen-head encodes it once per forward instead, another model)")
@@ -579,7 +594,8 @@ HELP_SECTIONS = {
     "reward and weighting": ("reward", "format_penalty", "sum_penalty", "normalize", "mass_weight", "weighting",
                              "weight_alpha", "weight_temperature", "weight_warmup", "scale", "adv_eps"),
     "optimisation": ("steps", "ppo_epochs", "micro_batch_size", "lr", "weight_decay", "lr_schedule", "warmup_steps",
-                     "clip_low", "clip_high", "kl_coef", "kl_reference", "aux_jsd", "max_grad_norm", "max_bad_steps"),
+                     "clip_low", "clip_high", "kl_coef", "kl_reference", "kl_prior_share", "aux_jsd", "max_grad_norm",
+                     "max_bad_steps"),
     "evaluation": ("eval_dataset", "eval_label_map", "eval_limit", "eval_batch_size", "eval_samples", "eval_before",
                    "eval_after", "eval_every", "save_best"),
     "output": ("output_dir", "save_every", "keep_checkpoints", "resume", "overwrite", "log_every", "report_to",

@@ -3,7 +3,7 @@
 With LoRA (``lora_r > 0``) only the adapter trains, and the KL reference is the
 base model under ``disable_adapter()`` (no second copy of the weights); with full
 fine-tuning the reference is a frozen copy, made only when ``kl_coef > 0`` (and
-``--kl-reference base``: the label prior needs no model).
+``--kl-reference base`` or ``mixture``: the label prior alone needs no model).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Policy:
             model = get_peft_model(model, LoraConfig(
                 r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
                 layers_to_transform=layers, task_type="CAUSAL_LM"))
-        elif cfg.kl_coef > 0 and cfg.kl_reference == "base" and cfg.method in RL_METHODS:  # SFT has no KL term
+        elif cfg.kl_coef > 0 and cfg.kl_reference != "prior" and cfg.method in RL_METHODS:  # SFT has no KL term
             self._reference = copy.deepcopy(model).eval().requires_grad_(False)
         if cfg.gradient_checkpointing:  # non-reentrant: the LoRA inputs need no requires_grad hook
             if hasattr(model, "activation_checkpointing_enable"):  # the name from transformers 5

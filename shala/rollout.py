@@ -31,6 +31,7 @@ so the policy being optimised at the slot is exactly ``p``.
 
 from __future__ import annotations
 
+import math
 from array import array
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -190,9 +191,11 @@ class RolloutForm:
         with torch.no_grad(), policy.reference() as reference:
             return self.log_probs(reference, batch, idx).logp
 
-    def use_prior_reference(self, prior: Sequence[float], label_names: Sequence[str]) -> None:
-        """Make the KL reference the label distribution ``prior`` at the answer slot, for every prompt."""
-        raise ValueError(f"--kl-reference prior needs --form answer (with --constrain-answer), not --form {self.name}")
+    def use_prior_reference(self, prior: Sequence[float], label_names: Sequence[str], *, share: float = 1.0) -> None:
+        """Make the KL reference at the answer slot ``share * prior + (1 - share) * base``: the label distribution
+        ``prior``, the same for every prompt, mixed with the base model's answers (``share`` < 1)."""
+        raise ValueError(f"--kl-reference {_reference_name(share)} needs --form answer (with --constrain-answer), "
+                         f"not --form {self.name}")
 
     def state_dict(self) -> dict:
         """What a checkpoint keeps of the form for an exact resume (the answer form's reference answers)."""
@@ -234,6 +237,11 @@ class RolloutForm:
         return torch.where(hit.any(-1), hit.long().argmax(-1), -1)
 
 
+def _reference_name(share: float) -> str:
+    """The --kl-reference value whose prior share is ``share``."""
+    return "prior" if share == 1 else "mixture"
+
+
 class AnswerForm(RolloutForm):
     """The completion is the answer token, drawn G times from one forward per prompt."""
 
@@ -248,21 +256,26 @@ class AnswerForm(RolloutForm):
     def __init__(self, builder, **options):
         super().__init__(builder, **options)
         self._reference = ReferenceAnswers()
-        self._prior_logp = None  # [K] log of the label prior, when it is the KL reference
+        self._prior_logp = None  # [K] log of the label prior, when it is (in) the KL reference
+        self._prior_share = 0.0  # its share of the reference; the base model's answers have the rest
 
-    def use_prior_reference(self, prior: Sequence[float], label_names: Sequence[str]) -> None:
+    def use_prior_reference(self, prior: Sequence[float], label_names: Sequence[str], *, share: float = 1.0) -> None:
+        name = _reference_name(share)
         if not self.constrain_answer:
-            raise ValueError("--kl-reference prior is a distribution over the labels: it needs --constrain-answer")
+            raise ValueError(f"--kl-reference {name} is a distribution over the labels: it needs --constrain-answer")
+        if not 0 < share <= 1:
+            raise ValueError(f"the prior's share of the KL reference must be in (0, 1], got {share!r}")
         prior = torch.as_tensor(prior, dtype=torch.float64)
         if prior.shape != (len(self.label_ids),):
-            raise ValueError(f"--kl-reference prior: the label prior {prior.tolist()} must have one entry per label "
+            raise ValueError(f"--kl-reference {name}: the label prior {prior.tolist()} must have one entry per label "
                              f"of {list(label_names)}")
-        if not bool((prior > 0).all()):
+        if share == 1 and not bool((prior > 0).all()):  # a mixture has the base model's mass everywhere
             missing = [name for name, p in zip(label_names, prior.tolist()) if not p > 0]
             raise ValueError(f"--kl-reference prior: the training label prior {prior.tolist()} must give every "
                              f"label some mass (KL to it is infinite); none for {missing}")
         # tempered as the policy's answers are, so that the pull is toward the prior itself at temperature 1
         self._prior_logp = torch.log_softmax(prior.log() / self.temperature, -1).float().to(self.device)
+        self._prior_share = float(share)
 
     @classmethod
     def check_options(cls, *, max_new_tokens: Optional[int]) -> None:
@@ -338,7 +351,7 @@ class AnswerForm(RolloutForm):
         if not self.constrain_answer:
             return super().reference_log_probs(policy, batch, idx)
         tok = self._answers(batch, idx)
-        if self._prior_logp is not None:  # the same distribution for every prompt
+        if self._prior_share == 1:  # the same distribution for every prompt
             return self._prior_logp[self._label_index(tok).clamp_min(0)].reshape(-1, 1)  # [n, 1]
         slot_rows = batch.slot_of[idx].unique_consecutive()
         prompts = self._slot_prompts(batch, slot_rows)
@@ -347,6 +360,11 @@ class AnswerForm(RolloutForm):
             with torch.no_grad(), policy.reference() as reference:
                 self._reference.add(new, self.next_logits(reference, new).float()[:, self.label_ids])
         label_logits = torch.stack([self._reference[p] for p in prompts]).to(self.device)  # [s, K]
+        if self._prior_share > 0:  # log(s * prior + (1 - s) * base), both tempered as the policy's answers are
+            share = self._prior_share
+            base = torch.log_softmax(label_logits / self.temperature, -1)
+            mixed = torch.logaddexp(base + math.log1p(-share), self._prior_logp + math.log(share))  # [s, K]
+            return mixed.gather(1, self._label_index(tok).reshape(len(slot_rows), self.G).clamp_min(0)).reshape(-1, 1)
         return self._label_logp(label_logits, tok.reshape(len(slot_rows), self.G)).reshape(-1, 1)  # [s*G, 1]
 
     def state_dict(self) -> dict:

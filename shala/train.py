@@ -29,7 +29,7 @@ from shala.advantages import group_advantages
 from shala.batches import HELD_OUT, Batch, TrainData, make_sampler
 from shala.choices import RL_METHODS
 from shala.config import (TrainConfig, check_lora_layers, load_config, prefix_sharing, prompt_options,
-                          uses_prior_reference)
+                          prior_share, uses_prior_reference)
 from shala.distributed import Dist
 from shala.losses import jsd_term, kl_penalty, policy_loss
 from shala.models import context_length, default_threads, load_tokenizer
@@ -80,7 +80,7 @@ class Trainer:
                               verbal_format=cfg.verbal_format, need_slots="slot" in self.rewards or cfg.aux_jsd > 0,
                               **prefix_sharing(cfg, self.builder, self.data.train_rows))
         if uses_prior_reference(cfg):
-            self.form.use_prior_reference(self.data.prior, self.data.label_names)
+            self.form.use_prior_reference(self.data.prior, self.data.label_names, share=prior_share(cfg))
         self.truncated = self.data.fit_prompts(self.builder, self.form, context=context_length(cfg.model),
                                                max_prompt_tokens=cfg.max_prompt_tokens, truncate=cfg.truncate_prompts)
         self.policy = Policy(cfg, self.dist)

@@ -126,6 +126,11 @@ def test_a_config_that_is_neither_a_file_nor_a_recipe_lists_the_recipes(tmp_path
      r"got --form rationale$"),
     (["--kl-coef", "0.1", "--kl-reference", "prior", "--no-constrain-answer"],
      r"got --form answer with --no-constrain-answer"),
+    (["--kl-coef", "0.1", "--kl-reference", "mixture", "--form", "rationale"],
+     r"--kl-reference mixture pulls .* toward the label prior and the base model: it needs --form answer"),
+    (["--kl-reference", "mixture", "--kl-prior-share", "1"],
+     r"--kl-prior-share must be in \(0, 1\) \(the prior's share .*--kl-reference prior or base for the ends\), got 1"),
+    (["--kl-prior-share", "-0.5"], r"--kl-prior-share must be in \(0, 1\)"),
 ])
 def test_bad_options_and_combinations(argv, message):
     if "cuda" in argv and __import__("torch").cuda.is_available():
@@ -144,6 +149,8 @@ def test_bad_options_and_combinations(argv, message):
     (["--steps", "3", "--warmup-steps", "5"], "--warmup-steps 5 is longer than the run (--steps 3)"),
     (["--kl-coef", "0", "--kl-reference", "prior"], "--kl-reference prior does not apply without --kl-coef (no KL term); ignored"),
     (["--method", "sft-soft", "--kl-reference", "prior"], "--kl-reference does not apply to --method sft-soft"),
+    (["--kl-coef", "0.1", "--kl-prior-share", "0.2"],
+     "--kl-prior-share sets the prior's share of --kl-reference mixture, not of --kl-reference base; ignored"),
 ])
 def test_ignored_options_are_warned_about(argv, warning, caplog):
     with caplog.at_level(logging.WARNING, logger="shala.config"):
@@ -162,19 +169,20 @@ def test_run_identity_covers_what_the_run_computes():
     base = TrainConfig()
     assert base.run_id() == TrainConfig().run_id()
     for field in ("lr", "lora_alpha", "dtype", "temperature", "seed", "reward", "weighting", "instruction",
-                  "rater_weight", "shot_seed", "shot_layout", "lora_layers", "kl_reference"):
+                  "rater_weight", "shot_seed", "shot_layout", "lora_layers", "kl_reference", "kl_prior_share"):
         changed = TrainConfig(**{field: {"lr": 1e-3, "lora_alpha": 8, "dtype": "bfloat16", "temperature": 0.7,
                                          "seed": 3, "reward": ["histogram=1"], "weighting": "none",
                                          "instruction": "{premise} {hypothesis} {options}",
                                          "rater_weight": 0.5, "shot_seed": 0, "shot_layout": "inline",
-                                         "lora_layers": "1", "kl_reference": "prior"}[field]})
+                                         "lora_layers": "1", "kl_reference": "prior",
+                                         "kl_prior_share": 0.25}[field]})
         assert changed.run_id() != base.run_id(), field
         assert any(c.startswith(f"--{field.replace('_', '-')} ") for c in changed.resume_conflicts(base.to_dict()))
     for field, value in (("output_dir", "elsewhere"), ("save_every", 3), ("progress", False), ("resume", "auto")):
         assert TrainConfig(**{field: value}).run_id() == base.run_id(), field
     # runs from before these options keep their identity
     assert not {"instruction", "rater_weight", "shot_seed", "shot_layout", "lora_layers",
-                "kl_reference"} & set(base.run_options())
+                "kl_reference", "kl_prior_share"} & set(base.run_options())
 
 
 def test_lora_layers_are_indices_and_ranges():

@@ -384,6 +384,34 @@ def test_kl_to_the_label_prior_reads_no_reference_model(tiny_dir, tmp_path, monk
         form.use_prior_reference([0.5, 0.5], trainer.data.label_names)
 
 
+@pytest.mark.parametrize("lora", [[], ["--lora-r", "0"]], ids=["lora", "full"])
+def test_kl_to_a_mixture_is_the_log_of_the_mixed_prior_and_base_answers(tiny_dir, tmp_path, monkeypatch, lora):
+    cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--steps", "1", "--kl-coef", "0.5",
+                       "--kl-reference", "mixture", "--kl-prior-share", "0.3", "--temperature", "0.7", "--lr", "5e-2",
+                       "--no-eval-before", "--no-eval-after", *lora])
+    trainer = train.Trainer(cfg)
+    assert (trainer.policy._reference is not None) == bool(lora)  # the base model's answers are half of it
+    trainer.fit()  # the adapter moves away from the base model, which stays in the reference
+    line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert math.isfinite(line["kl"]) and line["kl"] > 0
+    form, G = trainer.form, cfg.group_size
+    rb = form.sample(trainer.policy, trainer.next_batch().rows)
+    prompts = [rb.tokens[i * G][:-1] for i in range(rb.n_slots)]
+    with torch.no_grad(), trainer.policy.reference() as base:
+        z = type(form).next_logits(form, base, prompts).double()[:, form.label_ids] / 0.7
+    prior = torch.softmax(torch.tensor(trainer.data.prior, dtype=torch.float64).log() / 0.7, -1)
+    mixed = 0.3 * prior + 0.7 * torch.softmax(z, -1)  # [B, K], by hand in float64
+    want = mixed.log().gather(1, rb.labels.reshape(-1, G)).reshape(-1, 1)
+    got = form.reference_log_probs(trainer.policy, rb, torch.arange(rb.size))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        policy_logp = form.log_probs(trainer.policy.model, rb, torch.arange(rb.size)).logp
+    assert (got - policy_logp).abs().max() > 1e-3  # not the policy's own answers
+    form.use_prior_reference([0.5, 0.5, 0.0], trainer.data.label_names, share=0.3)  # the base gives it mass
+    with pytest.raises(ValueError, match=r"share of the KL reference must be in \(0, 1\], got 0"):
+        form.use_prior_reference(trainer.data.prior, trainer.data.label_names, share=0)
+
+
 @pytest.mark.parametrize("form", [[], ["--form", "rationale", "--max-new-tokens", "4"]], ids=["answer", "rationale"])
 def test_non_finite_steps_are_skipped_then_stop(tiny_dir, tmp_path, monkeypatch, form):
     cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--steps", "5",
