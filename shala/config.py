@@ -70,8 +70,7 @@ class TrainConfig:
     rater_weight: float = _f(0.0, "P: draw each training row n_raters**P times as often, times its --source-weight "
                                   "(0: rater counts aside; 0.5: by the square root; 1: in proportion)", metavar="P")
     eval_label_map: list = _f(None, "OLD=NEW: count an --eval-dataset label OLD as the training label NEW "
-                                    "(repeatable; labels of the same name, case aside, need none)", action="append",
-                              metavar="OLD=NEW")
+                                    "(repeatable; labels named alike need none)", action="append", metavar="OLD=NEW")
     eval_fraction: float = _f(0.2, "share of the dataset held out for evaluation")
     train_limit: Optional[int] = _f(None, "use at most N training rows")
     eval_limit: Optional[int] = _f(None, "evaluate on at most N held-out rows")
@@ -216,8 +215,8 @@ class TrainConfig:
     RESUME_MAY_CHANGE = ("steps",)
 
     def run_options(self) -> dict:
-        return {k: v for k, v in self.to_dict().items()
-                if k not in self.RUN_FREE and not (k in self.HASHED_WHEN_SET and v == FIELD_DEFAULTS[k])}
+        return {k: v for k, v in self.to_dict().items() if k not in self.RUN_FREE and _applies(self, k)
+                and not (k in self.HASHED_WHEN_SET and v == FIELD_DEFAULTS[k])}
 
     def run_id(self) -> str:
         """A hash of the options that define the run: checkpoints carry it, a resume checks it."""
@@ -226,7 +225,8 @@ class TrainConfig:
     def resume_conflicts(self, saved: dict) -> list:
         """``--option saved (now ...)`` for every run-defining option whose value differs from ``saved``."""
         changed = [k for k in FIELD_DEFAULTS if k not in self.RUN_FREE and k not in self.RESUME_MAY_CHANGE
-                   and saved.get(k, FIELD_DEFAULTS[k]) != getattr(self, k)]  # set on either side
+                   and saved.get(k, FIELD_DEFAULTS[k]) != getattr(self, k)  # set on either side
+                   and (_applies(saved, k) or _applies(self, k))]
         return [f"--{k.replace('_', '-')} {saved.get(k, FIELD_DEFAULTS[k])!r} (now {getattr(self, k)!r})"
                 for k in changed]
 
@@ -256,6 +256,17 @@ class TrainConfig:
 
 #: Every option's dataclass default (the zero-shot recipe), read once.
 FIELD_DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}
+#: Options that change what a run computes only beside another option's value (ignored, with a warning, else).
+ONLY_WITH = {"kl_prior_share": ("kl_reference", "mixture")}
+
+
+def _applies(options, key: str) -> bool:
+    """Whether option ``key`` changes what a run of ``options`` (a config, or a saved config's dict) computes."""
+    other, value = ONLY_WITH.get(key, (None, None))
+    if other is None:
+        return True
+    got = options.get(other, FIELD_DEFAULTS[other]) if isinstance(options, dict) else getattr(options, other)
+    return got == value
 
 
 def resume_hint(saved: dict, cfg: TrainConfig) -> str:

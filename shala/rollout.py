@@ -256,7 +256,8 @@ class AnswerForm(RolloutForm):
     def __init__(self, builder, **options):
         super().__init__(builder, **options)
         self._reference = ReferenceAnswers()
-        self._prior_logp = None  # [K] log of the label prior, when it is (in) the KL reference
+        self._prior_log = None  # [K] log of the label prior, when it is (in) the KL reference
+        self._prior_logp = None  # [K] the same, tempered as the policy's answers are
         self._prior_share = 0.0  # its share of the reference; the base model's answers have the rest
 
     def use_prior_reference(self, prior: Sequence[float], label_names: Sequence[str], *, share: float = 1.0) -> None:
@@ -264,7 +265,8 @@ class AnswerForm(RolloutForm):
         if not self.constrain_answer:
             raise ValueError(f"--kl-reference {name} is a distribution over the labels: it needs --constrain-answer")
         if not 0 < share <= 1:
-            raise ValueError(f"the prior's share of the KL reference must be in (0, 1], got {share!r}")
+            raise ValueError(f"--kl-prior-share: the prior's share of the KL reference must be in (0, 1], "
+                             f"got {share!r}")
         prior = torch.as_tensor(prior, dtype=torch.float64)
         if prior.shape != (len(self.label_ids),):
             raise ValueError(f"--kl-reference {name}: the label prior {prior.tolist()} must have one entry per label "
@@ -273,8 +275,10 @@ class AnswerForm(RolloutForm):
             missing = [name for name, p in zip(label_names, prior.tolist()) if not p > 0]
             raise ValueError(f"--kl-reference prior: the training label prior {prior.tolist()} must give every "
                              f"label some mass (KL to it is infinite); none for {missing}")
-        # tempered as the policy's answers are, so that the pull is toward the prior itself at temperature 1
-        self._prior_logp = torch.log_softmax(prior.log() / self.temperature, -1).float().to(self.device)
+        # the reference is tempered as the policy's answers are, so that at temperature 1 the pull is toward the
+        # prior (or the mixture) itself
+        self._prior_log = torch.log_softmax(prior.log(), -1).float().to(self.device)
+        self._prior_logp = torch.log_softmax(self._prior_log / self.temperature, -1)
         self._prior_share = float(share)
 
     @classmethod
@@ -360,11 +364,10 @@ class AnswerForm(RolloutForm):
             with torch.no_grad(), policy.reference() as reference:
                 self._reference.add(new, self.next_logits(reference, new).float()[:, self.label_ids])
         label_logits = torch.stack([self._reference[p] for p in prompts]).to(self.device)  # [s, K]
-        if self._prior_share > 0:  # log(s * prior + (1 - s) * base), both tempered as the policy's answers are
+        if self._prior_share > 0:  # log(s * prior + (1 - s) * base) as the logits, tempered as the policy's are
             share = self._prior_share
-            base = torch.log_softmax(label_logits / self.temperature, -1)
-            mixed = torch.logaddexp(base + math.log1p(-share), self._prior_logp + math.log(share))  # [s, K]
-            return mixed.gather(1, self._label_index(tok).reshape(len(slot_rows), self.G).clamp_min(0)).reshape(-1, 1)
+            base = torch.log_softmax(label_logits.float(), -1)
+            label_logits = torch.logaddexp(base + math.log1p(-share), self._prior_log + math.log(share))  # [s, K]
         return self._label_logp(label_logits, tok.reshape(len(slot_rows), self.G)).reshape(-1, 1)  # [s*G, 1]
 
     def state_dict(self) -> dict:

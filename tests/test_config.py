@@ -170,16 +170,25 @@ def test_run_identity_covers_what_the_run_computes():
     assert base.run_id() == TrainConfig().run_id()
     for field in ("lr", "lora_alpha", "dtype", "temperature", "seed", "reward", "weighting", "instruction",
                   "rater_weight", "shot_seed", "shot_layout", "lora_layers", "kl_reference", "kl_prior_share"):
-        changed = TrainConfig(**{field: {"lr": 1e-3, "lora_alpha": 8, "dtype": "bfloat16", "temperature": 0.7,
-                                         "seed": 3, "reward": ["histogram=1"], "weighting": "none",
-                                         "instruction": "{premise} {hypothesis} {options}",
-                                         "rater_weight": 0.5, "shot_seed": 0, "shot_layout": "inline",
-                                         "lora_layers": "1", "kl_reference": "prior",
-                                         "kl_prior_share": 0.25}[field]})
-        assert changed.run_id() != base.run_id(), field
-        assert any(c.startswith(f"--{field.replace('_', '-')} ") for c in changed.resume_conflicts(base.to_dict()))
+        mixture = {"kl_reference": "mixture"} if field == "kl_prior_share" else {}  # the share applies to it alone
+        value = {"lr": 1e-3, "lora_alpha": 8, "dtype": "bfloat16", "temperature": 0.7, "seed": 3,
+                 "reward": ["histogram=1"], "weighting": "none", "instruction": "{premise} {hypothesis} {options}",
+                 "rater_weight": 0.5, "shot_seed": 0, "shot_layout": "inline", "lora_layers": "1",
+                 "kl_reference": "prior", "kl_prior_share": 0.25}[field]
+        changed = TrainConfig(**mixture, **{field: value})
+        assert changed.run_id() != TrainConfig(**mixture).run_id(), field
+        assert any(c.startswith(f"--{field.replace('_', '-')} ")
+                   for c in changed.resume_conflicts(TrainConfig(**mixture).to_dict()))
     for field, value in (("output_dir", "elsewhere"), ("save_every", 3), ("progress", False), ("resume", "auto")):
         assert TrainConfig(**{field: value}).run_id() == base.run_id(), field
+    # a share that --kl-reference base or prior ignores leaves the run as it is
+    for reference in ("base", "prior"):
+        same = TrainConfig(kl_reference=reference)
+        ignored = TrainConfig(kl_reference=reference, kl_prior_share=0.25)
+        assert ignored.run_id() == same.run_id() and ignored.resume_conflicts(same.to_dict()) == []
+    assert TrainConfig(kl_reference="mixture", kl_prior_share=0.25).resume_conflicts(
+        TrainConfig(kl_reference="base").to_dict()) == ["--kl-reference 'base' (now 'mixture')",
+                                                        "--kl-prior-share 0.5 (now 0.25)"]
     # runs from before these options keep their identity
     assert not {"instruction", "rater_weight", "shot_seed", "shot_layout", "lora_layers",
                 "kl_reference", "kl_prior_share"} & set(base.run_options())

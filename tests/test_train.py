@@ -385,12 +385,12 @@ def test_kl_to_the_label_prior_reads_no_reference_model(tiny_dir, tmp_path, monk
 
 
 @pytest.mark.parametrize("lora", [[], ["--lora-r", "0"]], ids=["lora", "full"])
-def test_kl_to_a_mixture_is_the_log_of_the_mixed_prior_and_base_answers(tiny_dir, tmp_path, monkeypatch, lora):
+def test_kl_to_a_mixture_is_the_log_of_the_mixed_prior_and_base_answers(tiny_dir, tmp_path, lora):
     cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--steps", "1", "--kl-coef", "0.5",
                        "--kl-reference", "mixture", "--kl-prior-share", "0.3", "--temperature", "0.7", "--lr", "5e-2",
                        "--no-eval-before", "--no-eval-after", *lora])
     trainer = train.Trainer(cfg)
-    assert (trainer.policy._reference is not None) == bool(lora)  # the base model's answers are half of it
+    assert (trainer.policy._reference is not None) == bool(lora)  # the base model's answers are 0.7 of it
     trainer.fit()  # the adapter moves away from the base model, which stays in the reference
     line = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert math.isfinite(line["kl"]) and line["kl"] > 0
@@ -398,16 +398,19 @@ def test_kl_to_a_mixture_is_the_log_of_the_mixed_prior_and_base_answers(tiny_dir
     rb = form.sample(trainer.policy, trainer.next_batch().rows)
     prompts = [rb.tokens[i * G][:-1] for i in range(rb.n_slots)]
     with torch.no_grad(), trainer.policy.reference() as base:
-        z = type(form).next_logits(form, base, prompts).double()[:, form.label_ids] / 0.7
-    prior = torch.softmax(torch.tensor(trainer.data.prior, dtype=torch.float64).log() / 0.7, -1)
+        z = type(form).next_logits(form, base, prompts).double()[:, form.label_ids]
+    with torch.no_grad():
+        z_policy = type(form).next_logits(form, trainer.policy.model, prompts).double()[:, form.label_ids]
+    assert (torch.softmax(z, -1) - torch.softmax(z_policy, -1)).abs().max() > 1e-3  # the base's, not the policy's
+    prior = torch.tensor(trainer.data.prior, dtype=torch.float64)
     mixed = 0.3 * prior + 0.7 * torch.softmax(z, -1)  # [B, K], by hand in float64
-    want = mixed.log().gather(1, rb.labels.reshape(-1, G)).reshape(-1, 1)
+    # tempered as the policy's answers are: at temperature 1 the pull is toward the mixture itself
+    want = torch.log_softmax(mixed.log() / 0.7, -1).gather(1, rb.labels.reshape(-1, G)).reshape(-1, 1)
     got = form.reference_log_probs(trainer.policy, rb, torch.arange(rb.size))
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
-    with torch.no_grad():
-        policy_logp = form.log_probs(trainer.policy.model, rb, torch.arange(rb.size)).logp
-    assert (got - policy_logp).abs().max() > 1e-3  # not the policy's own answers
+    assert form.state_dict()["label_logits"].shape[1:] == (3,)  # a checkpoint keeps the base model's answers
     form.use_prior_reference([0.5, 0.5, 0.0], trainer.data.label_names, share=0.3)  # the base gives it mass
+    assert torch.isfinite(form.reference_log_probs(trainer.policy, rb, torch.arange(rb.size))).all()
     with pytest.raises(ValueError, match=r"share of the KL reference must be in \(0, 1\], got 0"):
         form.use_prior_reference(trainer.data.prior, trainer.data.label_names, share=0)
 
