@@ -269,14 +269,21 @@ def _applies(options, key: str) -> bool:
     return got == value
 
 
+#: Shipped recipes that earlier defaults became, newest last: a refused resume of a run made under one names it.
+EARLIER_DEFAULTS = (("zero-shot", "the zero-shot recipe"), ("kl-base", "the earlier default (KL to the base)"))
+
+
 def resume_hint(saved: dict, cfg: TrainConfig) -> str:
-    """For a resume refused over the zero-shot recipe's options, when the saved run had that recipe (no frozen
-    head, no KL): how to resume it; "" otherwise."""
-    zero, plain = read_yaml_options("zero-shot"), FIELD_DEFAULTS
-    differs = any(saved.get(k, plain[k]) != getattr(cfg, k) for k in zero)
-    was_zero = all(saved.get(k, plain[k]) == v for k, v in zero.items() if k != "few_shot")
-    hint = "; a run of the zero-shot recipe resumes with --config zero-shot (first, before any other --config)"
-    return hint if differs and was_zero else ""
+    """For a resume refused over an earlier default's options, when the saved run had that recipe: how to resume
+    it; "" otherwise."""
+    plain = FIELD_DEFAULTS
+    for name, what in EARLIER_DEFAULTS:
+        recipe = read_yaml_options(name)
+        differs = any(saved.get(k, plain[k]) != getattr(cfg, k) for k in recipe)
+        was = all(saved.get(k, plain[k]) == v for k, v in recipe.items() if k != "few_shot")
+        if differs and was:
+            return f"; a run of {what} resumes with --config {name} (first, before any other --config)"
+    return ""
 
 
 def command_line(cfg: TrainConfig) -> str:
@@ -488,9 +495,11 @@ def validate(cfg: "TrainConfig") -> "TrainConfig":
 def ignored_options(cfg: "TrainConfig") -> list:
     """What this method or model setting ignores among the options given (each a sentence)."""
     notes = []
-    plain = FIELD_DEFAULTS  # a value that turns an option off is not "given"
-    given = {k for k, d in form_defaults(cfg.form).items()
-             if getattr(cfg, k) != d and (getattr(cfg, k) != plain[k] or bool(plain[k]))}
+    # a value that turns an option off, or takes back a form's choice (the dataclass's: off, or a named
+    # default such as --kl-reference base), is not "given"
+    plain, own = FIELD_DEFAULTS, form_defaults(cfg.form)
+    given = {k for k, d in own.items()
+             if getattr(cfg, k) != d and (getattr(cfg, k) != plain[k] or bool(plain[k]) and not isinstance(d, str))}
     if cfg.method not in RL_METHODS:
         rl_only = ["reward", "kl_coef", "kl_reference", "kl_prior_share", "form", "group_size", "max_new_tokens",
                    "temperature", "constrain_answer", "scale", "format_penalty", "aux_jsd", "ppo_epochs", "clip_low",
@@ -499,7 +508,7 @@ def ignored_options(cfg: "TrainConfig") -> list:
             rl_only = [k for k in rl_only if k not in ("form", "temperature", "constrain_answer")]
         notes += [f"--{k.replace('_', '-')} does not apply to --method {cfg.method} (it samples no rollouts); "
                   "ignored" for k in rl_only if k in given]
-    if cfg.method in RL_METHODS and cfg.kl_coef == 0 and cfg.kl_reference != "base":
+    if cfg.method in RL_METHODS and cfg.kl_coef == 0 and cfg.kl_reference not in ("base", own["kl_reference"]):
         notes.append(f"--kl-reference {cfg.kl_reference} does not apply without --kl-coef (no KL term); ignored")
     if cfg.method in RL_METHODS and cfg.kl_reference != "mixture" and cfg.kl_prior_share != plain["kl_prior_share"]:
         notes.append(f"--kl-prior-share sets the prior's share of --kl-reference mixture, not of "
@@ -702,4 +711,6 @@ def load_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
         get = {**form_defaults(form), **values}.get
         if not get("few_shot") or get("lora_r") == 0:
             values["frozen_head"] = False
+    if "kl_reference" not in given and not values.get("constrain_answer", True):
+        values["kl_reference"] = "base"  # the prior is a distribution over the labels: the form's default needs them
     return TrainConfig(**values).validate()

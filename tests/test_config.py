@@ -149,7 +149,7 @@ def test_bad_options_and_combinations(argv, message):
     (["--steps", "3", "--warmup-steps", "5"], "--warmup-steps 5 is longer than the run (--steps 3)"),
     (["--kl-coef", "0", "--kl-reference", "prior"], "--kl-reference prior does not apply without --kl-coef (no KL term); ignored"),
     (["--method", "sft-soft", "--kl-reference", "prior"], "--kl-reference does not apply to --method sft-soft"),
-    (["--kl-coef", "0.1", "--kl-prior-share", "0.2"],
+    (["--kl-reference", "base", "--kl-prior-share", "0.2"],
      "--kl-prior-share sets the prior's share of --kl-reference mixture, not of --kl-reference base; ignored"),
 ])
 def test_ignored_options_are_warned_about(argv, warning, caplog):
@@ -242,11 +242,17 @@ def test_the_answer_form_brings_the_default_recipe_and_its_frozen_head_goes_wher
 
     own = FORMS["answer"].option_defaults
     default = load_config([])
-    assert (default.few_shot, default.frozen_head, default.kl_coef) == (3, True, 0.1) == tuple(own.values())
+    assert (default.few_shot, default.frozen_head, default.kl_coef, default.kl_reference, default.lr) == (
+        3, True, 0.1, "mixture", 5e-4) == tuple(own.values())
     assert default.command() == "python -m shala.train"
     # a form's default head is off where it cannot apply; one given is checked as before
     assert not load_config(["--few-shot", "0"]).frozen_head and load_config(["--few-shot", "0"]).kl_coef == 0.1
     assert not load_config(["--lora-r", "0"]).frozen_head
+    # the default reference needs the label constraint, so without it the form's default falls back to the base
+    assert load_config(["--no-constrain-answer"]).kl_reference == "base"
+    assert load_config(["--kl-coef", "0"]).ignored_options() == []  # the default reference is not "given"
+    with pytest.raises(ValueError, match=r"--kl-reference mixture pulls .* got --form answer with --no-constrain"):
+        load_config(["--no-constrain-answer", "--kl-reference", "mixture"])
     with pytest.raises(ValueError, match=r"--frozen-head: .* needs LoRA"):
         load_config(["--lora-r", "0", "--frozen-head"])
     # --gradient-checkpointing may not change what a run computes, so the default head is refused, not dropped
@@ -256,27 +262,34 @@ def test_the_answer_form_brings_the_default_recipe_and_its_frozen_head_goes_wher
     # the other forms keep their recipe
     for form in ("rationale", "verbalized"):
         cfg = load_config(["--form", form])
-        assert (cfg.few_shot, cfg.frozen_head, cfg.kl_coef) == (0, False, 0.0), form
+        assert (cfg.few_shot, cfg.frozen_head, cfg.kl_coef, cfg.lr) == (0, False, 0.0, 2e-4), form
+        assert cfg.ignored_options() == [], form
     # the zero-shot recipe is the dataclass's defaults, so runs made before the change keep their identity: the
     # literal ids are those of `load_config([])`, `... --few-shot 3 --frozen-head --kl-coef 0.1` and
     # `--config long` at 2b91d31, before the change; `--config long` now lengthens the default recipe (the id of
     # `--config long --few-shot 3 --frozen-head --kl-coef 0.1` before it did), and after `--config zero-shot` it
     # is the longer recipe as first measured
     zero = load_config(["--config", "zero-shot"])
-    assert (zero.few_shot, zero.frozen_head, zero.kl_coef) == (0, False, 0.0)
+    assert (zero.few_shot, zero.frozen_head, zero.kl_coef, zero.lr) == (0, False, 0.0, 2e-4)
+    assert zero.ignored_options() == []
     assert not load_config(["--config", "zero-shot", "--few-shot", "3"]).frozen_head  # arms on it read as they did
     assert not load_config(["--config", "zero-shot", "--config", "long", "--few-shot", "3"]).frozen_head
     assert zero.run_id() == TrainConfig().validate().run_id() == "7b456fab7b945865"
-    assert default.run_id() == "6924be6c623542e5"
+    # the default before the KL mixture and the higher rate is `--config kl-base` (its id from before that change),
+    # and `--config long` stays the longer budget as measured, on that recipe
+    kl_base = load_config(["--config", "kl-base"])
+    assert kl_base.run_id() == "6924be6c623542e5" and (kl_base.lr, kl_base.kl_reference) == (2e-4, "base")
     assert load_config(["--config", "zero-shot", "--config", "long"]).run_id() == "80a71ccfd506b43d"
     assert load_config(["--config", "long"]).run_id() == "d5afb67a319fa1a2"
+    assert default.run_id() == "f44fb35da9991fa2"
     # resuming a zero-shot run under the new defaults is refused, and the message names the recipe; runs that
     # differ from the default in one of its options otherwise get no such hint
     from shala.config import resume_hint
 
     old = TrainConfig().to_dict()
     assert default.resume_conflicts(old) == ["--frozen-head False (now True)", "--few-shot 0 (now 3)",
-                                             "--kl-coef 0.0 (now 0.1)"]
+                                             "--lr 0.0002 (now 0.0005)", "--kl-coef 0.0 (now 0.1)",
+                                             "--kl-reference 'base' (now 'mixture')"]
     assert resume_hint(old, default) == ("; a run of the zero-shot recipe resumes with --config zero-shot (first, "
                                          "before any other --config)")
     # so does one of the earlier longer recipe, which resumes with the zero-shot recipe read before the long one
@@ -284,6 +297,13 @@ def test_the_answer_form_brings_the_default_recipe_and_its_frozen_head_goes_wher
     assert resume_hint(old_long.to_dict(), load_config(["--config", "long"])) == resume_hint(old, default)
     assert old_long.resume_conflicts(old_long.to_dict()) == []
     assert zero.resume_conflicts(old) == [] and resume_hint(old, zero) == ""
+    # a run of the earlier default resumes with its recipe, named
+    assert default.resume_conflicts(kl_base.to_dict()) == ["--lr 0.0002 (now 0.0005)",
+                                                           "--kl-reference 'base' (now 'mixture')"]
+    assert resume_hint(kl_base.to_dict(), default) == ("; a run of the earlier default (KL to the base) resumes with "
+                                                       "--config kl-base (first, before any other --config)")
+    assert resume_hint(load_config(["--config", "long"]).to_dict(), default) == resume_hint(kl_base.to_dict(), default)
+    assert kl_base.resume_conflicts(kl_base.to_dict()) == [] and resume_hint(kl_base.to_dict(), kl_base) == ""
     for argv in (["--gradient-checkpointing", "--no-frozen-head"], ["--few-shot", "0"], ["--kl-coef", "0"]):
         saved = load_config(argv).to_dict()
         assert default.resume_conflicts(saved) and resume_hint(saved, default) == "", argv

@@ -282,8 +282,8 @@ def test_resume_gives_identical_weights(tiny_dir, tmp_path):
 def test_the_kl_reference_answers_are_read_once_per_prompt_and_are_the_base_models(tiny_dir, tmp_path, monkeypatch,
                                                                                      constrain):
     cfg = load_config(["--model", tiny_dir, "--output-dir", str(tmp_path), *FAST, "--steps", "1", "--kl-coef", "0.5",
-                       "--lr", "5e-2", "--temperature", "0.7", "--no-eval-before", "--no-eval-after",
-                       *([] if constrain else ["--no-constrain-answer"])])
+                       "--kl-reference", "base", "--lr", "5e-2", "--temperature", "0.7", "--no-eval-before",
+                       "--no-eval-after", *([] if constrain else ["--no-constrain-answer"])])
     trainer = train.Trainer(cfg)
     trainer.fit()  # the adapter moves away from the base model, which stays the reference
     form, G = trainer.form, cfg.group_size
