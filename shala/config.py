@@ -224,11 +224,8 @@ class TrainConfig:
 
     def resume_conflicts(self, saved: dict) -> list:
         """``--option saved (now ...)`` for every run-defining option whose value differs from ``saved``."""
-        changed = [k for k in FIELD_DEFAULTS if k not in self.RUN_FREE and k not in self.RESUME_MAY_CHANGE
-                   and saved.get(k, FIELD_DEFAULTS[k]) != getattr(self, k)  # set on either side
-                   and (_applies(saved, k) or _applies(self, k))]
         return [f"--{k.replace('_', '-')} {saved.get(k, FIELD_DEFAULTS[k])!r} (now {getattr(self, k)!r})"
-                for k in changed]
+                for k in changed_options(self, saved)]
 
     def lineage_id(self) -> str:
         """The run id without ``--steps`` (the same for a run and its extensions)."""
@@ -273,15 +270,21 @@ def _applies(options, key: str) -> bool:
 EARLIER_DEFAULTS = (("zero-shot", "the zero-shot recipe"), ("kl-base", "the earlier default (KL to the base)"))
 
 
+def changed_options(cfg: TrainConfig, saved: dict) -> list:
+    """The run-defining options (``--steps`` aside) whose value in ``saved`` (set on either side) differs from
+    ``cfg``'s."""
+    return [k for k in FIELD_DEFAULTS if k not in cfg.RUN_FREE and k not in cfg.RESUME_MAY_CHANGE
+            and saved.get(k, FIELD_DEFAULTS[k]) != getattr(cfg, k) and (_applies(saved, k) or _applies(cfg, k))]
+
+
 def resume_hint(saved: dict, cfg: TrainConfig) -> str:
-    """For a resume refused over an earlier default's options, when the saved run had that recipe: how to resume
-    it; "" otherwise."""
-    plain = FIELD_DEFAULTS
+    """For a resume refused over an earlier default's options, when the saved run had that recipe and the recipe
+    accounts for every option refused: how to resume it; "" otherwise."""
+    plain, changed = FIELD_DEFAULTS, set(changed_options(cfg, saved))
     for name, what in EARLIER_DEFAULTS:
         recipe = read_yaml_options(name)
-        differs = any(saved.get(k, plain[k]) != getattr(cfg, k) for k in recipe)
         was = all(saved.get(k, plain[k]) == v for k, v in recipe.items() if k != "few_shot")
-        if differs and was:
+        if changed and was and changed <= set(recipe) | {"few_shot", "frozen_head"}:
             return f"; a run of {what} resumes with --config {name} (first, before any other --config)"
     return ""
 
