@@ -257,7 +257,6 @@ class AnswerForm(RolloutForm):
         super().__init__(builder, **options)
         self._reference = ReferenceAnswers()
         self._prior_log = None  # [K] log of the label prior, when it is (in) the KL reference
-        self._prior_logp = None  # [K] the same, tempered as the policy's answers are
         self._prior_share = 0.0  # its share of the reference; the base model's answers have the rest
 
     def use_prior_reference(self, prior: Sequence[float], label_names: Sequence[str], *, share: float = 1.0) -> None:
@@ -278,7 +277,6 @@ class AnswerForm(RolloutForm):
         # the reference is tempered as the policy's answers are, so that at temperature 1 the pull is toward the
         # prior (or the mixture) itself
         self._prior_log = torch.log_softmax(prior.log(), -1).float().to(self.device)
-        self._prior_logp = torch.log_softmax(self._prior_log / self.temperature, -1)
         self._prior_share = float(share)
 
     @classmethod
@@ -355,19 +353,21 @@ class AnswerForm(RolloutForm):
         if not self.constrain_answer:
             return super().reference_log_probs(policy, batch, idx)
         tok = self._answers(batch, idx)
-        if self._prior_share == 1:  # the same distribution for every prompt
-            return self._prior_logp[self._label_index(tok).clamp_min(0)].reshape(-1, 1)  # [n, 1]
         slot_rows = batch.slot_of[idx].unique_consecutive()
-        prompts = self._slot_prompts(batch, slot_rows)
-        new = list({self._reference.key(p): p for p in prompts if p not in self._reference}.values())
-        if new:
-            with torch.no_grad(), policy.reference() as reference:
-                self._reference.add(new, self.next_logits(reference, new).float()[:, self.label_ids])
-        label_logits = torch.stack([self._reference[p] for p in prompts]).to(self.device)  # [s, K]
-        if self._prior_share > 0:  # log(s * prior + (1 - s) * base) as the logits, tempered as the policy's are
+        if self._prior_share == 1:  # the same distribution for every prompt: no reference pass
+            label_logits = self._prior_log.expand(len(slot_rows), -1)  # [s, K]
+        else:
+            prompts = self._slot_prompts(batch, slot_rows)
+            new = list({self._reference.key(p): p for p in prompts if p not in self._reference}.values())
+            if new:
+                with torch.no_grad(), policy.reference() as reference:
+                    self._reference.add(new, self.next_logits(reference, new).float()[:, self.label_ids])
+            label_logits = torch.stack([self._reference[p] for p in prompts]).to(self.device)  # [s, K]
+        if 0 < self._prior_share < 1:  # log(s * prior + (1 - s) * base) as the logits
             share = self._prior_share
-            base = torch.log_softmax(label_logits.float(), -1)
+            base = torch.log_softmax(label_logits, -1)
             label_logits = torch.logaddexp(base + math.log1p(-share), self._prior_log + math.log(share))  # [s, K]
+        # every reference is tempered here, as the policy's answers are
         return self._label_logp(label_logits, tok.reshape(len(slot_rows), self.G)).reshape(-1, 1)  # [s*G, 1]
 
     def state_dict(self) -> dict:
