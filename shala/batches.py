@@ -22,6 +22,7 @@ import torch
 
 from shala import data as shala_data
 from shala.data_files import resolve_dataset
+from shala.metrics import best_constant
 from shala.prompts import fit_prompts, pick_shots
 from shala.weighting import ambiguity
 
@@ -187,6 +188,7 @@ class TrainData:
         self.q = torch.tensor([r["probs"] for r in self.train_rows], dtype=torch.float32, device=device)  # [N, K]
         probs = np.asarray([r["probs"] for r in self.train_rows], dtype=np.float64)  # as shala.data.label_prior
         self.prior = np.average(probs, axis=0, weights=self.weights.numpy()).tolist()
+        self.best_constant = best_constant(probs, self.weights.numpy())  # the JSD's baseline, drawn as the prior
         self.ambiguity = ambiguity(self.q)  # [N]
 
     def _log_draws(self, rater_weight: float) -> None:

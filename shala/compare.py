@@ -5,7 +5,8 @@
 ``shala.train`` options, e.g. ``--arm 'unweighted=--weighting none'``: the rows
 of a sweep), once per seed (the training seed: rollouts, data order, LoRA init;
 the held-out items stay those of ``--split-seed``), evaluates the base model and
-the constant baselines (uniform, label prior) once, and writes
+the constant baselines (uniform, label prior, the training set's best constant under
+the JSD: :func:`shala.metrics.best_constant`) once, and writes
 ``OUTPUT/comparison.md``, ``comparison.json`` and ``comparison.png``, for the
 held-out split and for every ``--eval-dataset``:
 
@@ -265,6 +266,8 @@ def summarize_set(name: str, per_method: dict, base: Sequence[tuple], resamples:
             if method != versus and jsd.shape == items[versus].shape:
                 rows[method]["vs_method"] = metrics.paired_difference(jsd, items[versus], resamples=resamples)
     constants = {"uniform": torch.full((n, k), 1.0 / k, dtype=torch.float64), "label prior": prior}
+    if "best_constant" in first:  # cells evaluated before it was recorded have none
+        constants["best constant"] = torch.tensor(first["best_constant"], dtype=torch.float64).expand(n, k)
     fixed = {}
     for label, p in constants.items():
         fixed[label] = _fixed_row(q, p, levels, prior, resamples)

@@ -77,10 +77,11 @@ def predict(model, builder: PromptBuilder, rows, *, batch_size: int = 16, progre
 
 def evaluate_dataset(model, builder: PromptBuilder, rows, *, prior: Sequence[float], batch_size: int = 16,
                      progress: bool = True, desc: str = "eval", precomputed=None, resamples: int = 2000,
-                     common_prefix: bool = False) -> dict:
+                     common_prefix: bool = False, constant: Optional[Sequence[float]] = None) -> dict:
     """Metrics of the model and of the baselines on ``rows`` (a dataset in the SHALA schema).
 
     ``precomputed``: ``(p, label_mass)`` already predicted (e.g. gathered from several processes).
+    ``constant``: the training set's :func:`shala.metrics.best_constant`, a baseline beside the prior.
     The result is :func:`shala.metrics.evaluation_report` (CIs from ``resamples`` bootstrap
     resamples, ambiguity levels, input dependence) plus the baselines and every item's q and p.
     """
@@ -93,8 +94,10 @@ def evaluate_dataset(model, builder: PromptBuilder, rows, *, prior: Sequence[flo
     q = torch.tensor(list(rows["probs"]), dtype=torch.float64)
     result = metrics.evaluation_report(q, p, resamples=resamples)
     result["label_mass"] = float(mass.mean())
-    result["baselines"] = metrics.baselines(q, prior)
+    result["baselines"] = metrics.baselines(q, prior, constant)
     result["prior"] = list(prior)
+    if constant is not None:
+        result["best_constant"] = list(constant)
     result["label_names"] = list(builder.label_names)
     result["seconds"] = time.perf_counter() - t0
     result["predictions"] = [
@@ -128,7 +131,8 @@ def add_form_predictions(result: dict, form, model, rows, *, samples: int = 0, b
 
 
 def evaluate_sharded(model, builder: PromptBuilder, rows, *, prior: Sequence[float], dist, batch_size: int = 16,
-                     progress: bool = True, desc: str = "eval", common_prefix: bool = False) -> Optional[dict]:
+                     progress: bool = True, desc: str = "eval", common_prefix: bool = False,
+                     constant: Optional[Sequence[float]] = None) -> Optional[dict]:
     """:func:`evaluate_dataset` with the rows sharded across processes; the main process returns the result."""
     t0 = time.perf_counter()
     mine = list(range(dist.rank, len(rows), dist.world))
@@ -140,7 +144,7 @@ def evaluate_sharded(model, builder: PromptBuilder, rows, *, prior: Sequence[flo
     order = torch.argsort(torch.tensor([i for idx, _, _ in gathered for i in idx]))
     p = torch.cat([p for _, p, _ in gathered])[order]
     m = torch.cat([m for _, _, m in gathered])[order]
-    result = evaluate_dataset(None, builder, rows, prior=prior, precomputed=(p, m))
+    result = evaluate_dataset(None, builder, rows, prior=prior, precomputed=(p, m), constant=constant)
     result.update(name=desc, seconds=time.perf_counter() - t0)
     return result
 
@@ -304,6 +308,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
               else args.common_prefix)
     model = load_model(args.model, dtype=args.dtype, adapter=args.adapter, device=args.device)
     result = evaluate_dataset(model, builder, rows, prior=shala_data.label_prior(prior_rows),
+                              constant=metrics.best_constant(list(prior_rows["probs"])),
                               batch_size=args.batch_size, progress=not args.no_progress, resamples=args.resamples,
                               common_prefix=common)
     form = make_form(args.form, builder, group_size=max(1, args.samples), temperature=args.temperature,
@@ -314,7 +319,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                   prior_fitted_on="train split" if args.split == "eval" else "evaluated rows")
     name = "model" if args.adapter is None else "model+adapter"
     print(format_table({name: result, "uniform": result["baselines"]["uniform"],
-                        "label prior": result["baselines"]["label_prior"]}))
+                        "label prior": result["baselines"]["label_prior"],
+                        "best constant": result["baselines"]["best_constant"]}))
     print(format_report(result))
     if args.output:
         write_json(args.output, result)

@@ -22,7 +22,7 @@ learned only the label marginal does not.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -30,7 +30,7 @@ from shala.divergence import js_divergence
 from shala.weighting import ambiguity
 
 __all__ = ["distribution_metrics", "jsd_per_item", "kl_per_item", "tv_per_item", "bc_per_item", "majority", "macro_f1",
-           "baselines", "bootstrap_indices", "percentile_ci", "resampled_macro_f1", "ambiguity_levels",
+           "baselines", "best_constant", "bootstrap_indices", "percentile_ci", "resampled_macro_f1", "ambiguity_levels",
            "evaluation_report", "paired_difference", "LEVELS"]
 
 CI_METRICS = ("jsd", "kl", "accuracy", "macro_f1", "bc", "tv")  # every per-item metric, in table order
@@ -119,17 +119,47 @@ def distribution_metrics(q, p) -> dict:
     }
 
 
-def baselines(q, prior: Sequence[float]) -> dict:
-    """Metrics of the constant predictions: uniform, and the (training-set) label prior."""
+def best_constant(q, weights: Optional[Sequence[float]] = None) -> list:
+    """The one distribution with the lowest (``weights``-weighted) mean JS distance to the rows of ``q``.
+
+    The label prior (their mean) is the best constant under KL, not under the JS distance, which pays
+    more for missing an item's mode: this constant is sharper than the prior and a stronger baseline
+    for the JSD (fit it on the train split, as the prior).
+    """
+    q = _as_probs(q, "q")
+    w = torch.ones(q.shape[0], dtype=torch.float64) if weights is None else torch.as_tensor(weights,
+                                                                                               dtype=torch.float64)
+    if w.shape != (q.shape[0],) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+        raise ValueError(f"weights must be {q.shape[0]} finite non-negative numbers, not all 0")
+    w = w / w.sum()
+    z = (w @ q).clamp_min(1e-12).log().requires_grad_()  # from the prior
+    opt = torch.optim.LBFGS([z], max_iter=500, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def loss():
+        opt.zero_grad()
+        # the floor keeps the sqrt's gradient finite where the constant equals an item's q
+        value = w @ js_divergence(torch.softmax(z, 0).expand_as(q), q).clamp_min(1e-30).sqrt()
+        value.backward()
+        return value
+
+    opt.step(loss)
+    return torch.softmax(z.detach(), 0).tolist()
+
+
+def baselines(q, prior: Sequence[float], constant: Optional[Sequence[float]] = None) -> dict:
+    """Metrics of the constant predictions: uniform, the (training-set) label prior and, where ``constant``
+    is given, the training set's :func:`best_constant` (under that key)."""
     q = _as_probs(q, "q")
     n, k = q.shape
-    prior_t = _as_probs([list(prior)], "prior")
-    if prior_t.shape[1] != k:
-        raise ValueError(f"prior has {prior_t.shape[1]} classes, the targets {k}")
-    return {
-        "uniform": distribution_metrics(q, torch.full((n, k), 1.0 / k, dtype=torch.float64)),
-        "label_prior": distribution_metrics(q, prior_t.expand(n, k)),
-    }
+    fixed = {"label_prior": prior, **({"best_constant": constant} if constant is not None else {})}
+    out = {"uniform": distribution_metrics(q, torch.full((n, k), 1.0 / k, dtype=torch.float64))}
+    for name, values in fixed.items():
+        t = _as_probs([list(values)], name)
+        if t.shape[1] != k:
+            raise ValueError(f"{name} has {t.shape[1]} classes, the targets {k}")
+        out[name] = distribution_metrics(q, t.expand(n, k))
+    return out
 
 
 # ---- statistics: bootstrap intervals, ambiguity levels, input dependence ----

@@ -84,7 +84,7 @@ class RunMonitor:
         t = self.t
         rng = torch.get_rng_state()  # the evaluation must not move the training's random stream
         result = evaluate_sharded(t.policy.core, t.builder, t.data.eval_rows, prior=t.data.prior, dist=t.dist,
-                                  batch_size=t.cfg.eval_batch_size, progress=False,
+                                  constant=t.data.best_constant, batch_size=t.cfg.eval_batch_size, progress=False,
                                   desc=f"eval at step {t.state.step}", common_prefix=t.form.common_prefix)
         torch.set_rng_state(rng)
         jsd = t.dist.gather_object(None if result is None else result["jsd"])[0]  # the main process's
@@ -99,7 +99,8 @@ class RunMonitor:
         results = {}
         for name, rows in t.data.eval_sets.items():
             results[name] = evaluate_sharded(t.policy.core, t.builder, rows, prior=t.data.prior, dist=t.dist,
-                                             batch_size=t.cfg.eval_batch_size, progress=t.cfg.progress,
+                                             constant=t.data.best_constant, batch_size=t.cfg.eval_batch_size,
+                                             progress=t.cfg.progress,
                                              desc=f"{prefix} {name}", common_prefix=t.form.common_prefix)
             if t.dist.is_main:  # what the form writes, besides the answer slot (the main process alone)
                 add_form_predictions(results[name], t.form, t.policy.core, rows, samples=t.cfg.eval_samples,

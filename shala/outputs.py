@@ -67,6 +67,8 @@ class OutputDirError(ValueError):
     """An output directory that holds another run, or that cannot be written."""
 
 TABLE_METRICS = ("n", *CI_METRICS)
+# the constant predictions printed beside a run's model (results written before 'best_constant' lack it)
+BASELINES = {"uniform": "uniform", "label_prior": "label prior", "best_constant": "best constant"}
 
 
 class RunDir:
@@ -250,8 +252,7 @@ class RunDir:
             if name in after:
                 columns[f"trained ({method})"] = after[name]
             ref = after.get(name) or before[name]
-            columns["uniform"] = ref["baselines"]["uniform"]
-            columns["label prior"] = ref["baselines"]["label_prior"]
+            columns.update({name: ref["baselines"][k] for k, name in BASELINES.items() if k in ref["baselines"]})
             texts.append(f"{name} (n = {ref['n']})\n{format_table(columns)}\n{format_report(ref)}")
             sets[name] = {k: {m: v[m] for m in TABLE_METRICS if m in v} for k, v in columns.items()}
             for k in ("base", f"trained ({method})"):

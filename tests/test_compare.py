@@ -19,7 +19,7 @@ def test_compare_two_methods_two_seeds_one_table_and_resume(tmp_path, monkeypatc
             "--steps", "2", "--no-plot", "--resamples", "200"]
     res = compare.main(argv)
     table = (out / "comparison.md").read_text()
-    for name in ("shala", "sft-soft", "base model", "uniform", "label prior", "ΔJSD vs label prior",
+    for name in ("shala", "sft-soft", "base model", "uniform", "label prior", "best constant", "ΔJSD vs label prior",
                  "input-dependence gap", "JSD by ambiguity level"):
         assert name in table, name
     data = json.loads((out / "comparison.json").read_text())

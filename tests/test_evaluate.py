@@ -21,7 +21,8 @@ def test_evaluate_cli_writes_metrics_that_agree_with_scipy(tiny_dir, tmp_path, c
     result = evaluate.main(["--model", tiny_dir, "--limit", "12", "--batch-size", "5", "--output", str(out),
                             "--no-progress"])
     printed = capsys.readouterr().out
-    for words in ("jsd", "label prior", "bc ", "tv ", "95% CI: jsd [", "by ambiguity H(q)/ln K (cut points",
+    for words in ("jsd", "label prior", "best constant", "bc ", "tv ", "95% CI: jsd [",
+                  "by ambiguity H(q)/ln K (cut points",
                   "low n=4", "mid n=4", "high n=4", "input dependence: JSD of the model's own mean prediction"):
         assert words in printed, words
     saved = json.loads(out.read_text())
@@ -35,9 +36,12 @@ def test_evaluate_cli_writes_metrics_that_agree_with_scipy(tiny_dir, tmp_path, c
     for key in ("n", "jsd", "kl", "accuracy", "macro_f1"):
         assert saved[key] == result[key]
     assert saved["n"] == 12
-    for key in ("uniform", "label_prior"):
+    for key in ("uniform", "label_prior", "best_constant"):
         assert set(saved["baselines"][key]) >= {"n", "jsd", "kl", "accuracy", "macro_f1"}
     preds = saved["predictions"]
+    const = saved["best_constant"]
+    assert saved["baselines"]["best_constant"]["jsd"] == pytest.approx(
+        sum(jensenshannon(p["q"], const) for p in preds) / len(preds), rel=1e-9)
     jsd = sum(jensenshannon(p["q"], p["p"]) for p in preds) / len(preds)
     kl = sum(entropy(p["q"], p["p"]) for p in preds) / len(preds)
     assert saved["jsd"] == pytest.approx(jsd, rel=1e-6)

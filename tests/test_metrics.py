@@ -60,6 +60,48 @@ def test_baselines():
     out = M.baselines(q, [0.75, 0.25])
     assert out["uniform"]["jsd"] == pytest.approx(np.mean([jensenshannon(r, [0.5, 0.5]) for r in q.numpy()]))
     assert out["label_prior"]["jsd"] == pytest.approx(np.mean([jensenshannon(r, [0.75, 0.25]) for r in q.numpy()]))
+    assert "best_constant" not in out
+    c = M.best_constant(q)
+    out = M.baselines(q, [0.75, 0.25], c)
+    assert out["best_constant"]["jsd"] == pytest.approx(np.mean([jensenshannon(r, c) for r in q.numpy()]))
+    with pytest.raises(ValueError, match="best_constant has 3 classes, the targets 2"):
+        M.baselines(q, [0.75, 0.25], [0.2, 0.3, 0.5])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_best_constant_minimises_the_mean_js_distance_as_scipy_finds(seed):
+    from scipy.optimize import minimize
+
+    gen = torch.Generator().manual_seed(100 + seed)
+    q = _rand_probs(40, 3, gen) ** 3  # peaked rows, some near a corner
+    q = (q / q.sum(-1, keepdim=True)).numpy()
+    w = torch.rand(40, generator=gen, dtype=torch.float64).numpy()
+
+    def mean_jsd(c, weights):
+        return np.average(jensenshannon(q, np.broadcast_to(c, q.shape), axis=1), weights=weights)
+
+    for weights in (None, w):
+        c = M.best_constant(q, weights)
+        # the oracle: Nelder-Mead on the simplex's softmax coordinates, from two starts
+        starts = (np.log(np.average(q, axis=0, weights=weights)), np.zeros(3))
+        oracle = min((minimize(lambda z: mean_jsd(np.exp(z) / np.exp(z).sum(), weights), z0, method="Nelder-Mead",
+                               options={"xatol": 1e-10, "fatol": 1e-12, "maxiter": 20000}) for z0 in starts),
+                     key=lambda r: r.fun)
+        assert sum(c) == pytest.approx(1.0, abs=1e-12)
+        assert mean_jsd(c, weights) <= oracle.fun + 1e-9
+        assert np.allclose(c, np.exp(oracle.x) / np.exp(oracle.x).sum(), atol=1e-4)
+        # sharper than the label prior under the JSD, as the docstring says
+        assert mean_jsd(c, weights) < mean_jsd(np.average(q, axis=0, weights=weights), weights)
+    repeated = np.repeat(q[:5], [1, 2, 3, 1, 4], axis=0)  # integer weights are repeated rows
+    assert np.allclose(M.best_constant(q[:5], [1, 2, 3, 1, 4]), M.best_constant(repeated), atol=1e-7)
+
+
+def test_best_constant_of_identical_rows_is_that_row_and_bad_weights_are_refused():
+    assert M.best_constant([[0.2, 0.8], [0.2, 0.8]]) == pytest.approx([0.2, 0.8], abs=1e-9)
+    assert M.best_constant([[0.0, 1.0, 0.0]] * 3) == pytest.approx([0.0, 1.0, 0.0], abs=1e-6)
+    for weights in ([1.0], [1.0, -1.0], [0.0, 0.0], [1.0, float("nan")]):
+        with pytest.raises(ValueError, match="weights must be 2 finite non-negative numbers"):
+            M.best_constant([[0.5, 0.5], [1.0, 0.0]], weights)
 
 
 @pytest.mark.parametrize(
