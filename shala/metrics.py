@@ -127,8 +127,7 @@ def best_constant(q, weights: Optional[Sequence[float]] = None) -> list:
     for the JSD (fit it on the train split, as the prior).
     """
     q = _as_probs(q, "q")
-    w = torch.ones(q.shape[0], dtype=torch.float64) if weights is None else torch.as_tensor(weights,
-                                                                                               dtype=torch.float64)
+    w = torch.as_tensor([1.0] * q.shape[0] if weights is None else weights, dtype=torch.float64)
     if w.shape != (q.shape[0],) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ValueError(f"weights must be {q.shape[0]} finite non-negative numbers, not all 0")
     w = w / w.sum()

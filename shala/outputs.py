@@ -252,7 +252,7 @@ class RunDir:
             if name in after:
                 columns[f"trained ({method})"] = after[name]
             ref = after.get(name) or before[name]
-            columns.update({name: ref["baselines"][k] for k, name in BASELINES.items() if k in ref["baselines"]})
+            columns.update({label: ref["baselines"][k] for k, label in BASELINES.items() if k in ref["baselines"]})
             texts.append(f"{name} (n = {ref['n']})\n{format_table(columns)}\n{format_report(ref)}")
             sets[name] = {k: {m: v[m] for m in TABLE_METRICS if m in v} for k, v in columns.items()}
             for k in ("base", f"trained ({method})"):
