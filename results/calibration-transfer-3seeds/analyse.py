@@ -64,21 +64,6 @@ def fit(name: str, p, q, prior) -> tuple:
     return log_t.detach(), b.detach()
 
 
-def best_constant(q) -> torch.Tensor:
-    """The one distribution with the lowest mean JSD over ``q``'s items (not their mean, which is the prior)."""
-    z = q.mean(0).log().clone().requires_grad_()
-    opt = torch.optim.LBFGS([z], max_iter=200, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = metrics.jsd_per_item(q, torch.softmax(z, 0).expand_as(q)).mean()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return torch.softmax(z.detach(), 0)
-
-
 def ci(d: dict) -> str:
     return f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]{' *' if d['excludes_zero'] else ''}"
 
@@ -107,7 +92,7 @@ def main(path: str) -> None:
     print(f"Label prior (training split): {' / '.join(f'{x:.3f}' for x in prior.tolist())} "
           f"({', '.join(data['label_names'])}).\n")
     train_q = stacked(data["base"], ["train"])[0]
-    constant = best_constant(train_q)
+    constant = torch.tensor(metrics.best_constant(train_q), dtype=torch.float64)
     keys = models["trained (the default, seeds 0, 1, 2)"]
     print("**The JSD-best constant** (fitted on the training items: "
           f"{' / '.join(f'{x:.3f}' for x in constant.tolist())}) against the label prior and the trained adapters\n")
