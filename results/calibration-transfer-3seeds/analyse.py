@@ -1,6 +1,6 @@
 """How much of what a trained adapter gets wrong on another source is calibration, and how much is reading.
 
-    python results/calibration-transfer-3seeds/analyse.py readings.json.gz > analysis.md
+    python results/calibration-transfer-3seeds/analyse.py readings.json.gz [--trained NAME] > analysis.md
 
 For the base model and each adapter in ``readings.json`` (from ``readings.py``), the slot's distribution p is
 recalibrated by a map fitted on the training split's items alone, never on an evaluated one:
@@ -14,9 +14,9 @@ Each row gives the mean ± std over the adapters of the JSD, the label prior's J
 mean prediction used as a constant (``own``) and the input-dependence gap (``own`` minus JSD; CI from the paired
 item bootstrap pooled over the adapters, * where it excludes 0), and the difference to the label prior.
 """
+import argparse
 import gzip
 import json
-import sys
 
 import torch
 
@@ -84,19 +84,21 @@ def row(label: str, q, ps, prior) -> str:
             f"{acc.mean():.3f} | {' / '.join(f'{x:.2f}' for x in mean)} |")
 
 
-def main(path: str) -> None:
+def main(path: str, name: str = "the default") -> None:
     with (gzip.open if path.endswith(".gz") else open)(path, "rt") as f:
         data = json.load(f)
     prior = torch.tensor(data["prior"], dtype=torch.float64)
-    models = {"base model": ["base"], "trained (the default, seeds 0, 1, 2)": [k for k in data if k.endswith("final")]}
+    trained = [k for k in data if k.endswith("final")]
+    models = {"base model": ["base"], **({f"trained ({name}, seeds 0, 1, 2)": trained} if trained else {})}
     print(f"Label prior (training split): {' / '.join(f'{x:.3f}' for x in prior.tolist())} "
           f"({', '.join(data['label_names'])}).\n")
     train_q = stacked(data["base"], ["train"])[0]
     constant = torch.tensor(metrics.best_constant(train_q), dtype=torch.float64)
-    keys = models["trained (the default, seeds 0, 1, 2)"]
+    keys = trained or ["base"]  # with no adapter read, the base model stands against the constant
+    who = ("the trained adapters", "adapters'") if trained else ("the base model", "base model's")
     print("**The JSD-best constant** (fitted on the training items: "
-          f"{' / '.join(f'{x:.3f}' for x in constant.tolist())}) against the label prior and the trained adapters\n")
-    print("| set | constant's JSD | label prior's JSD | adapters' JSD | adapters' Δ vs the constant [95% CI] |")
+          f"{' / '.join(f'{x:.3f}' for x in constant.tolist())}) against the label prior and {who[0]}\n")
+    print(f"| set | constant's JSD | label prior's JSD | {who[1]} JSD | {who[1]} Δ vs the constant [95% CI] |")
     print("|---|---|---|---|---|")
     for title, parts in SETS.items():
         q = stacked(data["base"], parts)[0]
@@ -136,4 +138,8 @@ def main(path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("readings", help="readings.py's output (.json or .json.gz)")
+    parser.add_argument("--trained", default="the default", help="what the adapters were trained with, for titles")
+    args = parser.parse_args()
+    main(args.readings, args.trained)

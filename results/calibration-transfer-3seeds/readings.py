@@ -1,14 +1,15 @@
 """The answer-slot distributions of the base model and of trained adapters on every item of the training split,
 the held-out split and the transfer sets, written to one JSON file for ``analyse.py``.
 
-    python results/calibration-transfer-3seeds/readings.py OUT.json ADAPTER [ADAPTER ...]
+    python results/calibration-transfer-3seeds/readings.py OUT.json [ADAPTER ...] [--model NAME]
 
 Each ADAPTER is a run's ``final`` folder trained with the default recipe (three answered items read by the base
 model, ``--frozen-head``); the prompts are built as that recipe builds them, and the label prior is the training
-split's, as in training's own evaluation.
+split's, as in training's own evaluation. With no ADAPTER only the base model is read; ``--model`` names another
+base model (``gemma3-270m``), its prompts built as the default recipe builds them for it.
 """
+import argparse
 import json
-import sys
 import tempfile
 
 import torch
@@ -34,8 +35,8 @@ def readings(model, trainer, sets) -> dict:
     return out
 
 
-def main(out_path: str, adapters: list) -> None:
-    argv = ["--output-dir", tempfile.mkdtemp() + "/run"]
+def main(out_path: str, adapters: list, model: str = None) -> None:
+    argv = ["--output-dir", tempfile.mkdtemp() + "/run"] + (["--model", model] if model else [])
     for spec in SETS:
         argv += ["--eval-dataset", spec]
     trainer = Trainer(load_config(argv))  # the default's data, prompts and frozen head; it trains nothing here
@@ -50,4 +51,9 @@ def main(out_path: str, adapters: list) -> None:
 
 if __name__ == "__main__":
     torch.set_grad_enabled(False)
-    main(sys.argv[1], sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out")
+    parser.add_argument("adapters", nargs="*")
+    parser.add_argument("--model", default=None, help="the base model (default: the default recipe's)")
+    args = parser.parse_args()
+    main(args.out, args.adapters, args.model)
