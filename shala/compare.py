@@ -236,7 +236,7 @@ def summarize_set(name: str, per_method: dict, base: Sequence[tuple], resamples:
     n, k = q.shape
     prior = torch.tensor(first["prior"], dtype=torch.float64).expand(n, k)
     levels, cuts, _ = metrics.ambiguity_levels(q)
-    items = {}
+    items, owns = {}, {}
     rows = {}
     for method, results in per_method.items():
         ps = torch.stack([_predictions(r)[1] for r in results])  # [S, n, K]
@@ -246,7 +246,7 @@ def summarize_set(name: str, per_method: dict, base: Sequence[tuple], resamples:
         per_seed = [metrics.distribution_metrics(q, p) for p in ps]
         jsd = torch.stack([metrics.jsd_per_item(q, p) for p in ps])  # [S, n]
         own = torch.stack([metrics.jsd_per_item(q, p.mean(0, keepdim=True).expand_as(p)) for p in ps])
-        items[method] = jsd
+        items[method], owns[method] = jsd, own
         row = {"seeds": len(results)}
         for m in METRICS:
             values = torch.tensor([s[m] for s in per_seed], dtype=torch.float64)
@@ -265,6 +265,11 @@ def summarize_set(name: str, per_method: dict, base: Sequence[tuple], resamples:
         for method, jsd in items.items():
             if method != versus and jsd.shape == items[versus].shape:
                 rows[method]["vs_method"] = metrics.paired_difference(jsd, items[versus], resamples=resamples)
+                # Δ JSD = Δ own + Δ (JSD - own): the shift of the mean prediction, and the rest, the reading
+                rows[method]["vs_method_split"] = {
+                    "label_shape": metrics.paired_difference(owns[method], owns[versus], resamples=resamples),
+                    "reading": metrics.paired_difference(jsd - owns[method], items[versus] - owns[versus],
+                                                         resamples=resamples)}
     constants = {"uniform": torch.full((n, k), 1.0 / k, dtype=torch.float64), "label prior": prior}
     if "best_constant" in first:  # cells evaluated before it was recorded have none
         constants["best constant"] = torch.tensor(first["best_constant"], dtype=torch.float64).expand(n, k)
@@ -316,6 +321,16 @@ def markdown(name: str, stats: dict, seeds: list) -> str:
             cells.append(cell)
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_diff(row.get('vs_label_prior'))} | "
                      f"{_diff(row.get('vs_method'))} | {_diff(row.get('input_dependence_gap'))} |")
+    split = {label: row for label, row in stats["methods"].items() if row.get("vs_method_split")}
+    if split:
+        versus = stats.get("versus", REFERENCE)
+        lines += ["", f"ΔJSD vs {versus}, split: the label-shape part is the change in the JSD of the model's own "
+                  "mean prediction used as a constant; the reading part is the rest, the change in the "
+                  "input-dependence gap with its sign flipped:", "",
+                  f"| model | ΔJSD vs {versus} | label-shape part [95% CI] | reading part [95% CI] |",
+                  "|---|---|---|---|"]
+        lines += [f"| {label} | {row['vs_method']['mean']:+.4f} | {_diff(row['vs_method_split']['label_shape'])} | "
+                  f"{_diff(row['vs_method_split']['reading'])} |" for label, row in split.items()]
     cuts = ", ".join(f"{c:.3f}" for c in stats["cut_points"])
     lines += ["", f"JSD by ambiguity level (thirds by H(q)/ln K; cut points {cuts}):", "",
               "| model | " + " | ".join(metrics.LEVELS) + " |", "|---" * (len(metrics.LEVELS) + 1) + "|"]

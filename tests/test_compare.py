@@ -133,6 +133,39 @@ def test_versus_compares_every_row_with_the_named_arm_item_by_item():
     assert "ΔJSD vs shala" in compare.markdown("held-out", stats, [0, 1])
 
 
+def test_the_difference_to_versus_splits_into_label_shape_and_reading():
+    torch.manual_seed(1)
+    q = torch.distributions.Dirichlet(torch.ones(3)).sample((80,))
+    reads = [torch.softmax(2 * q.log() + 0.3 * torch.randn_like(q), -1) for _ in range(2)]  # two seeds that read q
+
+    def result(p):
+        return {"predictions": [{"q": a.tolist(), "p": b.tolist()} for a, b in zip(q, p)], "prior": [1 / 3] * 3}
+
+    # its own mean, per seed: the same label shape as the reference, with the reading taken away
+    own_mean = [p.mean(0, keepdim=True).expand_as(p) for p in reads]
+    skewed = torch.tensor([0.7, 0.2, 0.1]).expand_as(q)
+    per_method = {"ref": [result(p) for p in reads], "own-mean": [result(p) for p in own_mean],
+                  "skewed": [result(skewed)] * 2, "flat": [result(torch.full_like(q, 1 / 3))] * 2}
+    stats = compare.summarize_set("held-out", per_method, [], resamples=200, versus="ref")["methods"]
+    gap = stats["ref"]["input_dependence_gap"]["mean"]
+    assert gap > 0.02 and "vs_method_split" not in stats["ref"]
+    for name in ("own-mean", "skewed", "flat"):
+        split = stats[name]["vs_method_split"]
+        assert split["label_shape"]["mean"] + split["reading"]["mean"] == pytest.approx(
+            stats[name]["vs_method"]["mean"], abs=1e-12)
+        assert split["reading"]["mean"] == pytest.approx(gap, abs=1e-12)  # a constant reads nothing
+    assert stats["own-mean"]["vs_method_split"]["label_shape"]["mean"] == pytest.approx(0, abs=1e-9)  # float64 means
+    assert stats["skewed"]["vs_method_split"]["label_shape"]["excludes_zero"]
+    # between two constants the whole difference is the label shape
+    between = compare.summarize_set("held-out", {"flat": per_method["flat"], "skewed": per_method["skewed"]}, [],
+                                    resamples=200, versus="flat")["methods"]["skewed"]
+    assert between["vs_method_split"]["reading"]["mean"] == pytest.approx(0, abs=1e-12)
+    assert not between["vs_method_split"]["reading"]["excludes_zero"]
+    table = compare.markdown("held-out", {"n": 80, "cut_points": [0.4, 0.6], "methods": stats, "fixed": {},
+                                          "versus": "ref"}, [0, 1])
+    assert "| own-mean | " in table.split("| reading part [95% CI] |")[1]
+
+
 def test_each_prompt_has_its_own_base_model_reading():
     from shala.config import load_config
 
