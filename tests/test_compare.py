@@ -145,7 +145,8 @@ def test_the_difference_to_versus_splits_into_label_shape_and_reading():
     own_mean = [p.mean(0, keepdim=True).expand_as(p) for p in reads]
     skewed = torch.tensor([0.7, 0.2, 0.1]).expand_as(q)
     per_method = {"ref": [result(p) for p in reads], "own-mean": [result(p) for p in own_mean],
-                  "skewed": [result(skewed)] * 2, "flat": [result(torch.full_like(q, 1 / 3))] * 2}
+                  "skewed": [result(skewed)] * 2, "flat": [result(torch.full_like(q, 1 / 3))] * 2,
+                  "sharper": [result(torch.softmax(4 * q.log() + 0.3 * torch.randn_like(q), -1)) for _ in range(2)]}
     stats = compare.summarize_set("held-out", per_method, [], resamples=200, versus="ref")["methods"]
     gap = stats["ref"]["input_dependence_gap"]["mean"]
     assert gap > 0.02 and "vs_method_split" not in stats["ref"]
@@ -154,6 +155,10 @@ def test_the_difference_to_versus_splits_into_label_shape_and_reading():
         assert split["label_shape"]["mean"] + split["reading"]["mean"] == pytest.approx(
             stats[name]["vs_method"]["mean"], abs=1e-12)
         assert split["reading"]["mean"] == pytest.approx(gap, abs=1e-12)  # a constant reads nothing
+    sharper = stats["sharper"]["vs_method_split"]  # reads differently and has another mean: both parts move
+    assert sharper["label_shape"]["mean"] + sharper["reading"]["mean"] == pytest.approx(
+        stats["sharper"]["vs_method"]["mean"], abs=1e-12)
+    assert abs(sharper["label_shape"]["mean"]) > 1e-4 and abs(sharper["reading"]["mean"]) > 1e-4
     assert stats["own-mean"]["vs_method_split"]["label_shape"]["mean"] == pytest.approx(0, abs=1e-9)  # float64 means
     assert stats["skewed"]["vs_method_split"]["label_shape"]["excludes_zero"]
     # between two constants the whole difference is the label shape
@@ -163,7 +168,8 @@ def test_the_difference_to_versus_splits_into_label_shape_and_reading():
     assert not between["vs_method_split"]["reading"]["excludes_zero"]
     table = compare.markdown("held-out", {"n": 80, "cut_points": [0.4, 0.6], "methods": stats, "fixed": {},
                                           "versus": "ref"}, [0, 1])
-    assert "| own-mean | " in table.split("| reading part [95% CI] |")[1]
+    split = table.split("| reading part [95% CI] |")[1].split("JSD by ambiguity level")[0]
+    assert all(f"| {name} | " in split for name in ("own-mean", "skewed", "flat")) and "| ref | " not in split
 
 
 def test_each_prompt_has_its_own_base_model_reading():

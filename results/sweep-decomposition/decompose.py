@@ -9,7 +9,7 @@ mean prediction used as a constant (the JSD plus the input-dependence gap, each 
 
 ``Δ own`` is what moving the mean prediction alone did (the label shape); ``-Δ gap`` is what the per-item reading
 did. An arm's cells read again by a later folder (the same JSD to 1e-9) are counted once, against the reference of
-the first folder, by name, that holds them.
+the first folder, by name, that holds them; so is a pair of methods compared both ways round.
 """
 import json
 import math
@@ -36,10 +36,11 @@ def arms():
             for arm, m in block["methods"].items():
                 if arm == ref or "input_dependence_gap" not in m:
                     continue
-                key = (name, round(m["jsd"]["mean"], 9))
-                if key in seen:
+                mine, theirs = round(m["jsd"]["mean"], 9), round(r["jsd"]["mean"], 9)
+                keys = {(name, mine), (name, frozenset((mine, theirs)))}  # the arm; the pair, either way round
+                if keys & seen:
                     continue
-                seen.add(key)
+                seen |= keys
                 yield dict(folder=path.parent.name, arm=arm, ref=ref, set=name,
                            jsd=m["jsd"]["mean"], gap=m["input_dependence_gap"]["mean"],
                            gap_ci=m["input_dependence_gap"]["ci"],
