@@ -149,6 +149,15 @@ def evaluate_sharded(model, builder: PromptBuilder, rows, *, prior: Sequence[flo
     return result
 
 
+# the constant predictions printed beside a model, by their key in a result's "baselines"
+BASELINES = {"uniform": "uniform", "label_prior": "label prior", "best_constant": "best constant"}
+
+
+def baseline_columns(result: dict) -> dict:
+    """The baselines of an evaluation as named table columns (results written before 'best_constant' lack it)."""
+    return {label: result["baselines"][k] for k, label in BASELINES.items() if k in result["baselines"]}
+
+
 def format_table(columns: dict) -> str:
     """A plain-text table: one column per named result (each a metrics dict), one row per metric."""
     names = list(columns)
@@ -318,9 +327,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     result.update(model=args.model, adapter=args.adapter, dataset=args.dataset, split=args.split, seed=args.seed,
                   prior_fitted_on="train split" if args.split == "eval" else "evaluated rows")
     name = "model" if args.adapter is None else "model+adapter"
-    print(format_table({name: result, "uniform": result["baselines"]["uniform"],
-                        "label prior": result["baselines"]["label_prior"],
-                        "best constant": result["baselines"]["best_constant"]}))
+    print(format_table({name: result, **baseline_columns(result)}))
     print(format_report(result))
     if args.output:
         write_json(args.output, result)

@@ -30,7 +30,7 @@ from typing import Optional
 from shala import checkpoint as ckpt
 from shala.batches import HELD_OUT
 from shala.config import resume_hint
-from shala.evaluate import format_report, format_table, write_json
+from shala.evaluate import baseline_columns, format_report, format_table, write_json
 from shala.metrics import CI_METRICS
 from shala.models import base_model_id
 from shala.rollout import FORMS
@@ -67,8 +67,6 @@ class OutputDirError(ValueError):
     """An output directory that holds another run, or that cannot be written."""
 
 TABLE_METRICS = ("n", *CI_METRICS)
-# the constant predictions printed beside a run's model (results written before 'best_constant' lack it)
-BASELINES = {"uniform": "uniform", "label_prior": "label prior", "best_constant": "best constant"}
 
 
 class RunDir:
@@ -252,7 +250,7 @@ class RunDir:
             if name in after:
                 columns[f"trained ({method})"] = after[name]
             ref = after.get(name) or before[name]
-            columns.update({label: ref["baselines"][k] for k, label in BASELINES.items() if k in ref["baselines"]})
+            columns.update(baseline_columns(ref))
             texts.append(f"{name} (n = {ref['n']})\n{format_table(columns)}\n{format_report(ref)}")
             sets[name] = {k: {m: v[m] for m in TABLE_METRICS if m in v} for k, v in columns.items()}
             for k in ("base", f"trained ({method})"):

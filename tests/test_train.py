@@ -92,7 +92,7 @@ def test_default_run_outputs_and_adapter_evaluates(tiny_dir, tmp_path, caplog):
         assert (tmp_path / name).is_file(), name
     assert (tmp_path / "final" / "adapter_config.json").is_file()
     assert len(ckpt.list_checkpoints(tmp_path / "checkpoints")) == 2
-    assert "label prior" in res["table"]
+    assert "label prior" in res["table"] and "best constant" in res["table"]
     ev = evaluate.main(["--model", tiny_dir, "--adapter", str(tmp_path / "final"), "--limit", "4", "--no-progress"])
     assert ev["n"] == 4
 
