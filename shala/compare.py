@@ -299,12 +299,6 @@ def _fixed_row(q, p, levels, prior, resamples) -> dict:
     return row
 
 
-def _diff(d: Optional[dict]) -> str:
-    if not d:
-        return ""
-    return f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]" + (" *" if d["excludes_zero"] else "")
-
-
 def markdown(name: str, stats: dict, seeds: list) -> str:
     n_seeds = len(seeds)
     lines = [f"### {name} (n = {stats['n']}; {n_seeds} seed(s): {', '.join(map(str, seeds))})", "",
@@ -319,8 +313,8 @@ def markdown(name: str, stats: dict, seeds: list) -> str:
             if row.get("seeds", 1) > 1 and not math.isinf(row[m]["mean"]):
                 cell += f" ± {row[m]['std']:.4f}"
             cells.append(cell)
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {_diff(row.get('vs_label_prior'))} | "
-                     f"{_diff(row.get('vs_method'))} | {_diff(row.get('input_dependence_gap'))} |")
+        diffs = (row.get("vs_label_prior"), row.get("vs_method"), row.get("input_dependence_gap"))
+        lines.append(f"| {label} | " + " | ".join([*cells, *map(metrics.format_difference, diffs)]) + " |")
     split = {label: row for label, row in stats["methods"].items() if row.get("vs_method_split")}
     if split:
         versus = stats.get("versus", REFERENCE)
@@ -329,8 +323,9 @@ def markdown(name: str, stats: dict, seeds: list) -> str:
                   "input-dependence gap with its sign flipped:", "",
                   f"| model | ΔJSD vs {versus} | label-shape part [95% CI] | reading part [95% CI] |",
                   "|---|---|---|---|"]
-        lines += [f"| {label} | {row['vs_method']['mean']:+.4f} | {_diff(row['vs_method_split']['label_shape'])} | "
-                  f"{_diff(row['vs_method_split']['reading'])} |" for label, row in split.items()]
+        for label, row in split.items():
+            parts = [metrics.format_difference(row["vs_method_split"][k]) for k in ("label_shape", "reading")]
+            lines.append(f"| {label} | {row['vs_method']['mean']:+.4f} | " + " | ".join(parts) + " |")
     cuts = ", ".join(f"{c:.3f}" for c in stats["cut_points"])
     lines += ["", f"JSD by ambiguity level (thirds by H(q)/ln K; cut points {cuts}):", "",
               "| model | " + " | ".join(metrics.LEVELS) + " |", "|---" * (len(metrics.LEVELS) + 1) + "|"]

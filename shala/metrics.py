@@ -31,7 +31,7 @@ from shala.weighting import ambiguity
 
 __all__ = ["distribution_metrics", "jsd_per_item", "kl_per_item", "tv_per_item", "bc_per_item", "majority", "macro_f1",
            "baselines", "best_constant", "bootstrap_indices", "percentile_ci", "resampled_macro_f1", "ambiguity_levels",
-           "evaluation_report", "paired_difference", "LEVELS"]
+           "evaluation_report", "paired_difference", "format_difference", "LEVELS"]
 
 CI_METRICS = ("jsd", "kl", "accuracy", "macro_f1", "bc", "tv")  # every per-item metric, in table order
 
@@ -275,3 +275,10 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor, *, resamples: int = 2000
     # rounding alone (a constant against its own mean differs by ~1e-17) does not exclude 0
     tol = 1e-9 * max(1.0, float(a.abs().max()), float(b.abs().max()))
     return {"mean": float(d.mean()), "ci": ci, "excludes_zero": bool(ci[0] > tol or ci[1] < -tol)}
+
+
+def format_difference(d: Optional[dict]) -> str:
+    """A :func:`paired_difference` as ``+0.0123 [+0.0045, +0.0201] *`` (* where its CI excludes 0); "" for None."""
+    if not d:
+        return ""
+    return f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]" + (" *" if d["excludes_zero"] else "")

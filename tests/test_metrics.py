@@ -184,3 +184,6 @@ def test_bc_and_tv_by_hand_and_paired_difference():
     # a constant prediction against its own mean: rounding, not a difference
     noise = M.paired_difference(a + 1e-15 * torch.arange(1, 4), a, resamples=200)
     assert noise["ci"][0] > 0 and not noise["excludes_zero"]
+    lo, hi = d["ci"]
+    assert M.format_difference(d) == f"+0.3000 [+{lo:.4f}, +{hi:.4f}] *"
+    assert M.format_difference(same) == "+0.0000 [+0.0000, +0.0000]" and M.format_difference(None) == ""

@@ -64,23 +64,19 @@ def fit(name: str, p, q, prior) -> tuple:
     return log_t.detach(), b.detach()
 
 
-def ci(d: dict) -> str:
-    return f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]{' *' if d['excludes_zero'] else ''}"
-
-
 def row(label: str, q, ps, prior) -> str:
     """``ps`` [S, n, K]: one prediction per adapter."""
     jsd = torch.stack([metrics.jsd_per_item(q, p) for p in ps])
     own = torch.stack([metrics.jsd_per_item(q, p.mean(0, keepdim=True).expand_as(p)) for p in ps])
     base = metrics.jsd_per_item(q, prior.expand_as(q)).unsqueeze(0)
-    gap = metrics.paired_difference(own, jsd)
-    vs = metrics.paired_difference(jsd, base)
+    gap = metrics.format_difference(metrics.paired_difference(own, jsd))
+    vs = metrics.format_difference(metrics.paired_difference(jsd, base))
     acc = torch.stack([(p.argmax(1) == q.argmax(1)).double().mean() for p in ps])
     mean = ps.mean((0, 1)).tolist()
 
     m = jsd.mean(1)
     spread = f" ± {m.std(unbiased=True):.4f}" if len(ps) > 1 else ""
-    return (f"| {label} | {m.mean():.4f}{spread} | {own.mean():.4f} | {ci(gap)} | {ci(vs)} | "
+    return (f"| {label} | {m.mean():.4f}{spread} | {own.mean():.4f} | {gap} | {vs} | "
             f"{acc.mean():.3f} | {' / '.join(f'{x:.2f}' for x in mean)} |")
 
 
@@ -105,7 +101,7 @@ def main(path: str, name: str = "the default") -> None:
         jsd = torch.stack([metrics.jsd_per_item(q, stacked(data[k], parts)[1]) for k in keys])
         const = metrics.jsd_per_item(q, constant.expand_as(q))
         print(f"| {title} | {const.mean():.4f} | {metrics.jsd_per_item(q, prior.expand_as(q)).mean():.4f} | "
-              f"{jsd.mean():.4f} | {ci(metrics.paired_difference(jsd, const.unsqueeze(0)))} |")
+              f"{jsd.mean():.4f} | {metrics.format_difference(metrics.paired_difference(jsd, const.unsqueeze(0)))} |")
     print()
     for model, keys in models.items():
         maps = {}

@@ -12,16 +12,18 @@ did. An arm's cells read again by a later folder (the same JSD to 1e-9) are coun
 the first folder, by name, that holds them; so is a pair of methods compared both ways round.
 """
 import json
-import math
+import statistics
 import sys
 from pathlib import Path
+
+from shala.metrics import format_difference
 
 SETS = ("held-out", "ambient", "pk2019")
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def arms():
-    """(folder, arm, reference, set, arm's jsd/gap/excludes, reference's jsd/gap) over three-seed comparisons."""
+    """Each three-seed arm on each set: its JSD and gap (with its CI), and both their differences to the reference."""
     seen = set()
     for path in sorted(ROOT.glob("*/comparison.json")):
         data = json.loads(path.read_text())
@@ -42,17 +44,9 @@ def arms():
                     continue
                 seen |= keys
                 yield dict(folder=path.parent.name, arm=arm, ref=ref, set=name,
-                           jsd=m["jsd"]["mean"], gap=m["input_dependence_gap"]["mean"],
-                           gap_ci=m["input_dependence_gap"]["ci"],
-                           ref_jsd=r["jsd"]["mean"], ref_gap=r["input_dependence_gap"]["mean"])
-
-
-def corr(x, y) -> float:
-    mx, my = sum(x) / len(x), sum(y) / len(y)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
-    sxx = sum((a - mx) ** 2 for a in x)
-    syy = sum((b - my) ** 2 for b in y)
-    return sxy / math.sqrt(sxx * syy) if sxx and syy else float("nan")
+                           jsd=m["jsd"]["mean"], gap=m["input_dependence_gap"],
+                           d_jsd=m["jsd"]["mean"] - r["jsd"]["mean"],
+                           d_gap=m["input_dependence_gap"]["mean"] - r["input_dependence_gap"]["mean"])
 
 
 def main() -> None:
@@ -66,22 +60,19 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name in SETS:
         r = [x for x in rows if x["set"] == name]
-        d_jsd = [x["jsd"] - x["ref_jsd"] for x in r]
-        d_gap = [x["gap"] - x["ref_gap"] for x in r]
+        d_jsd, d_gap = [x["d_jsd"] for x in r], [x["d_gap"] for x in r]
         d_own = [a + b for a, b in zip(d_jsd, d_gap)]
-        above = sum(x["gap_ci"][0] > 0 for x in r)
+        above = sum(x["gap"]["ci"][0] > 0 for x in r)
         mean_abs = [sum(map(abs, v)) / len(v) for v in (d_jsd, d_own, d_gap)]
+        corrs = [statistics.correlation(d_jsd, v) for v in (d_own, [-g for g in d_gap])]
         print(f"| {name} | {len(r)} | {mean_abs[0]:.4f} | {mean_abs[1]:.4f} | {mean_abs[2]:.4f} "
-              f"| {corr(d_jsd, d_own):+.2f} | {corr(d_jsd, [-g for g in d_gap]):+.2f} | {above} |")
+              f"| {corrs[0]:+.2f} | {corrs[1]:+.2f} | {above} |")
     print("\nEach arm, by set (gap with its 95% CI from the paired item bootstrap, * where it excludes 0):\n")
     print("| folder | arm | reference | set | JSD | Δ JSD | Δ own | -Δ gap | gap [95% CI] |")
     print("|---|---|---|---|---|---|---|---|---|")
     for x in sorted(rows, key=lambda x: (SETS.index(x["set"]), x["folder"], x["arm"])):
-        d_jsd, d_gap = x["jsd"] - x["ref_jsd"], x["gap"] - x["ref_gap"]
-        lo, hi = x["gap_ci"]
-        star = " *" if lo > 0 or hi < 0 else ""
-        print(f"| {x['folder']} | {x['arm']} | {x['ref']} | {x['set']} | {x['jsd']:.4f} | {d_jsd:+.4f} "
-              f"| {d_jsd + d_gap:+.4f} | {-d_gap:+.4f} | {x['gap']:+.4f} [{lo:+.4f}, {hi:+.4f}]{star} |")
+        print(f"| {x['folder']} | {x['arm']} | {x['ref']} | {x['set']} | {x['jsd']:.4f} | {x['d_jsd']:+.4f} "
+              f"| {x['d_jsd'] + x['d_gap']:+.4f} | {-x['d_gap']:+.4f} | {format_difference(x['gap'])} |")
 
 
 if __name__ == "__main__":

@@ -27,16 +27,14 @@ for arm in arms:
     own = torch.stack([metrics.jsd_per_item(q, p[s].mean(0).expand_as(q)) for s in range(3)])
     acc = [(p[s].argmax(-1) == q.argmax(-1)).double().mean().item() for s in range(3)]
     per[arm] = dict(ids=ids, q=q, jsd=jsd)
-    f = lambda d: f"{d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]{' *' if d['excludes_zero'] else ''}"
     print(f"{arm}: n = {len(ids)}, JSD {jsd.mean(1).mean():.4f} ± {jsd.mean(1).std():.4f} "
-          f"(seeds {', '.join(f'{x:.4f}' for x in jsd.mean(1).tolist())}); prior {[round(x, 3) for x in prior.tolist()]} "
-          f"scores {pj.mean():.4f}")
-    print(f"  vs its prior {f(metrics.paired_difference(jsd, pj))}; gap (own mean - model) "
-          f"{f(metrics.paired_difference(own, jsd))}; accuracy {sum(acc) / 3:.3f} "
+          f"(seeds {', '.join(f'{x:.4f}' for x in jsd.mean(1).tolist())}); "
+          f"prior {[round(x, 3) for x in prior.tolist()]} scores {pj.mean():.4f}")
+    print(f"  vs its prior {metrics.format_difference(metrics.paired_difference(jsd, pj))}; gap (own mean - model) "
+          f"{metrics.format_difference(metrics.paired_difference(own, jsd))}; accuracy {sum(acc) / 3:.3f} "
           f"(prior {(prior.argmax() == q.argmax(-1)).double().mean().item():.3f}); mean prediction "
           f"{[round(x, 3) for x in p.mean((0, 1)).tolist()]}")
 if len(arms) > 1:
     a, b = arms[1], arms[0]
     assert per[a]["ids"] == per[b]["ids"]
-    d = metrics.paired_difference(per[a]["jsd"], per[b]["jsd"])
-    print(f"{a} - {b}: {d['mean']:+.4f} [{d['ci'][0]:+.4f}, {d['ci'][1]:+.4f}]{' *' if d['excludes_zero'] else ''}")
+    print(f"{a} - {b}: {metrics.format_difference(metrics.paired_difference(per[a]['jsd'], per[b]['jsd']))}")
