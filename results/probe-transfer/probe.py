@@ -6,7 +6,7 @@ on the training source and on the others?
 Each probe is softmax(W h + b) of one layer's standardized state ``h``, fitted in float64 to the annotators'
 distributions (cross-entropy to the soft targets, each fitting source's items weighing 1 in all, L2 on W). Its
 layer and L2 strength are chosen by 5-fold cross-validated JSD on the fitting items alone; the items it is
-scored on never choose anything. Three fits:
+scored on never choose anything, except in B on the training split, whose layer A chose. Three fits:
 
 - A: fitted on the training split, scored on the held-out split and the sets of other sources;
 - B: within one source, 5-fold cross-validation, every item scored by the probe fitted without it, at the
@@ -134,8 +134,9 @@ def row(label: str, fitted: str, s: dict) -> str:
 
 
 def subsource_gap(s: dict, p: torch.Tensor) -> str:
-    """pk2019 pools five sources of about 100 items each, whose label shapes differ: the out-of-fold probe against
-    its own mean prediction within each of them, the part of the gap that telling them apart cannot give."""
+    """pk2019 without its MNLI pairs pools four sources of about 100 items each, whose label shapes differ: the
+    out-of-fold probe against its own mean prediction within each of them, the part of the gap that telling
+    them apart cannot give."""
     q = torch.as_tensor(s["q"], dtype=torch.float64)
     group = np.asarray([i.split("_")[1] for i in s["ids"].astype(str)])
     own = p.clone()
