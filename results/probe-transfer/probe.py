@@ -94,13 +94,17 @@ def out_of_fold(x, q, w, l2_grid, seed: int = 0) -> dict:
     return preds
 
 
+def pooled(fit_sets: list, key: str) -> tuple:
+    """(states, targets, weights) of the fitting sets stacked, each set's items weighing 1 in all."""
+    return (np.concatenate([s[key] for s in fit_sets]), np.concatenate([s["q"] for s in fit_sets]),
+            np.concatenate([np.full(len(s["q"]), 1.0 / len(s["q"])) for s in fit_sets]))
+
+
 def choose(fit_sets: list, keys: list) -> tuple:
     """(layer key, l2, CV JSD) with the lowest weighted 5-fold CV JSD on the fitting items."""
-    q = np.concatenate([s["q"] for s in fit_sets])
-    w = np.concatenate([np.full(len(s["q"]), 1.0 / len(s["q"])) for s in fit_sets])
     best = None
     for key in keys:
-        x = np.concatenate([s[key] for s in fit_sets])
+        x, q, w = pooled(fit_sets, key)
         for l2, p in out_of_fold(x, q, w, L2).items():
             score = float(torch.as_tensor(w) @ metrics.jsd_per_item(torch.as_tensor(q), p)) / w.sum()
             if best is None or score < best[2]:
@@ -109,9 +113,7 @@ def choose(fit_sets: list, keys: list) -> tuple:
 
 
 def fit_on(fit_sets: list, key: str, l2: float) -> tuple:
-    q = np.concatenate([s["q"] for s in fit_sets])
-    w = np.concatenate([np.full(len(s["q"]), 1.0 / len(s["q"])) for s in fit_sets])
-    return fit(np.concatenate([s[key] for s in fit_sets]), q, w, l2)
+    return fit(*pooled(fit_sets, key), l2)
 
 
 def score(q: np.ndarray, p: torch.Tensor, prior) -> dict:
